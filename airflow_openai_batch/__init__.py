@@ -1,0 +1,38 @@
+"""Apache Airflow 3 provider for the OpenAI Batch API.
+
+Public classes are importable from here lazily, so ``import airflow_openai_batch`` (done by Airflow's
+providers manager at start-up) stays cheap and imports neither Airflow nor the openai SDK.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from airflow_openai_batch.get_provider_info import get_provider_info
+from airflow_openai_batch.version import __version__
+
+if TYPE_CHECKING:
+    from airflow_openai_batch.hooks.batch import OpenAIBatchHook
+    from airflow_openai_batch.operators.collect import OpenAIBatchCollectOperator
+    from airflow_openai_batch.operators.submit import OpenAIBatchSubmitOperator
+    from airflow_openai_batch.sensors.batch import OpenAIBatchSensor
+    from airflow_openai_batch.triggers.batch import OpenAIBatchTrigger
+
+_LAZY = {
+    "OpenAIBatchHook": "airflow_openai_batch.hooks.batch",
+    "OpenAIBatchSubmitOperator": "airflow_openai_batch.operators.submit",
+    "OpenAIBatchSensor": "airflow_openai_batch.sensors.batch",
+    "OpenAIBatchTrigger": "airflow_openai_batch.triggers.batch",
+    "OpenAIBatchCollectOperator": "airflow_openai_batch.operators.collect",
+    "OpenAIBatchInputError": "airflow_openai_batch.exceptions",
+}
+
+__all__ = ["__version__", "get_provider_info", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,283 @@
+"""Hook for the OpenAI Files + Batches API (OpenAI, Azure OpenAI, or any compatible base URL)."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import AsyncIterator, Iterator, Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from airflow.sdk import BaseHook
+from airflow.sdk.log import mask_secret
+
+from airflow_openai_batch.core.jsonl import iter_lines
+from airflow_openai_batch.limits import COMPLETION_WINDOW, MAX_LIST_PAGE_SIZE
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI, OpenAI
+    from openai.types import Batch, FileObject
+
+    from airflow.sdk import Connection
+
+#: Read size when streaming a result file; large enough that per-chunk overhead vanishes.
+_DOWNLOAD_CHUNK_BYTES = 1 << 20
+
+
+def build_client_kwargs(conn: Connection) -> tuple[bool, dict[str, Any]]:
+    """Turn an Airflow connection into ``(is_azure, kwargs)`` for the openai client classes.
+
+    The single place a connection is interpreted, shared by the sync and async clients.
+    password = API key; host = base URL (Azure endpoint when ``api_version`` is set);
+    extra: ``organization``, ``project``, ``timeout``, ``max_retries``, ``default_headers``,
+    ``api_version`` and ``openai_client_kwargs`` (passed through last, so it wins).
+    """
+    extra = conn.extra_dejson or {}
+    api_key = conn.password or extra.get("api_key") or os.environ.get("OPENAI_API_KEY")
+    if api_key:
+        mask_secret(api_key)
+    kwargs: dict[str, Any] = {"api_key": api_key}
+    api_version = extra.get("api_version")
+    base_url = conn.host or None
+    if base_url and conn.schema and "://" not in base_url:
+        base_url = f"{conn.schema}://{base_url}"
+    if base_url and conn.port and f":{conn.port}" not in base_url:
+        base_url = base_url.rstrip("/") + f":{conn.port}"
+    if api_version:
+        kwargs["api_version"] = api_version
+        if base_url:
+            kwargs["azure_endpoint"] = base_url
+    elif base_url:
+        kwargs["base_url"] = base_url
+    for key in ("organization", "project", "default_headers"):
+        if extra.get(key):
+            kwargs[key] = extra[key]
+    if extra.get("timeout") not in (None, ""):
+        kwargs["timeout"] = float(extra["timeout"])
+    if extra.get("max_retries") not in (None, ""):
+        kwargs["max_retries"] = int(extra["max_retries"])
+    kwargs.update(extra.get("openai_client_kwargs") or {})
+    return bool(api_version), kwargs
+
+
+def make_client(
+    conn: Connection, *, asynchronous: bool = False, overrides: Mapping[str, Any] | None = None
+) -> OpenAI | AsyncOpenAI:
+    """The one client factory: OpenAI/AsyncOpenAI, or AzureOpenAI/AsyncAzureOpenAI when ``api_version`` is set.
+
+    :param overrides: client kwargs that win over the connection (e.g. ``max_retries=0`` for a caller
+        that retries by itself).
+    """
+    import openai
+
+    is_azure, kwargs = build_client_kwargs(conn)
+    kwargs.update(overrides or {})
+    if is_azure:
+        cls = openai.AsyncAzureOpenAI if asynchronous else openai.AzureOpenAI
+    else:
+        cls = openai.AsyncOpenAI if asynchronous else openai.OpenAI
+    return cls(**kwargs)
+
+
+class _ChunkReader(io.RawIOBase):
+    """A read-only raw stream over an iterator of byte chunks (a streamed HTTP body)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            try:
+                self._pending = next(self._chunks)
+            except StopIteration:
+                return 0
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+
+class OpenAIBatchHook(BaseHook):
+    """Talks to the OpenAI Files and Batches API.
+
+    :param conn_id: Airflow connection of type ``openai_batch`` (connections made for the official
+        ``openai`` provider work too). password = API key, host = base URL, extra as in the README.
+    :param client_overrides: openai client kwargs that win over the connection's (e.g. ``max_retries``).
+    """
+
+    conn_name_attr = "conn_id"
+    default_conn_name = "openai_default"
+    conn_type = "openai_batch"
+    hook_name = "OpenAI Batch"
+
+    def __init__(
+        self,
+        conn_id: str = default_conn_name,
+        client_overrides: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.conn_id = conn_id
+        self.client_overrides = dict(client_overrides or {})
+        self._async_client: AsyncOpenAI | None = None
+
+    # -- clients ---------------------------------------------------------------------------------
+
+    @cached_property
+    def connection(self) -> Connection:
+        return self.get_connection(self.conn_id)
+
+    @cached_property
+    def client(self) -> OpenAI:
+        return make_client(self.connection, overrides=self.client_overrides)  # type: ignore[return-value]
+
+    def get_conn(self) -> OpenAI:
+        return self.client
+
+    @property
+    def is_azure(self) -> bool:
+        return bool((self.connection.extra_dejson or {}).get("api_version"))
+
+    async def aget_async_client(self) -> AsyncOpenAI:
+        """An async client from a connection fetched without blocking the event loop (for triggers)."""
+        if self._async_client is None:
+            conn = await self.aget_connection(self.conn_id)
+            self._async_client = make_client(  # type: ignore[assignment]
+                conn, asynchronous=True, overrides=self.client_overrides
+            )
+        return self._async_client  # type: ignore[return-value]
+
+    # -- files -----------------------------------------------------------------------------------
+
+    def upload_file(
+        self,
+        source: str | os.PathLike[str] | IO[bytes],
+        *,
+        filename: str | None = None,
+        purpose: str = "batch",
+    ) -> FileObject:
+        """Upload a batch input file, streaming it from disk or a file object (never read whole).
+
+        :param source: a local path or a binary file object positioned at the start.
+        :param filename: the name OpenAI shows; defaults to the path's name.
+        :param purpose: the file purpose, ``batch`` for batch input.
+        """
+        if isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            with path.open("rb") as stream:
+                # A (name, file object) tuple makes the SDK stream the body; a bare path would be
+                # read fully into memory by the SDK.
+                return self.client.files.create(file=(filename or path.name, stream), purpose=purpose)
+        return self.client.files.create(file=(filename or "batch.jsonl", source), purpose=purpose)
+
+    def iter_file_lines(self, file_id: str) -> Iterator[bytes]:
+        """Yield a file's lines (raw bytes, no newline), streamed: the whole body is never in memory."""
+        with self.client.files.with_streaming_response.content(file_id) as response:
+            reader = io.BufferedReader(_ChunkReader(response.iter_bytes(_DOWNLOAD_CHUNK_BYTES)))
+            yield from iter_lines(reader)
+
+    def get_file(self, file_id: str) -> FileObject:
+        return self.client.files.retrieve(file_id)
+
+    def delete_file(self, file_id: str) -> bool:
+        return bool(self.client.files.delete(file_id).deleted)
+
+    # -- batches ---------------------------------------------------------------------------------
+
+    def create_batch(
+        self,
+        *,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str = COMPLETION_WINDOW,
+        metadata: Mapping[str, str] | None = None,
+        output_expires_after: int | None = None,
+    ) -> Batch:
+        """Create a batch. Never retried by the SDK: a retried POST can create a duplicate batch.
+
+        Callers that get an ambiguous error (timeout, 5xx, dropped connection) must look the batch up
+        by its metadata before creating again (see :meth:`find_batch`).
+        """
+        extra: dict[str, Any] = {}
+        if metadata:
+            extra["metadata"] = dict(metadata)
+        if output_expires_after is not None:
+            extra["output_expires_after"] = {"anchor": "created_at", "seconds": int(output_expires_after)}
+        return self.client.with_options(max_retries=0).batches.create(
+            input_file_id=input_file_id,
+            endpoint=endpoint,  # type: ignore[arg-type]
+            completion_window=completion_window,  # type: ignore[arg-type]
+            **extra,
+        )
+
+    def get_batch(self, batch_id: str) -> Batch:
+        return self.client.batches.retrieve(batch_id)
+
+    def cancel_batch(self, batch_id: str) -> Batch:
+        return self.client.batches.cancel(batch_id)
+
+    def list_batches(self, *, created_after: int | None = None, page_size: int = MAX_LIST_PAGE_SIZE) -> Iterator[Batch]:
+        """Yield batches newest first across all pages, stopping at the first older than ``created_after``.
+
+        :param created_after: unix seconds; a cut-off so a lookup does not walk years of history.
+        :param page_size: batches per page (1-100).
+        """
+        for batch in self.client.batches.list(limit=page_size):
+            if created_after is not None and batch.created_at < created_after:
+                return
+            yield batch
+
+    def find_batch(
+        self, metadata_key: str, metadata_value: str, *, created_after: int | None = None
+    ) -> Iterator[Batch]:
+        """Yield batches (newest first) whose metadata has ``metadata_key == metadata_value``."""
+        for batch in self.list_batches(created_after=created_after):
+            if (batch.metadata or {}).get(metadata_key) == metadata_value:
+                yield batch
+
+    # -- async, for the trigger ------------------------------------------------------------------
+
+    async def aget_batch(self, batch_id: str) -> Batch:
+        client = await self.aget_async_client()
+        return await client.batches.retrieve(batch_id)
+
+    async def acancel_batch(self, batch_id: str) -> Batch:
+        client = await self.aget_async_client()
+        return await client.batches.cancel(batch_id)
+
+    async def alist_batches(
+        self, *, created_after: int | None = None, page_size: int = MAX_LIST_PAGE_SIZE
+    ) -> AsyncIterator[Batch]:
+        """Async twin of :meth:`list_batches`."""
+        client = await self.aget_async_client()
+        async for batch in client.batches.list(limit=page_size):
+            if created_after is not None and batch.created_at < created_after:
+                return
+            yield batch
+
+    async def aclose(self) -> None:
+        if self._async_client is not None:
+            await self._async_client.close()
+            self._async_client = None
+
+    # -- UI --------------------------------------------------------------------------------------
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Check the key and base URL with one cheap call (list one batch)."""
+        try:
+            self.client.batches.list(limit=1)
+        except Exception as err:  # the UI wants a message, not a traceback
+            return False, f"{type(err).__name__}: {_safe_message(err)}"
+        return True, "Connection to the OpenAI Batch API works."
+
+
+def _safe_message(err: BaseException) -> str:
+    """An exception's text without anything that looks like an API key."""
+    import re
+
+    return re.sub(r"(sk-|key[=:]\s*)[A-Za-z0-9_\-]{4,}", r"\1***", str(err))

@@ -1,0 +1,36 @@
+"""The one place for OpenAI Batch API limits and defaults.
+
+Every other module reads limits from here, so a change at OpenAI is a one-line change.
+No Airflow import: the core modules and the emulator's tests use these too.
+"""
+
+from __future__ import annotations
+
+#: Requests in one batch input file.
+MAX_REQUESTS_PER_BATCH = 50_000
+#: Bytes in one batch input file.
+MAX_BYTES_PER_BATCH = 200_000_000
+#: Embedding inputs across all requests of one /v1/embeddings batch.
+MAX_EMBEDDING_INPUTS_PER_BATCH = 50_000
+#: Batch metadata: pairs, key length, value length.
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
+#: batches.list page size bounds.
+MAX_LIST_PAGE_SIZE = 100
+
+COMPLETION_WINDOW = "24h"
+
+#: Endpoints the Batch API accepts (OpenAI spelling, with the /v1 prefix).
+BATCH_ENDPOINTS: tuple[str, ...] = (
+    "/v1/responses",
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/completions",
+    "/v1/moderations",
+    "/v1/images/generations",
+    "/v1/images/edits",
+    "/v1/videos",
+)
+
+EMBEDDINGS_ENDPOINT = "/v1/embeddings"
