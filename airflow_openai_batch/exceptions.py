@@ -80,5 +80,9 @@ class OpenAIBatchFailureRatioError(OpenAIBatchOutcomeError):
     """The collected failure ratio is above ``fail_on_failure_ratio`` (results were written first)."""
 
 
+class OpenAIBatchEventError(OpenAIBatchError, ValueError):
+    """A trigger event the sensor does not understand (missing keys, unknown status, wrong ids)."""
+
+
 class OpenAIBatchXComLimitError(OpenAIBatchError):
     """Too many records to return through XCom; set ``output_uri``."""

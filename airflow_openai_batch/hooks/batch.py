@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -16,10 +17,9 @@ from airflow_openai_batch.core.jsonl import iter_lines
 from airflow_openai_batch.limits import COMPLETION_WINDOW, MAX_LIST_PAGE_SIZE
 
 if TYPE_CHECKING:
+    from airflow.sdk import Connection
     from openai import AsyncOpenAI, OpenAI
     from openai.types import Batch, FileObject
-
-    from airflow.sdk import Connection
 
 #: Read size when streaming a result file; large enough that per-chunk overhead vanishes.
 _DOWNLOAD_CHUNK_BYTES = 1 << 20
@@ -64,7 +64,7 @@ def build_client_kwargs(conn: Connection) -> tuple[bool, dict[str, Any]]:
 def make_client(
     conn: Connection, *, asynchronous: bool = False, overrides: Mapping[str, Any] | None = None
 ) -> OpenAI | AsyncOpenAI:
-    """The one client factory: OpenAI/AsyncOpenAI, or AzureOpenAI/AsyncAzureOpenAI when ``api_version`` is set.
+    """The one client factory: OpenAI/AsyncOpenAI, or the Azure twins when ``api_version`` is set.
 
     :param overrides: client kwargs that win over the connection (e.g. ``max_retries=0`` for a caller
         that retries by itself).
@@ -125,6 +125,7 @@ class OpenAIBatchHook(BaseHook):
         self.conn_id = conn_id
         self.client_overrides = dict(client_overrides or {})
         self._async_client: AsyncOpenAI | None = None
+        self._async_client_lock = asyncio.Lock()
 
     # -- clients ---------------------------------------------------------------------------------
 
@@ -145,11 +146,13 @@ class OpenAIBatchHook(BaseHook):
 
     async def aget_async_client(self) -> AsyncOpenAI:
         """An async client from a connection fetched without blocking the event loop (for triggers)."""
-        if self._async_client is None:
-            conn = await self.aget_connection(self.conn_id)
-            self._async_client = make_client(  # type: ignore[assignment]
-                conn, asynchronous=True, overrides=self.client_overrides
-            )
+        # Concurrent polls must share one client (one connection pool), so build it once.
+        async with self._async_client_lock:
+            if self._async_client is None:
+                conn = await self.aget_connection(self.conn_id)
+                self._async_client = make_client(  # type: ignore[assignment]
+                    conn, asynchronous=True, overrides=self.client_overrides
+                )
         return self._async_client  # type: ignore[return-value]
 
     # -- files -----------------------------------------------------------------------------------
@@ -221,7 +224,9 @@ class OpenAIBatchHook(BaseHook):
     def cancel_batch(self, batch_id: str) -> Batch:
         return self.client.batches.cancel(batch_id)
 
-    def list_batches(self, *, created_after: int | None = None, page_size: int = MAX_LIST_PAGE_SIZE) -> Iterator[Batch]:
+    def list_batches(
+        self, *, created_after: int | None = None, page_size: int = MAX_LIST_PAGE_SIZE
+    ) -> Iterator[Batch]:
         """Yield batches newest first across all pages, stopping at the first older than ``created_after``.
 
         :param created_after: unix seconds; a cut-off so a lookup does not walk years of history.

@@ -1,0 +1,339 @@
+"""Sensor that waits for OpenAI batches to be final: deferred (no worker slot) or classic poke/reschedule."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import timedelta
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseSensorOperator
+from airflow.sdk.bases.sensor import PokeReturnValue
+from airflow.sdk.exceptions import AirflowSensorTimeout
+
+from airflow_openai_batch.core.progress import (
+    AdaptivePollSchedule,
+    batch_summary,
+    check_outcome,
+    classify_api_error,
+    describe_api_error,
+    describe_batch_errors,
+    format_duration,
+    normalize_batch_ids,
+    progress_line,
+)
+from airflow_openai_batch.exceptions import (
+    OpenAIBatchEventError,
+    OpenAIBatchPollingError,
+    OpenAIBatchTimeoutError,
+)
+from airflow_openai_batch.hooks.batch import OpenAIBatchHook
+from airflow_openai_batch.statuses import DEFAULT_FAIL_ON_STATUSES, FINAL_STATUSES, BatchStatus, is_final
+from airflow_openai_batch.triggers.batch import EVENT_STATUSES, OpenAIBatchTrigger
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+__all__ = ["OpenAIBatchEventError", "OpenAIBatchSensor"]
+
+#: The defer timeout is only a backstop: the trigger ends the wait itself at the deadline (and cancels
+#: the batches, which a trigger timeout would not do), so the backstop fires a little later.
+_DEFER_TIMEOUT_GRACE = timedelta(minutes=5)
+_BATCH_STATUSES = frozenset(s.value for s in BatchStatus)
+
+
+class OpenAIBatchSensor(BaseSensorOperator):
+    """Waits until every OpenAI batch is final; returns ``{batch_id: summary}`` (the XCom).
+
+    Deferrable by default: one :class:`~airflow_openai_batch.triggers.batch.OpenAIBatchTrigger` waits on
+    all batches in the triggerer, with adaptive polling, fault tolerance and an absolute deadline.
+    With ``deferrable=False`` it pokes (``mode="poke"`` or ``"reschedule"``) with the same outcome rules.
+
+    A summary is ``{"status", "request_counts": {"total", "completed", "failed"}, "output_file_id",
+    "error_file_id", "replaces", "model"}`` plus ``"errors"`` and ``"warnings"`` when there are any.
+
+    :param batch_ids: templated; a batch id, a list of ids, or a ``{batch_id: summary}`` dict as this
+        sensor returns.
+    :param conn_id: the ``openai_batch`` connection.
+    :param deferrable: wait in the triggerer (no worker slot); ``False`` = classic poke/reschedule.
+    :param poll_interval: shortest wait between polls, seconds; the poke interval when not deferred.
+    :param max_poll_interval: longest wait between polls, seconds; the interval stretches toward it
+        while batches are far from done.
+    :param fail_on_statuses: final statuses that fail the task (``failed``, ``cancelled`` by default).
+        ``expired`` is not among them by default: it passes with a warning, its partial results are
+        collectable. ``cancelling`` is not final and is refused here.
+    :param cancel_on_kill: when the task is killed, cleared, marked, or times out, cancel the batches
+        that are not final so nothing more is spent.
+    :param max_resubmits: re-creations allowed for batches failed with ``token_limit_exceeded``
+        (stored for that feature; no re-creation happens yet).
+    :param fault_budget: consecutive transient API faults tolerated on one batch's polls before the
+        task fails with :class:`~airflow_openai_batch.exceptions.OpenAIBatchPollingError`.
+    :param timeout: seconds (or timedelta) to wait in all before the batches are cancelled (if
+        ``cancel_on_kill``) and the task fails with ``OpenAIBatchTimeoutError``.
+    """
+
+    template_fields: Sequence[str] = ("batch_ids",)
+    template_fields_renderers = {"batch_ids": "json"}
+    ui_color = "#d9f2e6"
+
+    def __init__(
+        self,
+        *,
+        batch_ids: str | Sequence[str] | Mapping[str, Any] | Any,
+        conn_id: str = OpenAIBatchHook.default_conn_name,
+        deferrable: bool = True,
+        poll_interval: float = 60.0,
+        max_poll_interval: float = 600.0,
+        fail_on_statuses: Iterable[str] | str = DEFAULT_FAIL_ON_STATUSES,
+        cancel_on_kill: bool = True,
+        max_resubmits: int = 10,
+        fault_budget: int = 10,
+        timeout: float | timedelta = 25 * 3600,
+        **kwargs: Any,
+    ) -> None:
+        poke_interval = kwargs.pop("poke_interval", poll_interval)
+        super().__init__(poke_interval=poke_interval, timeout=timeout, **kwargs)
+        self.batch_ids = batch_ids
+        self.conn_id = conn_id
+        self.deferrable = deferrable
+        self.poll_interval = float(poll_interval)
+        self.max_poll_interval = float(max_poll_interval)
+        AdaptivePollSchedule(self.poll_interval, self.max_poll_interval)  # validates the pair
+        if isinstance(fail_on_statuses, str):
+            fail_on_statuses = (fail_on_statuses,)
+        self.fail_on_statuses: tuple[str, ...] = tuple(str(s) for s in fail_on_statuses)
+        not_final = [s for s in self.fail_on_statuses if s not in FINAL_STATUSES]
+        if not_final:
+            raise ValueError(
+                f"fail_on_statuses may only hold final statuses {sorted(FINAL_STATUSES)}; got {not_final}"
+            )
+        self.cancel_on_kill = cancel_on_kill
+        if max_resubmits < 0:
+            raise ValueError(f"max_resubmits must be >= 0, got {max_resubmits}")
+        self.max_resubmits = max_resubmits
+        self.fault_budget = fault_budget
+        # Poke-mode state; reset per process (reschedule mode starts afresh on every poke).
+        self._summaries: dict[str, dict[str, Any]] = {}
+        self._faults: dict[str, int] = {}
+        self._schedule: AdaptivePollSchedule | None = None
+
+    @cached_property
+    def hook(self) -> OpenAIBatchHook:
+        # No SDK retries: a transient fault just waits for the next poke (counted against
+        # fault_budget), rather than blocking the worker in the SDK's hidden backoff.
+        return OpenAIBatchHook(conn_id=self.conn_id, client_overrides={"max_retries": 0})
+
+    def _resolve(self) -> tuple[list[str], dict[str, list[str]]]:
+        # After templating, batch_ids is whatever the upstream task pushed; normalise it every time so
+        # execute_complete (a fresh operator instance after deferral) sees the same ids.
+        return normalize_batch_ids(self.batch_ids)
+
+    # -- execute ---------------------------------------------------------------------------------
+
+    def execute(self, context: Context) -> Any:
+        ids, _ = self._resolve()
+        if not self.deferrable:
+            try:
+                return super().execute(context)
+            except AirflowSensorTimeout as err:
+                raise self._timeout_error(ids, str(err)) from err
+
+        # One cheap look first: a rerun over finished batches should not park in the triggerer.
+        summaries = self._poll_once(ids, raise_transient=False)
+        if len(summaries) == len(ids) and all(is_final(s["status"]) for s in summaries.values()):
+            self.log.info("All %d batch(es) are already final; not deferring", len(ids))
+            return self._complete(summaries)
+
+        started_at = time.time()
+        # Absolute and computed once: a restarted triggerer resumes against the same deadline.
+        deadline = started_at + self.timeout
+        self.log.info(
+            "Deferring: waiting for %d batch(es) until %s at the latest",
+            len(ids),
+            time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(deadline)),
+        )
+        self.defer(
+            trigger=OpenAIBatchTrigger(
+                batch_ids=ids,
+                conn_id=self.conn_id,
+                poll_interval=self.poll_interval,
+                max_poll_interval=self.max_poll_interval,
+                deadline=deadline,
+                fail_on_statuses=self.fail_on_statuses,
+                cancel_on_kill=self.cancel_on_kill,
+                fault_budget=self.fault_budget,
+                started_at=started_at,
+            ),
+            method_name="execute_complete",
+            timeout=timedelta(seconds=self.timeout) + _DEFER_TIMEOUT_GRACE,
+        )
+
+    def execute_complete(self, context: Context, event: Any = None) -> dict[str, dict[str, Any]]:
+        """Turn the trigger's one event into the task's outcome: the summaries, or a distinct error."""
+        ids, _ = self._resolve()
+        status, batches, message = self._validate_event(event, ids)
+        for batch_id, summary in batches.items():
+            self.log.info("%s", progress_line(batch_id, summary))
+        if status == "error":
+            raise OpenAIBatchPollingError(self._explain(message, batches), batches)
+        if status == "timeout":
+            raise OpenAIBatchTimeoutError(self._explain(message, batches), batches)
+        self.log.info("%s", message)
+        return self._complete(batches)
+
+    # -- poke mode -------------------------------------------------------------------------------
+
+    def poke(self, context: Context) -> PokeReturnValue:
+        ids, _ = self._resolve()
+        self._poll_once(ids, raise_transient=True)
+        live = [b for b in ids if not is_final(self._summaries.get(b, {}).get("status", ""))]
+        if live:
+            self.log.info("%d of %d batch(es) not final yet", len(live), len(ids))
+            return PokeReturnValue(is_done=False)
+        return PokeReturnValue(is_done=True, xcom_value=self._complete(self._summaries))
+
+    def _poll_once(self, ids: Sequence[str], *, raise_transient: bool) -> dict[str, dict[str, Any]]:
+        """Retrieve each batch not known to be final; return the summaries known so far.
+
+        A non-transient API error (bad key, unknown batch) raises at once. A transient one counts
+        against ``fault_budget`` when ``raise_transient`` (poke mode), else is left to the trigger.
+        """
+        if self._schedule is None:
+            self._schedule = AdaptivePollSchedule(self.poll_interval, self.max_poll_interval)
+        polled: dict[str, dict[str, Any]] = {}
+        for batch_id in ids:
+            if is_final(self._summaries.get(batch_id, {}).get("status", "")):
+                continue
+            try:
+                batch = self.hook.get_batch(batch_id)
+            except Exception as err:
+                description = describe_api_error(err)
+                if classify_api_error(err) == "fatal":
+                    raise OpenAIBatchPollingError(
+                        f"Polling batch {batch_id} failed with an error that waiting will not fix: "
+                        f"{description}",
+                        self._summaries,
+                    ) from err
+                if not raise_transient:
+                    self.log.warning("%s: poll failed (%s); the trigger will retry", batch_id, description)
+                    continue
+                self._faults[batch_id] = self._faults.get(batch_id, 0) + 1
+                if self._faults[batch_id] > self.fault_budget:
+                    raise OpenAIBatchPollingError(
+                        f"Gave up polling batch {batch_id} after {self._faults[batch_id]} consecutive "
+                        f"transient faults (fault_budget={self.fault_budget}); last: {description}",
+                        self._summaries,
+                    ) from err
+                self.log.warning(
+                    "%s: poll failed (%s); transient fault %d of %d allowed in a row",
+                    batch_id,
+                    description,
+                    self._faults[batch_id],
+                    self.fault_budget,
+                )
+                continue
+            self._faults.pop(batch_id, None)
+            polled[batch_id] = self._summaries[batch_id] = batch_summary(batch)
+        now = time.time()
+        self._schedule.observe(polled, now)
+        for batch_id, summary in polled.items():
+            eta = self._schedule.eta(batch_id, summary, now)
+            self.log.info("%s", progress_line(batch_id, summary, eta_seconds=eta))
+        return {b: self._summaries[b] for b in ids if b in self._summaries}
+
+    def _get_next_poke_interval(self, started_at: Any, run_duration: Any, poke_count: int) -> float:
+        # Poke mode keeps its schedule in memory, so it adapts like the trigger; reschedule mode starts
+        # each poke in a fresh process and keeps the base interval.
+        if self._schedule is None or self.reschedule:
+            return super()._get_next_poke_interval(started_at, run_duration, poke_count)
+        remaining = max(0.0, self.timeout - run_duration())
+        interval = min(self._schedule.next_interval(), remaining)
+        self.log.info("Next poll in %s", format_duration(interval))
+        return interval
+
+    def on_kill(self) -> None:
+        """Cancel the batches that are not final (poke/reschedule mode, or a kill during the first look)."""
+        if not self.cancel_on_kill:
+            return
+        try:
+            ids, _ = self._resolve()
+        except ValueError:
+            return
+        self._cancel([b for b in ids if not is_final(self._summaries.get(b, {}).get("status", ""))])
+
+    def _cancel(self, ids: Sequence[str]) -> list[str]:
+        cancelled = []
+        for batch_id in ids:
+            try:
+                self._summaries[batch_id] = batch_summary(self.hook.cancel_batch(batch_id))
+            except Exception as err:
+                # Typically the batch went final meanwhile; keep cancelling the others.
+                self.log.warning("%s: cancel failed: %s", batch_id, describe_api_error(err))
+                continue
+            cancelled.append(batch_id)
+            self.log.info("%s", progress_line(batch_id, self._summaries[batch_id]))
+        return cancelled
+
+    def _timeout_error(self, ids: Sequence[str], reason: str) -> OpenAIBatchTimeoutError:
+        live = [b for b in ids if not is_final(self._summaries.get(b, {}).get("status", ""))]
+        message = f"Timed out with {len(live)} batch(es) not final: {', '.join(live)} ({reason})"
+        if self.cancel_on_kill and live:
+            cancelled = self._cancel(live)
+            message += f"; cancel requested for {len(cancelled)} of them"
+        batches = {b: self._summaries[b] for b in ids if b in self._summaries}
+        return OpenAIBatchTimeoutError(self._explain(message, batches), batches)
+
+    # -- outcome ---------------------------------------------------------------------------------
+
+    def _complete(self, summaries: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Apply ``fail_on_statuses`` (raising the distinct errors) and build the XCom result."""
+        ids, replaces = self._resolve()
+        result = {b: {**summaries[b], "replaces": list(replaces.get(b, []))} for b in ids}
+        for warning in check_outcome(result, self.fail_on_statuses):
+            self.log.warning("%s", warning)
+        return result
+
+    @staticmethod
+    def _explain(message: str, batches: Mapping[str, Mapping[str, Any]]) -> str:
+        details = []
+        for batch_id, summary in batches.items():
+            errors = describe_batch_errors(summary)
+            details.append(f"{batch_id}: {summary['status']}" + (f" ({errors})" if errors else ""))
+        return message + (". Batches: " + "; ".join(details) if details else "")
+
+    @staticmethod
+    def _validate_event(event: Any, ids: Sequence[str]) -> tuple[str, dict[str, dict[str, Any]], str]:
+        def reject(reason: str) -> OpenAIBatchEventError:
+            return OpenAIBatchEventError(
+                f"Malformed event from OpenAIBatchTrigger: {reason}; event={event!r}"
+            )
+
+        if not isinstance(event, Mapping):
+            raise reject(f"expected a dict, got {type(event).__name__}")
+        missing = [key for key in ("status", "batches", "message") if key not in event]
+        if missing:
+            raise reject(f"missing key(s) {missing}")
+        status, batches, message = event["status"], event["batches"], event["message"]
+        if status not in EVENT_STATUSES:
+            raise reject(f"unknown status {status!r} (expected one of {list(EVENT_STATUSES)})")
+        if not isinstance(message, str):
+            raise reject("'message' is not a string")
+        if not isinstance(batches, Mapping):
+            raise reject("'batches' is not a dict")
+        unknown = [b for b in batches if b not in ids]
+        if unknown:
+            raise reject(f"batches {unknown} were not asked for (waiting for {list(ids)})")
+        for batch_id, summary in batches.items():
+            if (
+                not isinstance(summary, Mapping)
+                or summary.get("status") not in _BATCH_STATUSES
+                or not isinstance(summary.get("request_counts"), Mapping)
+            ):
+                raise reject(f"summary of {batch_id} lacks a known status or request_counts")
+        if status == "success":
+            absent = [b for b in ids if b not in batches]
+            not_final = [b for b in batches if not is_final(batches[b]["status"])]
+            if absent or not_final:
+                raise reject(f"'success' but batches {absent + not_final} are missing or not final")
+        return status, {b: dict(s) for b, s in batches.items()}, message

@@ -1,0 +1,325 @@
+"""One trigger that waits on any number of OpenAI batches without holding a worker slot."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from datetime import datetime, timezone
+from functools import cached_property
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from airflow_openai_batch.core.progress import (
+    AdaptivePollSchedule,
+    backoff_delay,
+    batch_summary,
+    classify_api_error,
+    describe_api_error,
+    format_duration,
+    progress_line,
+    retry_after_seconds,
+)
+from airflow_openai_batch.hooks.batch import OpenAIBatchHook
+from airflow_openai_batch.statuses import DEFAULT_FAIL_ON_STATUSES, is_final
+
+__all__ = ["OpenAIBatchTrigger"]
+
+#: Event statuses the trigger emits (exactly one event per run).
+EVENT_STATUSES: tuple[str, ...] = ("success", "error", "timeout")
+#: Concurrent retrieve calls per poll: enough for hundreds of batches, gentle on the rate limit.
+_MAX_CONCURRENT_CALLS = 8
+#: Attempts per cancel call; kept small because Airflow bounds on_kill() (30 s by default).
+_CANCEL_ATTEMPTS = 3
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+class OpenAIBatchTrigger(BaseTrigger):
+    """Polls OpenAI batches until every one is final, the deadline passes, or the API keeps failing.
+
+    Yields exactly one event, ``{"status": "success" | "error" | "timeout", "batches": {id: summary},
+    "message": str}``. ``success`` means every batch is final; whether a final status fails the task
+    (``fail_on_statuses``) is the sensor's decision. Only the async client is used (through the hook),
+    with the SDK's own retries off so that this trigger sees every fault and applies its own backoff.
+
+    :param batch_ids: the batches to wait for.
+    :param conn_id: the Airflow connection; the only connection detail that is serialized.
+    :param poll_interval: the shortest wait between polls, seconds.
+    :param max_poll_interval: the longest wait between polls, seconds; the adaptive schedule stretches
+        toward it while progress is slow.
+    :param deadline: absolute time (unix epoch seconds) after which the wait ends with ``timeout``
+        (batches cancelled first when ``cancel_on_kill``). Absolute, so it survives triggerer restarts.
+        ``None`` waits without limit.
+    :param fail_on_statuses: final statuses the sensor will fail on; used here to flag them in the log
+        as soon as they are seen.
+    :param cancel_on_kill: cancel the non-final batches when the task is killed or the deadline passes.
+    :param fault_budget: consecutive transient faults (429, 5xx, timeouts, dropped connections)
+        tolerated on one batch's polls before giving up with an ``error`` event.
+    :param started_at: when the wait began (unix epoch seconds), for the elapsed time in the log.
+    """
+
+    def __init__(
+        self,
+        batch_ids: Sequence[str],
+        conn_id: str = OpenAIBatchHook.default_conn_name,
+        poll_interval: float = 60.0,
+        max_poll_interval: float = 600.0,
+        deadline: float | None = None,
+        fail_on_statuses: Iterable[str] = DEFAULT_FAIL_ON_STATUSES,
+        cancel_on_kill: bool = True,
+        fault_budget: int = 10,
+        started_at: float | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(batch_ids, str):
+            batch_ids = [batch_ids]
+        self.batch_ids: list[str] = list(dict.fromkeys(batch_ids))
+        if not self.batch_ids or not all(isinstance(b, str) and b for b in self.batch_ids):
+            raise ValueError(f"batch_ids must be a non-empty list of batch id strings, got {batch_ids!r}")
+        self.conn_id = conn_id
+        self.poll_interval = float(poll_interval)
+        self.max_poll_interval = float(max_poll_interval)
+        # Validates the intervals here, in the worker, rather than later in the triggerer.
+        AdaptivePollSchedule(self.poll_interval, self.max_poll_interval)
+        self.deadline = float(deadline) if deadline is not None else None
+        self.fail_on_statuses: list[str] = list(fail_on_statuses)
+        self.cancel_on_kill = bool(cancel_on_kill)
+        if int(fault_budget) < 0:
+            raise ValueError(f"fault_budget must be >= 0, got {fault_budget}")
+        self.fault_budget = int(fault_budget)
+        self.started_at = float(started_at) if started_at is not None else None
+        # Test seams, never serialized: a clock (epoch seconds) and a sleep, so a test can run a
+        # simulated day of polling in milliseconds against the emulator's virtual clock.
+        self._clock: Callable[[], float] = time.time
+        self._sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep
+        #: Every wait between polls as ``(seconds, reason)``, for the log and for tests.
+        self._waits: list[tuple[float, str]] = []
+        #: Latest summary per batch, kept so on_kill() knows which batches are still live.
+        self._summaries: dict[str, dict[str, Any]] = {}
+        self.polls = 0
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        """Class path and JSON-safe kwargs. Only the connection id travels, never the key."""
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "batch_ids": list(self.batch_ids),
+                "conn_id": self.conn_id,
+                "poll_interval": self.poll_interval,
+                "max_poll_interval": self.max_poll_interval,
+                "deadline": self.deadline,
+                "fail_on_statuses": list(self.fail_on_statuses),
+                "cancel_on_kill": self.cancel_on_kill,
+                "fault_budget": self.fault_budget,
+                "started_at": self.started_at,
+            },
+        )
+
+    @cached_property
+    def hook(self) -> OpenAIBatchHook:
+        # max_retries=0: the SDK's hidden retries would hide faults from the fault budget and ignore
+        # Retry-After values above 120 s; this trigger retries by itself.
+        return OpenAIBatchHook(conn_id=self.conn_id, client_overrides={"max_retries": 0})
+
+    # -- the wait --------------------------------------------------------------------------------
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        try:
+            payload = await self._wait()
+        except Exception as err:
+            # An event, not a crashed trigger: the task then fails with a clear message instead of
+            # waiting for the backstop timeout.
+            self.log.exception("Unexpected error while waiting for batches %s", ", ".join(self.batch_ids))
+            payload = self._payload("error", f"Unexpected error while polling: {describe_api_error(err)}")
+        await self._close_client()
+        yield TriggerEvent(payload)
+
+    async def _wait(self) -> dict[str, Any]:
+        schedule = AdaptivePollSchedule(self.poll_interval, self.max_poll_interval)
+        live = [b for b in self.batch_ids if not is_final(self._summaries.get(b, {}).get("status", ""))]
+        faults: dict[str, int] = {}
+        self.log.info(
+            "Waiting for %d batch(es) %s; polling every %s to %s%s",
+            len(self.batch_ids),
+            ", ".join(self.batch_ids),
+            format_duration(self.poll_interval),
+            format_duration(self.max_poll_interval),
+            f", deadline {_iso(self.deadline)}" if self.deadline is not None else "",
+        )
+        # One client before the concurrent calls, so they do not race to create several.
+        await self.hook.aget_async_client()
+        semaphore = asyncio.Semaphore(_MAX_CONCURRENT_CALLS)
+
+        async def retrieve(batch_id: str) -> Any:
+            async with semaphore:
+                try:
+                    return await self.hook.aget_batch(batch_id)
+                except Exception as err:
+                    return err
+
+        while True:
+            self.polls += 1
+            results = await asyncio.gather(*(retrieve(b) for b in live))
+            now = self._clock()
+            polled: dict[str, dict[str, Any]] = {}
+            retry_after: float | None = None
+            worst_fault = 0
+            for batch_id, result in zip(live, results, strict=True):
+                if isinstance(result, BaseException):
+                    description = describe_api_error(result)
+                    if classify_api_error(result) == "fatal":
+                        return self._payload(
+                            "error",
+                            f"Polling batch {batch_id} failed with an error that waiting will not fix: "
+                            f"{description}",
+                        )
+                    faults[batch_id] = faults.get(batch_id, 0) + 1
+                    worst_fault = max(worst_fault, faults[batch_id])
+                    if faults[batch_id] > self.fault_budget:
+                        return self._payload(
+                            "error",
+                            f"Gave up polling batch {batch_id} after {faults[batch_id]} consecutive "
+                            f"transient faults (fault_budget={self.fault_budget}); last: {description}. "
+                            "The batches were left running.",
+                        )
+                    asked = retry_after_seconds(result)
+                    if asked is not None:
+                        retry_after = max(retry_after or 0.0, asked)
+                    self.log.warning(
+                        "%s: poll failed (%s); transient fault %d of %d allowed in a row",
+                        batch_id,
+                        description,
+                        faults[batch_id],
+                        self.fault_budget,
+                    )
+                    continue
+                faults.pop(batch_id, None)
+                summary = batch_summary(result)
+                previous = self._summaries.get(batch_id, {}).get("status")
+                polled[batch_id] = self._summaries[batch_id] = summary
+                if summary["status"] in self.fail_on_statuses and previous != summary["status"]:
+                    self.log.warning(
+                        "%s ended %s: the task will fail once all batches are final",
+                        batch_id,
+                        summary["status"],
+                    )
+
+            # A poll where every call failed says nothing about progress: it must not stretch the schedule.
+            if polled:
+                schedule.observe(polled, now)
+            for batch_id, summary in polled.items():
+                self.log.info(
+                    "%s", progress_line(batch_id, summary, eta_seconds=schedule.eta(batch_id, summary, now))
+                )
+            live = [b for b in live if not is_final(self._summaries.get(b, {}).get("status", ""))]
+            if not live:
+                return self._payload("success", self._final_message(now))
+            if self.deadline is not None and now >= self.deadline:
+                return await self._on_deadline(live)
+
+            wait = schedule.next_interval() if polled else schedule.interval
+            reason = "adaptive"
+            if worst_fault:
+                # Slow down while the API is failing; never call again before the Retry-After it asked for.
+                wait = max(wait, backoff_delay(worst_fault, self.poll_interval, self.max_poll_interval))
+                reason = "backoff"
+                if retry_after is not None and retry_after >= wait:
+                    wait, reason = retry_after, "retry-after"
+            if self.deadline is not None and self.deadline - now < wait:
+                wait, reason = max(0.0, self.deadline - now), "deadline"
+            self._waits.append((wait, reason))
+            self.log.info(
+                "%d of %d batch(es) not final yet; next poll in %s (%s)",
+                len(live),
+                len(self.batch_ids),
+                format_duration(wait),
+                reason,
+            )
+            await self._sleep(wait)
+
+    def _final_message(self, now: float) -> str:
+        counts: dict[str, int] = {}
+        for summary in self._summaries.values():
+            counts[summary["status"]] = counts.get(summary["status"], 0) + 1
+        statuses = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        elapsed = f" after {format_duration(now - self.started_at)}" if self.started_at else ""
+        message = f"All {len(self.batch_ids)} batch(es) are final{elapsed}: {statuses}"
+        warnings = [f"{bid}: {w}" for bid, s in self._summaries.items() for w in s.get("warnings") or ()]
+        if warnings:
+            message += ". Warnings: " + "; ".join(warnings)
+        return message
+
+    async def _on_deadline(self, live: list[str]) -> dict[str, Any]:
+        assert self.deadline is not None
+        states = ", ".join(f"{b} ({self._summaries.get(b, {}).get('status', 'unknown')})" for b in live)
+        message = f"Deadline {_iso(self.deadline)} passed with {len(live)} batch(es) not final: {states}"
+        if self.cancel_on_kill:
+            cancelled = await self._cancel(live)
+            message += f"; cancel requested for {len(cancelled)} of them so nothing more is spent"
+            if len(cancelled) < len(live):
+                message += f" (could not cancel: {', '.join(b for b in live if b not in cancelled)})"
+        else:
+            message += "; left running (cancel_on_kill=False)"
+        self.log.error("%s", message)
+        return self._payload("timeout", message)
+
+    def _payload(self, status: str, message: str) -> dict[str, Any]:
+        batches = {b: self._summaries[b] for b in self.batch_ids if b in self._summaries}
+        return {"status": status, "batches": batches, "message": message}
+
+    # -- cancel and clean-up ---------------------------------------------------------------------
+
+    async def _cancel(self, batch_ids: Sequence[str]) -> list[str]:
+        """Request cancellation of each batch (a few attempts on transient faults); return the ids done."""
+
+        async def cancel_one(batch_id: str) -> bool:
+            for attempt in range(1, _CANCEL_ATTEMPTS + 1):
+                try:
+                    batch = await self.hook.acancel_batch(batch_id)
+                except Exception as err:
+                    transient = classify_api_error(err) == "transient"
+                    if transient and attempt < _CANCEL_ATTEMPTS:
+                        # Short waits only: on_kill() has a bounded time, and a cancel matters more
+                        # than politeness to the rate limiter.
+                        await asyncio.sleep(min(retry_after_seconds(err) or 0.5 * attempt, 5.0))
+                        continue
+                    # Typically the batch went final meanwhile (cancel of a final batch is refused).
+                    self.log.warning("%s: cancel failed: %s", batch_id, describe_api_error(err))
+                    return False
+                self._summaries[batch_id] = batch_summary(batch)
+                self.log.info("%s", progress_line(batch_id, self._summaries[batch_id]))
+                return True
+            return False
+
+        await self.hook.aget_async_client()
+        done = await asyncio.gather(*(cancel_one(b) for b in batch_ids))
+        return [b for b, ok in zip(batch_ids, done, strict=True) if ok]
+
+    async def on_kill(self) -> None:
+        """Cancel the batches that are not final when the deferred task is killed, cleared or marked.
+
+        Airflow (>= 3.3) calls this only for a user action, never for a triggerer restart.
+        """
+        live = [b for b in self.batch_ids if not is_final(self._summaries.get(b, {}).get("status", ""))]
+        if not self.cancel_on_kill:
+            self.log.info("Task killed; leaving %d batch(es) running (cancel_on_kill=False)", len(live))
+            return
+        if not live:
+            return
+        self.log.info("Task killed: cancelling %d batch(es) %s", len(live), ", ".join(live))
+        cancelled = await self._cancel(live)
+        self.log.info("Cancel requested for %d of %d batch(es)", len(cancelled), len(live))
+
+    async def cleanup(self) -> None:
+        await self._close_client()
+
+    async def _close_client(self) -> None:
+        try:
+            await self.hook.aclose()
+        except Exception:
+            # Closing a client must never turn a finished wait into a failure.
+            self.log.debug("Closing the OpenAI client failed", exc_info=True)
