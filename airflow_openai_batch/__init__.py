@@ -13,6 +13,7 @@ from airflow_openai_batch.get_provider_info import get_provider_info
 from airflow_openai_batch.version import __version__
 
 if TYPE_CHECKING:
+    from airflow_openai_batch.exceptions import OpenAIBatchInputError
     from airflow_openai_batch.hooks.batch import OpenAIBatchHook
     from airflow_openai_batch.operators.collect import OpenAIBatchCollectOperator
     from airflow_openai_batch.operators.submit import OpenAIBatchSubmitOperator
@@ -28,7 +29,16 @@ _LAZY = {
     "OpenAIBatchInputError": "airflow_openai_batch.exceptions",
 }
 
-__all__ = ["__version__", "get_provider_info", *_LAZY]
+__all__ = [
+    "OpenAIBatchCollectOperator",
+    "OpenAIBatchHook",
+    "OpenAIBatchInputError",
+    "OpenAIBatchSensor",
+    "OpenAIBatchSubmitOperator",
+    "OpenAIBatchTrigger",
+    "__version__",
+    "get_provider_info",
+]
 
 
 def __getattr__(name: str) -> Any:

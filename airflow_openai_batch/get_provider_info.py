@@ -54,7 +54,7 @@ def get_provider_info() -> dict[str, Any]:
                     "api_version": {
                         "label": "Azure API version",
                         "schema": {"type": ["string", "null"]},
-                        "description": "Set only for Azure OpenAI (e.g. 2024-10-21); selects the Azure client.",
+                        "description": "Only for Azure OpenAI (e.g. 2024-10-21): selects the Azure client.",
                     },
                     "timeout": {
                         "label": "Request timeout (seconds)",
