@@ -1,0 +1,295 @@
+"""Collect operator: reconcile every request of the batches and land the results."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import Asset, AssetAlias, BaseOperator
+
+from airflow_openai_batch.core.pricing import PriceTable
+from airflow_openai_batch.core.reconcile import BatchResultFiles, Reconciler, present_file_id
+from airflow_openai_batch.core.writers import OUTPUT_FORMATS, ResultWriter, write_manifest
+from airflow_openai_batch.exceptions import OpenAIBatchFailureRatioError, OpenAIBatchXComLimitError
+from airflow_openai_batch.hooks.batch import OpenAIBatchHook
+from airflow_openai_batch.links import OpenAIBatchesPageLink, OpenAIBatchLink, persist_batch_links
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+#: The asset alias under which collect tasks announce the folders they write.
+DEFAULT_ASSET_ALIAS = "openai_batch_results"
+_PUBLISH_ORDER = ("successes", "failures", "retry_requests")
+
+
+def batch_ids_from(value: Any) -> list[str]:
+    """Batch ids from what upstream tasks return: one id, a list of ids, or the sensor's result dict."""
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, Mapping):
+        return [str(k) for k in value]
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    raise TypeError(
+        f"batch_ids must be a str, a list of str or the sensor's dict, not {type(value).__name__}"
+    )
+
+
+class _XComSink:
+    """Keeps records in memory for XCom, refusing past a limit (XCom lives in the metadata DB)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.successes: list[dict[str, Any]] = []
+        self.failures: list[dict[str, Any]] = []
+
+    def _check(self) -> None:
+        count = len(self.successes) + len(self.failures)
+        if count > self.limit:
+            raise OpenAIBatchXComLimitError(
+                f"More than max_xcom_records={self.limit:,} records; set output_uri to write them to "
+                "object storage instead (XCom lives in the metadata database)."
+            )
+
+    def write_success(self, record: dict[str, Any]) -> None:
+        self.successes.append(record)
+        self._check()
+
+    def write_failure(self, record: dict[str, Any], request_line: bytes) -> None:
+        self.failures.append(record)
+        self._check()
+
+    def close(self) -> None:
+        pass
+
+
+class OpenAIBatchCollectOperator(BaseOperator):
+    """Stream and reconcile the results of batches: every input request lands exactly once.
+
+    Successes get a ``content`` or ``embedding`` convenience field; failures carry an ``error_code``
+    (the API's, or ``batch_expired``, ``batch_cancelled``, ``batch_failed``, ``missing``) and the
+    original request, and go into ``retry_requests.jsonl``, a valid input for a new submit.
+
+    :param batch_ids: a batch id, a list of ids, or the sensor's result dict (keyed by final batch ids).
+    :param output_uri: folder for ``successes.<ext>``, ``failures.<ext>``, ``retry_requests.jsonl`` and
+        ``manifest.json``: local path, ``file://``, ``s3://[conn@]bucket/prefix``, ``gs://``, or an
+        ObjectStoragePath. ``None`` returns the records in the XCom summary instead.
+    :param output_format: ``jsonl`` or ``parquet``.
+    :param max_xcom_records: with ``output_uri=None``, more records than this is an error.
+    :param fail_on_failure_ratio: after writing, fail the task when ``failed / total`` exceeds this.
+    :param delete_remote_files: delete the batches' input/output/error files at OpenAI after a good write.
+    :param prices: per-model price overrides ``{model: {"input", "output", "cached_input"}}`` in USD per
+        1M tokens (batch prices).
+    :param asset_alias: name of the AssetAlias the output folder is announced under.
+    :param conn_id: the ``openai_batch`` connection.
+    :return: the summary (counts, failed_by_code, usage, estimated_cost_usd, URIs).
+    """
+
+    template_fields: Sequence[str] = ("batch_ids", "output_uri")
+    template_fields_renderers = {"batch_ids": "json"}
+    operator_extra_links = (OpenAIBatchLink(), OpenAIBatchesPageLink())
+    ui_color = "#e6f0ff"
+
+    def __init__(
+        self,
+        *,
+        batch_ids: Any,
+        output_uri: Any = None,
+        output_format: str = "jsonl",
+        max_xcom_records: int = 1_000,
+        fail_on_failure_ratio: float | None = None,
+        delete_remote_files: bool = False,
+        prices: Mapping[str, Mapping[str, float]] | None = None,
+        asset_alias: str = DEFAULT_ASSET_ALIAS,
+        conn_id: str = OpenAIBatchHook.default_conn_name,
+        **kwargs: Any,
+    ) -> None:
+        if output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, not {output_format!r}")
+        kwargs.setdefault("outlets", [AssetAlias(asset_alias)])
+        super().__init__(**kwargs)
+        self.batch_ids = batch_ids
+        self.output_uri = output_uri
+        self.output_format = output_format
+        self.max_xcom_records = max_xcom_records
+        self.fail_on_failure_ratio = fail_on_failure_ratio
+        self.delete_remote_files = delete_remote_files
+        self.prices = prices
+        self.asset_alias = asset_alias
+        self.conn_id = conn_id
+
+    @cached_property
+    def hook(self) -> OpenAIBatchHook:
+        return OpenAIBatchHook(conn_id=self.conn_id)
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        ids = batch_ids_from(self.batch_ids)
+        if not ids:
+            raise ValueError("batch_ids is empty: nothing to collect")
+        persist_batch_links(context, ids)
+        batches = [self.hook.get_batch(batch_id) for batch_id in ids]
+        with tempfile.TemporaryDirectory(prefix="openai-batch-collect-") as work:
+            work_dir = Path(work)
+            if self.output_uri:
+                sink: Any = ResultWriter(work_dir / "staging", self.output_format)
+            else:
+                sink = _XComSink(self.max_xcom_records)
+            reconciler = Reconciler(sink, work_dir)
+            try:
+                for batch in batches:
+                    tally = reconciler.add_batch(self._result_files(batch))
+                    self.log.info(
+                        "Batch %s (%s): %s requests, %s succeeded, %s failed %s",
+                        batch.id,
+                        batch.status,
+                        f"{tally.total:,}",
+                        f"{tally.succeeded:,}",
+                        f"{tally.failed:,}",
+                        tally.failed_by_code or "",
+                    )
+                sink.close()
+            except BaseException:
+                if isinstance(sink, ResultWriter):
+                    sink.abort()
+                raise
+            summary = self._summary(reconciler)
+            if isinstance(sink, ResultWriter):
+                summary.update(self._publish(context, sink, summary))
+            else:
+                summary["successes"] = sink.successes
+                summary["failures"] = sink.failures
+        self._log_summary(summary)
+        self._check_failure_ratio(summary)
+        if self.delete_remote_files:
+            self._delete_remote_files(batches)
+        return summary
+
+    def _result_files(self, batch: Any) -> BatchResultFiles:
+        output_id = present_file_id(batch.output_file_id)
+        error_id = present_file_id(batch.error_file_id)
+        return BatchResultFiles(
+            batch_id=batch.id,
+            status=batch.status,
+            input_lines=self.hook.iter_file_lines(batch.input_file_id),
+            output_lines=self.hook.iter_file_lines(output_id) if output_id else None,
+            error_lines=self.hook.iter_file_lines(error_id) if error_id else None,
+            model=getattr(batch, "model", None),
+        )
+
+    def _summary(self, reconciler: Reconciler) -> dict[str, Any]:
+        result = reconciler.summary()
+        data = result.to_dict()
+        usage = data["usage"]
+        return {
+            "batch_ids": data["batch_ids"],
+            "total": data["total"],
+            "succeeded": data["succeeded"],
+            "failed": data["failed"],
+            "failed_by_code": data["failed_by_code"],
+            "usage": {
+                "input_tokens": usage.get("input_tokens", 0),
+                "output_tokens": usage.get("output_tokens", 0),
+                "total_tokens": usage.get("total_tokens", 0),
+                "cached_input_tokens": usage.get("cached_input_tokens", 0),
+            },
+            "usage_by_model": data["usage_by_model"],
+            "estimated_cost_usd": PriceTable.load(self.prices).estimate_cost(result.usage_by_model),
+            "anomalies": data["anomalies"],
+            "batches": data["batches"],
+            "output_uri": None,
+            "successes_uri": None,
+            "failures_uri": None,
+            "retry_requests_uri": None,
+        }
+
+    def _publish(self, context: Context, writer: ResultWriter, summary: dict[str, Any]) -> dict[str, Any]:
+        """Copy the staged files into ``output_uri``, the manifest last, and announce the folder."""
+        from airflow.sdk import ObjectStoragePath
+
+        folder = self.output_uri
+        if not isinstance(folder, ObjectStoragePath):
+            text = str(folder)
+            # A bare local path becomes a file:// URI, so every URI in the summary has a scheme.
+            folder = ObjectStoragePath(text if "://" in text else f"file://{Path(text).resolve()}")
+        folder.mkdir(parents=True, exist_ok=True)
+        staged = writer.paths()
+        uris: dict[str, Any] = {"output_uri": str(folder)}
+        for name in _PUBLISH_ORDER:
+            target = folder / staged[name].name
+            _publish_file(staged[name], target)
+            uris[f"{name}_uri"] = str(target)
+        manifest = write_manifest(staged["successes"].parent, {**summary, **uris})
+        _publish_file(manifest, folder / manifest.name)
+        self.log.info("Results written to %s", folder)
+        try:
+            context["outlet_events"][AssetAlias(self.asset_alias)].add(Asset(_asset_uri(folder)))
+        except Exception as err:  # an odd URI must not fail a task whose results are written
+            self.log.warning("Could not emit an asset event for %s: %s", folder, err)
+        return uris
+
+    def _log_summary(self, summary: dict[str, Any]) -> None:
+        cost = summary["estimated_cost_usd"]
+        self.log.info(
+            "Collected %s requests: %s succeeded, %s failed %s; tokens in/out %s/%s; estimated cost %s",
+            f"{summary['total']:,}",
+            f"{summary['succeeded']:,}",
+            f"{summary['failed']:,}",
+            summary["failed_by_code"] or "",
+            f"{summary['usage']['input_tokens']:,}",
+            f"{summary['usage']['output_tokens']:,}",
+            "unknown (model not in the price table)" if cost is None else f"${cost:,.4f}",
+        )
+        anomalies = summary["anomalies"]["counts"]
+        if anomalies:
+            self.log.warning("Result files had anomalies (reported, not merged): %s", anomalies)
+
+    def _check_failure_ratio(self, summary: dict[str, Any]) -> None:
+        if self.fail_on_failure_ratio is None or not summary["total"]:
+            return
+        ratio = summary["failed"] / summary["total"]
+        if ratio > self.fail_on_failure_ratio:
+            raise OpenAIBatchFailureRatioError(
+                f"{summary['failed']:,} of {summary['total']:,} requests failed ({ratio:.1%}), above "
+                f"fail_on_failure_ratio={self.fail_on_failure_ratio:.1%}; results were written "
+                f"({summary['failures_uri'] or 'XCom'}). Failures by code: {summary['failed_by_code']}",
+                {bid: None for bid in summary["batch_ids"]},
+            )
+
+    def _delete_remote_files(self, batches: list[Any]) -> None:
+        for batch in batches:
+            for file_id in (batch.input_file_id, batch.output_file_id, batch.error_file_id):
+                file_id = present_file_id(file_id)
+                if not file_id:
+                    continue
+                try:
+                    self.hook.delete_file(file_id)
+                    self.log.info("Deleted file %s of batch %s at OpenAI", file_id, batch.id)
+                except Exception as err:  # results are safe; a leftover file only costs storage
+                    self.log.warning("Could not delete file %s of batch %s: %s", file_id, batch.id, err)
+
+
+def _publish_file(source: Path, target: Any) -> None:
+    """Copy a local file to its destination so a reader never sees a half-written file.
+
+    Object stores make an object visible only when its upload completes; on a local filesystem the
+    copy goes to ``<name>.partial`` first and is renamed into place.
+    """
+    if str(target).startswith("file://"):
+        final = Path(target.path)
+        partial = final.with_name(final.name + ".partial")
+        shutil.copyfile(source, partial)
+        partial.replace(final)
+        return
+    with source.open("rb") as src, target.open("wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def _asset_uri(folder: Any) -> str:
+    """An asset URI for the output folder, without the connection id (``s3://conn@bucket/...``)."""
+    scheme, _, rest = str(folder).partition("://")
+    authority, slash, path = rest.partition("/")
+    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"

@@ -1,0 +1,355 @@
+"""Submit operator: validate, split, upload and create batches, never twice for the same chunk."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from functools import cached_property
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator
+
+from airflow_openai_batch.core.jsonl import iter_lines
+from airflow_openai_batch.core.prepare import (
+    Chunk,
+    PreparedInput,
+    normalize_endpoint,
+    prepare_from_lines,
+    prepare_from_records,
+)
+from airflow_openai_batch.exceptions import InputProblem, OpenAIBatchInputError
+from airflow_openai_batch.hooks.batch import OpenAIBatchHook
+from airflow_openai_batch.limits import (
+    COMPLETION_WINDOW,
+    MAX_BYTES_PER_BATCH,
+    MAX_METADATA_KEY_CHARS,
+    MAX_METADATA_PAIRS,
+    MAX_METADATA_VALUE_CHARS,
+    MAX_REQUESTS_PER_BATCH,
+)
+from airflow_openai_batch.links import OpenAIBatchesPageLink, OpenAIBatchLink, persist_batch_links
+from airflow_openai_batch.statuses import REUSABLE_STATUSES
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+    from openai.types import Batch
+
+#: Metadata keys this package adds to every batch (they count against OpenAI's 16-pair limit).
+METADATA_KEY = "aob_key"
+METADATA_CHUNK = "aob_chunk"
+METADATA_DAG = "airflow_dag_id"
+METADATA_TASK = "airflow_task_id"
+METADATA_RUN = "airflow_run_id"
+OWN_METADATA_KEYS = (METADATA_KEY, METADATA_CHUNK, METADATA_DAG, METADATA_TASK, METADATA_RUN)
+#: Batches older than this are never reused: their input files may have expired at OpenAI.
+MAX_REUSE_AGE_SECONDS = 30 * 86400
+#: Create attempts per chunk when the API answers ambiguously (each followed by a lookup).
+CREATE_ATTEMPTS = 3
+
+
+def idempotency_key(
+    dag_id: str, task_id: str, run_id: str, map_index: int, chunk_index: int, content_sha256: str
+) -> str:
+    """A deterministic key for one chunk of one task instance (same inputs -> same key)."""
+    raw = "\x1f".join([dag_id, task_id, run_id, str(map_index), str(chunk_index), content_sha256])
+    return hashlib.sha256(raw.encode()).hexdigest()[:40]
+
+
+def is_ambiguous_create_error(err: BaseException) -> bool:
+    """True when a create call may or may not have created the batch (so look it up before retrying)."""
+    import openai
+
+    if isinstance(err, (openai.APITimeoutError, openai.APIConnectionError)):
+        return True
+    return isinstance(err, openai.APIStatusError) and err.status_code >= 500
+
+
+def validate_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
+    """Check user metadata against OpenAI's limits, counting the keys this package adds."""
+    metadata = dict(metadata or {})
+    problems: list[InputProblem] = []
+    room = MAX_METADATA_PAIRS - len(OWN_METADATA_KEYS)
+    if len(metadata) > room:
+        problems.append(
+            InputProblem(
+                None,
+                "metadata",
+                f"{len(metadata)} keys given; at most {room} fit beside the {len(OWN_METADATA_KEYS)} "
+                f"this operator adds (OpenAI allows {MAX_METADATA_PAIRS})",
+            )
+        )
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not key or len(key) > MAX_METADATA_KEY_CHARS:
+            problems.append(
+                InputProblem(None, f"metadata[{key!r}]", f"keys must be 1-{MAX_METADATA_KEY_CHARS} chars")
+            )
+        if key in OWN_METADATA_KEYS:
+            problems.append(InputProblem(None, f"metadata[{key!r}]", "this key is reserved by the operator"))
+        if not isinstance(value, str):
+            problems.append(InputProblem(None, f"metadata[{key!r}]", "values must be strings"))
+        elif len(value) > MAX_METADATA_VALUE_CHARS:
+            problems.append(
+                InputProblem(
+                    None,
+                    f"metadata[{key!r}]",
+                    f"value has {len(value)} chars; max {MAX_METADATA_VALUE_CHARS}",
+                )
+            )
+    if problems:
+        raise OpenAIBatchInputError(problems)
+    return metadata
+
+
+@contextmanager
+def open_requests_file(source: Any) -> Any:
+    """Open a JSONL source for binary streaming: local path, file://, s3://, gs://, or ObjectStoragePath."""
+    if isinstance(source, Path):
+        with source.open("rb") as stream:
+            yield stream
+        return
+    text = str(source) if not isinstance(source, str) else source
+    if "://" not in text and not hasattr(source, "fs"):
+        with open(text, "rb") as stream:
+            yield stream
+        return
+    from airflow.sdk import ObjectStoragePath
+
+    path = source if hasattr(source, "fs") else ObjectStoragePath(text)
+    stream: IO[bytes]
+    with path.open("rb") as stream:
+        yield stream
+
+
+class OpenAIBatchSubmitOperator(BaseOperator):
+    """Validate, split, upload and create OpenAI batches from a JSONL file or a list of requests.
+
+    Every line is validated before anything is uploaded. The input is streamed and cut into the fewest
+    batches that respect the limits (one model per batch). A retried or cleared task reuses the batches
+    it already created (found by metadata), so nothing is paid twice.
+
+    :param requests: a JSONL file (local path, ``file://``, ``s3://``, ``gs://`` URI or ObjectStoragePath),
+        or a list of dicts: full request lines ``{custom_id, method, url, body}`` or ``{custom_id, body}``.
+    :param endpoint: the Batch endpoint, e.g. ``/v1/chat/completions``, ``/v1/embeddings``.
+    :param model: fills ``body.model`` on lines that have none.
+    :param completion_window: only ``24h`` exists today.
+    :param metadata: string pairs added to every batch (the operator adds five keys of its own).
+    :param max_requests_per_batch: cut batches at this many requests (OpenAI: 50,000).
+    :param max_bytes_per_batch: cut batches at this many bytes of input file (OpenAI: 200 MB).
+    :param output_expires_after: seconds after which OpenAI deletes the output files.
+    :param max_enqueued_tokens: cut batches so none holds more estimated prompt tokens than this.
+    :param conn_id: the ``openai_batch`` connection.
+    :return: the batch ids, in chunk order.
+    """
+
+    template_fields: Sequence[str] = (
+        "requests",
+        "endpoint",
+        "model",
+        "metadata",
+        "max_requests_per_batch",
+        "max_bytes_per_batch",
+        "max_enqueued_tokens",
+    )
+    template_fields_renderers = {"metadata": "json", "requests": "json"}
+    operator_extra_links = (OpenAIBatchLink(), OpenAIBatchesPageLink())
+    ui_color = "#d9f2e6"
+
+    def __init__(
+        self,
+        *,
+        requests: Any,
+        endpoint: str = "/v1/chat/completions",
+        model: str | None = None,
+        completion_window: str = COMPLETION_WINDOW,
+        metadata: Mapping[str, str] | None = None,
+        max_requests_per_batch: int = MAX_REQUESTS_PER_BATCH,
+        max_bytes_per_batch: int = MAX_BYTES_PER_BATCH,
+        output_expires_after: int | None = None,
+        max_enqueued_tokens: int | None = None,
+        conn_id: str = OpenAIBatchHook.default_conn_name,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.requests = requests
+        self.endpoint = endpoint
+        self.model = model
+        self.completion_window = completion_window
+        self.metadata = metadata
+        self.max_requests_per_batch = max_requests_per_batch
+        self.max_bytes_per_batch = max_bytes_per_batch
+        self.output_expires_after = output_expires_after
+        self.max_enqueued_tokens = max_enqueued_tokens
+        self.conn_id = conn_id
+
+    @cached_property
+    def hook(self) -> OpenAIBatchHook:
+        return OpenAIBatchHook(conn_id=self.conn_id)
+
+    def execute(self, context: Context) -> list[str]:
+        endpoint = normalize_endpoint(self.endpoint)
+        user_metadata = validate_metadata(self.metadata)
+        with tempfile.TemporaryDirectory(prefix="openai-batch-submit-") as work_dir:
+            prepared = self._prepare(endpoint, Path(work_dir))
+            self.log.info(
+                "Validated %s requests (%s bytes) into %d batch(es) for %s",
+                f"{prepared.total_requests:,}",
+                f"{prepared.total_bytes:,}",
+                len(prepared.chunks),
+                endpoint,
+            )
+            submitter = _ChunkSubmitter(self, context, endpoint, user_metadata, len(prepared.chunks))
+            batch_ids = [submitter.submit(chunk) for chunk in prepared.chunks]
+        persist_batch_links(context, batch_ids)
+        return batch_ids
+
+    def _prepare(self, endpoint: str, work_dir: Path) -> PreparedInput:
+        # Templated limits arrive as strings ("{{ params.x }}"): coerce once, here.
+        limits: dict[str, Any] = {
+            "endpoint": endpoint,
+            "work_dir": work_dir,
+            "model": self.model or None,
+            "max_requests_per_batch": int(self.max_requests_per_batch),
+            "max_bytes_per_batch": int(self.max_bytes_per_batch),
+            "max_enqueued_tokens": int(self.max_enqueued_tokens) if self.max_enqueued_tokens else None,
+        }
+        if isinstance(self.requests, (list, tuple)):
+            return prepare_from_records(self.requests, **limits)
+        if self.requests is None or self.requests == "":
+            raise OpenAIBatchInputError([InputProblem(None, "requests", "no input was given")])
+        with open_requests_file(self.requests) as stream:
+            return prepare_from_lines(iter_lines(stream), **limits)
+
+
+class _ChunkSubmitter:
+    """Creates (or finds again) the batch of each chunk for one task instance."""
+
+    def __init__(
+        self,
+        operator: OpenAIBatchSubmitOperator,
+        context: Context,
+        endpoint: str,
+        user_metadata: dict[str, str],
+        chunk_count: int,
+    ) -> None:
+        self.operator = operator
+        self.hook = operator.hook
+        self.log = operator.log
+        self.endpoint = endpoint
+        self.user_metadata = user_metadata
+        self.chunk_count = chunk_count
+        ti = context["ti"]
+        self.dag_id: str = ti.dag_id
+        self.task_id: str = ti.task_id
+        self.run_id: str = ti.run_id
+        self.map_index: int = getattr(ti, "map_index", -1)
+        # Absent before Airflow 3.3: the batches.list lookup below is then the only guard.
+        self.state_store = context.get("task_state_store")
+        self.reuse_cutoff = self._reuse_cutoff(context)
+        self._existing: dict[str, list[Batch]] | None = None
+
+    @staticmethod
+    def _reuse_cutoff(context: Context) -> int:
+        """Earliest created_at a batch of this run can have (bounds the batches.list walk)."""
+        floor = int(time.time()) - MAX_REUSE_AGE_SECONDS
+        dag_run = context.get("dag_run")
+        run_after = getattr(dag_run, "run_after", None) if dag_run is not None else None
+        if run_after is None:
+            return floor
+        return max(floor, int(run_after.timestamp()) - 3600)
+
+    def submit(self, chunk: Chunk) -> str:
+        key = idempotency_key(
+            self.dag_id, self.task_id, self.run_id, self.map_index, chunk.index, chunk.sha256
+        )
+        found = self._find_reusable(key)
+        if found is not None:
+            self.log.info(
+                "Chunk %d/%d: reusing batch %s (%s) created by an earlier attempt",
+                chunk.index + 1,
+                self.chunk_count,
+                found.id,
+                found.status,
+            )
+            self._remember(key, found.id)
+            return found.id
+        file_id = self.hook.upload_file(chunk.path, filename=f"{key}.jsonl").id
+        batch = self._create(key, chunk, file_id)
+        self._remember(key, batch.id)
+        self.log.info(
+            "Chunk %d/%d: %s requests, %s bytes, ~%s prompt tokens, model %s -> file %s, batch %s",
+            chunk.index + 1,
+            self.chunk_count,
+            f"{chunk.request_count:,}",
+            f"{chunk.byte_count:,}",
+            f"{chunk.estimated_tokens:,}",
+            chunk.model,
+            file_id,
+            batch.id,
+        )
+        return batch.id
+
+    def _metadata(self, key: str, chunk: Chunk) -> dict[str, str]:
+        return {
+            **self.user_metadata,
+            METADATA_KEY: key,
+            METADATA_CHUNK: f"{chunk.index + 1}/{self.chunk_count}",
+            METADATA_DAG: self.dag_id[:MAX_METADATA_VALUE_CHARS],
+            METADATA_TASK: self.task_id[:MAX_METADATA_VALUE_CHARS],
+            METADATA_RUN: self.run_id[:MAX_METADATA_VALUE_CHARS],
+        }
+
+    def _create(self, key: str, chunk: Chunk, file_id: str) -> Batch:
+        for attempt in range(1, CREATE_ATTEMPTS + 1):
+            started = int(time.time())
+            try:
+                return self.hook.create_batch(
+                    input_file_id=file_id,
+                    endpoint=self.endpoint,
+                    completion_window=self.operator.completion_window,
+                    metadata=self._metadata(key, chunk),
+                    output_expires_after=self.operator.output_expires_after,
+                )
+            except Exception as err:
+                if not is_ambiguous_create_error(err) or attempt == CREATE_ATTEMPTS:
+                    raise
+                self.log.warning(
+                    "Creating the batch of chunk %d answered %s; looking it up before trying again",
+                    chunk.index + 1,
+                    type(err).__name__,
+                )
+                # A dropped or timed-out create may still have created the batch at OpenAI.
+                for batch in self.hook.find_batch(METADATA_KEY, key, created_after=started - 300):
+                    if batch.status in REUSABLE_STATUSES:
+                        return batch
+                time.sleep(min(2**attempt, 10))
+        raise AssertionError("unreachable")
+
+    def _find_reusable(self, key: str) -> Batch | None:
+        stored = self.state_store.get(key) if self.state_store is not None else None
+        if isinstance(stored, str) and stored:
+            batch = self.hook.get_batch(stored)
+            if batch.status in REUSABLE_STATUSES:
+                return batch
+            self.log.info("Batch %s from an earlier attempt is %s; it will be replaced", stored, batch.status)
+        for batch in self._existing_batches().get(key, []):
+            if batch.status in REUSABLE_STATUSES:
+                return batch
+        return None
+
+    def _existing_batches(self) -> dict[str, list[Batch]]:
+        """This task instance's batches already at OpenAI, by idempotency key (one list walk per run)."""
+        if self._existing is None:
+            self._existing = {}
+            for batch in self.hook.list_batches(created_after=self.reuse_cutoff):
+                meta = batch.metadata or {}
+                if meta.get(METADATA_DAG) == self.dag_id and meta.get(METADATA_RUN) == self.run_id:
+                    self._existing.setdefault(meta.get(METADATA_KEY, ""), []).append(batch)
+        return self._existing
+
+    def _remember(self, key: str, batch_id: str) -> None:
+        if self.state_store is not None:
+            self.state_store.set(key, batch_id)
