@@ -1,0 +1,2 @@
+"""Pure-Python building blocks (no Airflow import): JSONL streaming, validation and splitting, token
+estimates, result reconciliation, pricing."""

@@ -1,0 +1,106 @@
+"""iter_lines: block reads, newline/CR/BOM handling, blank and unterminated lines."""
+
+from __future__ import annotations
+
+import io
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from airflow_openai_batch.core.jsonl import dumps_line, iter_line_blocks, iter_lines, loads
+
+BOM = b"\xef\xbb\xbf"
+
+
+class ReadOnly:
+    """A file-like object with nothing but read(), like some remote stream wrappers."""
+
+    def __init__(self, data: bytes) -> None:
+        self._buf = io.BytesIO(data)
+        self.calls: list[int] = []
+
+    def read(self, size: int = -1) -> bytes:
+        self.calls.append(size)
+        return self._buf.read(size)
+
+
+def lines_of(data: bytes, chunk_size: int = 1 << 20) -> list[bytes]:
+    return list(iter_lines(io.BytesIO(data), chunk_size))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 5, 64, 1 << 20])
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"", []),
+        (b"a", [b"a"]),
+        (b"a\n", [b"a"]),
+        (b"a\nb", [b"a", b"b"]),
+        (b"a\r\nb\r\n", [b"a", b"b"]),
+        (b"\n\na\n\n", [b"", b"", b"a", b""]),
+        (BOM + b'{"x":1}\n', [b'{"x":1}']),
+        (BOM + b"a\r\nb", [b"a", b"b"]),
+        (BOM, [b""]),
+        (b"a\r", [b"a"]),
+        (b"x" + BOM + b"\n", [b"x" + BOM]),  # a BOM is only special at the very start
+        (b"a\n" + BOM + b"b\n", [b"a", BOM + b"b"]),
+    ],
+)
+def test_iter_lines_cases(data: bytes, expected: list[bytes], chunk_size: int) -> None:
+    assert lines_of(data, chunk_size) == expected
+
+
+def test_reads_in_large_blocks_without_readline() -> None:
+    data = b"".join(b'{"i":%d}\n' % i for i in range(10_000))
+    stream = ReadOnly(data)
+    out = list(iter_lines(stream, 1 << 16))  # type: ignore[arg-type]
+    assert out == data.splitlines()
+    assert set(stream.calls) == {1 << 16}
+    assert len(stream.calls) == len(data) // (1 << 16) + 2
+
+
+def test_line_longer_than_many_blocks() -> None:
+    long = b"x" * 100_000
+    assert lines_of(b"a\n" + long + b"\r\nb", 1000) == [b"a", long, b"b"]
+
+
+def test_blocks_are_nonempty_lists() -> None:
+    blocks = list(iter_line_blocks(io.BytesIO(b"a\nb\nc"), 2))
+    assert all(blocks)
+    assert [line for block in blocks for line in block] == [b"a", b"b", b"c"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    lines=st.lists(
+        st.binary(max_size=20).map(lambda b: b.replace(b"\n", b"").replace(b"\r", b"")), max_size=30
+    ),
+    crlf=st.lists(st.booleans(), min_size=30, max_size=30),
+    bom=st.booleans(),
+    final_newline=st.booleans(),
+    chunk_size=st.integers(1, 40),
+)
+def test_iter_lines_property(
+    lines: list[bytes], crlf: list[bool], bom: bool, final_newline: bool, chunk_size: int
+) -> None:
+    ends = [b"\r\n" if c else b"\n" for c in crlf[: len(lines)]]
+    expected = lines
+    if lines and not final_newline:
+        ends[-1] = b""
+        # An unterminated empty last line is no line at all.
+        expected = lines[:-1] if lines[-1] == b"" else lines
+    data = (BOM if bom else b"") + b"".join(line + end for line, end in zip(lines, ends, strict=True))
+    if bom and not expected:
+        expected = [b""]  # the BOM alone is one (blank) line
+    assert lines_of(data, chunk_size) == expected
+
+
+def test_dumps_and_loads() -> None:
+    obj = {"custom_id": "é", "body": {"n": [1, 2.5, None, True]}}
+    line = dumps_line(obj)
+    assert isinstance(line, bytes)
+    assert not line.endswith(b"\n")
+    assert line == orjson.dumps(obj)
+    assert loads(line) == obj
