@@ -6,8 +6,9 @@ Token accounting (documented because client-side estimates are compared against 
   str) of all the request's text joined together: chat ``messages[].content`` (strings, or the
   ``text`` of content parts), responses ``instructions`` + ``input`` (string, or the
   ``content``/``text`` of its items), completions ``prompt``, embeddings/moderations ``input``
-  (strings; a token-id array counts one token per id). Roles, names, tool definitions and other
-  fields are not counted.
+  (strings; a token-id array counts one token per id). Chat adds OpenAI's message framing: 3 tokens
+  per message and 3 to prime the reply (as OpenAI's own token-counting guide does for the gpt-4o
+  family). Names, tool definitions and other fields are not counted.
 * output tokens are deterministic, pseudo-random in [8, 40) per (seed, custom_id), capped by
   ``max_tokens`` / ``max_completion_tokens`` / ``max_output_tokens`` (then ``finish_reason`` is
   ``length``), times ``n`` choices; reasoning models (``o1``/``o3``/``o4``/``gpt-5``...) add
@@ -182,10 +183,14 @@ def _token_id_count(value: Any) -> int:
 
 
 def estimate_prompt_tokens(endpoint: str, body: dict[str, Any]) -> int:
-    """``ceil(len(text) / 4)`` of :func:`request_text`, plus one token per given token id."""
+    """``ceil(len(text) / 4)`` of :func:`request_text`, plus one token per given token id, plus the
+    chat message framing."""
     endpoint = canonical_endpoint(endpoint)
     tokens = math.ceil(len(request_text(endpoint, body)) / 4)
-    if endpoint == ENDPOINT_EMBEDDINGS:
+    if endpoint == ENDPOINT_CHAT:
+        messages = body.get("messages")
+        tokens += 3 * (len(messages) if isinstance(messages, list) else 0) + 3
+    elif endpoint == ENDPOINT_EMBEDDINGS:
         tokens += _token_id_count(body.get("input"))
     elif endpoint == ENDPOINT_COMPLETIONS:
         tokens += _token_id_count(body.get("prompt"))

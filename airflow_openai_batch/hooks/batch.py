@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-from collections.abc import AsyncIterator, Iterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -78,6 +79,15 @@ def make_client(
     else:
         cls = openai.AsyncOpenAI if asynchronous else openai.OpenAI
     return cls(**kwargs)
+
+
+def is_ambiguous_error(err: BaseException) -> bool:
+    """True when a call may or may not have taken effect (timeout, dropped connection, 5xx)."""
+    import openai
+
+    if isinstance(err, (openai.APITimeoutError, openai.APIConnectionError)):
+        return True
+    return isinstance(err, openai.APIStatusError) and err.status_code >= 500
 
 
 class _ChunkReader(io.RawIOBase):
@@ -217,6 +227,55 @@ class OpenAIBatchHook(BaseHook):
             completion_window=completion_window,  # type: ignore[arg-type]
             **extra,
         )
+
+    def create_batch_reconciled(
+        self,
+        *,
+        lookup: tuple[str, str],
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str = COMPLETION_WINDOW,
+        metadata: Mapping[str, str] | None = None,
+        output_expires_after: int | None = None,
+        attempts: int = 3,
+        is_reusable: Callable[[Batch], bool] = lambda batch: True,
+    ) -> Batch:
+        """Create a batch at most once, even when the API answers ambiguously.
+
+        A timeout, 5xx or dropped connection may or may not have created the batch, so before trying
+        again the batch is looked up by a metadata pair unique to it (``lookup``, also present in
+        ``metadata``). Other errors propagate at once.
+
+        :param lookup: ``(metadata_key, value)`` identifying this batch.
+        :param attempts: create calls at most.
+        :param is_reusable: whether a batch found by the lookup may stand for the one being created.
+        """
+        key, value = lookup
+        for attempt in range(1, attempts + 1):
+            started = int(time.time())
+            try:
+                return self.create_batch(
+                    input_file_id=input_file_id,
+                    endpoint=endpoint,
+                    completion_window=completion_window,
+                    metadata=metadata,
+                    output_expires_after=output_expires_after,
+                )
+            except Exception as err:
+                if not is_ambiguous_error(err) or attempt == attempts:
+                    raise
+                self.log.warning(
+                    "Creating a batch answered %s; looking it up (%s=%s) before trying again",
+                    type(err).__name__,
+                    key,
+                    value,
+                )
+                # Five minutes of slack: the server's clock and ours may differ.
+                for batch in self.find_batch(key, value, created_after=started - 300):
+                    if is_reusable(batch):
+                        return batch
+                time.sleep(min(2**attempt, 10))
+        raise AssertionError("unreachable")
 
     def get_batch(self, batch_id: str) -> Batch:
         return self.client.batches.retrieve(batch_id)

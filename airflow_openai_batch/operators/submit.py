@@ -21,6 +21,14 @@ from airflow_openai_batch.core.prepare import (
     prepare_from_lines,
     prepare_from_records,
 )
+from airflow_openai_batch.core.progress import describe_api_error
+from airflow_openai_batch.core.resubmit import (
+    METADATA_ATTEMPT,
+    METADATA_ORIGIN,
+    CreateSpec,
+    encode_pending,
+    is_capacity_error,
+)
 from airflow_openai_batch.exceptions import InputProblem, OpenAIBatchInputError
 from airflow_openai_batch.hooks.batch import OpenAIBatchHook
 from airflow_openai_batch.limits import (
@@ -44,11 +52,18 @@ METADATA_CHUNK = "aob_chunk"
 METADATA_DAG = "airflow_dag_id"
 METADATA_TASK = "airflow_task_id"
 METADATA_RUN = "airflow_run_id"
-OWN_METADATA_KEYS = (METADATA_KEY, METADATA_CHUNK, METADATA_DAG, METADATA_TASK, METADATA_RUN)
+#: The last two are set by the sensor on batches it re-creates after the enqueued-token limit.
+OWN_METADATA_KEYS = (
+    METADATA_KEY,
+    METADATA_CHUNK,
+    METADATA_DAG,
+    METADATA_TASK,
+    METADATA_RUN,
+    METADATA_ORIGIN,
+    METADATA_ATTEMPT,
+)
 #: Batches older than this are never reused: their input files may have expired at OpenAI.
 MAX_REUSE_AGE_SECONDS = 30 * 86400
-#: Create attempts per chunk when the API answers ambiguously (each followed by a lookup).
-CREATE_ATTEMPTS = 3
 
 
 def idempotency_key(
@@ -57,15 +72,6 @@ def idempotency_key(
     """A deterministic key for one chunk of one task instance (same inputs -> same key)."""
     raw = "\x1f".join([dag_id, task_id, run_id, str(map_index), str(chunk_index), content_sha256])
     return hashlib.sha256(raw.encode()).hexdigest()[:40]
-
-
-def is_ambiguous_create_error(err: BaseException) -> bool:
-    """True when a create call may or may not have created the batch (so look it up before retrying)."""
-    import openai
-
-    if isinstance(err, (openai.APITimeoutError, openai.APIConnectionError)):
-        return True
-    return isinstance(err, openai.APIStatusError) and err.status_code >= 500
 
 
 def validate_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
@@ -136,13 +142,15 @@ class OpenAIBatchSubmitOperator(BaseOperator):
     :param endpoint: the Batch endpoint, e.g. ``/v1/chat/completions``, ``/v1/embeddings``.
     :param model: fills ``body.model`` on lines that have none.
     :param completion_window: only ``24h`` exists today.
-    :param metadata: string pairs added to every batch (the operator adds five keys of its own).
+    :param metadata: string pairs added to every batch (the operator reserves seven keys of its own,
+        so at most nine fit: OpenAI allows sixteen).
     :param max_requests_per_batch: cut batches at this many requests (OpenAI: 50,000).
     :param max_bytes_per_batch: cut batches at this many bytes of input file (OpenAI: 200 MB).
     :param output_expires_after: seconds after which OpenAI deletes the output files.
     :param max_enqueued_tokens: cut batches so none holds more estimated prompt tokens than this.
     :param conn_id: the ``openai_batch`` connection.
-    :return: the batch ids, in chunk order.
+    :return: the batch ids, in chunk order. A chunk whose create call was refused for enqueued-token
+        capacity (Azure) appears as a ``pending:...`` placeholder that the sensor creates later.
     """
 
     template_fields: Sequence[str] = (
@@ -277,7 +285,30 @@ class _ChunkSubmitter:
             self._remember(key, found.id)
             return found.id
         file_id = self.hook.upload_file(chunk.path, filename=f"{key}.jsonl").id
-        batch = self._create(key, chunk, file_id)
+        try:
+            batch = self._create(key, chunk, file_id)
+        except Exception as err:
+            if not is_capacity_error(getattr(err, "code", None), getattr(err, "message", "")):
+                raise
+            # Azure refuses the create call when the enqueued-token limit is reached: not an error,
+            # the sensor creates this chunk's batch once capacity frees.
+            self.log.warning(
+                "Chunk %d/%d (file %s): create refused for now (%s); the sensor will create it "
+                "when enqueued-token capacity frees",
+                chunk.index + 1,
+                self.chunk_count,
+                file_id,
+                describe_api_error(err),
+            )
+            return encode_pending(
+                CreateSpec(
+                    input_file_id=file_id,
+                    endpoint=self.endpoint,
+                    completion_window=self.operator.completion_window,
+                    metadata=self._metadata(key, chunk),
+                    output_expires_after=self.operator.output_expires_after,
+                )
+            )
         self._remember(key, batch.id)
         self.log.info(
             "Chunk %d/%d: %s requests, %s bytes, ~%s prompt tokens, model %s -> file %s, batch %s",
@@ -303,30 +334,15 @@ class _ChunkSubmitter:
         }
 
     def _create(self, key: str, chunk: Chunk, file_id: str) -> Batch:
-        for attempt in range(1, CREATE_ATTEMPTS + 1):
-            started = int(time.time())
-            try:
-                return self.hook.create_batch(
-                    input_file_id=file_id,
-                    endpoint=self.endpoint,
-                    completion_window=self.operator.completion_window,
-                    metadata=self._metadata(key, chunk),
-                    output_expires_after=self.operator.output_expires_after,
-                )
-            except Exception as err:
-                if not is_ambiguous_create_error(err) or attempt == CREATE_ATTEMPTS:
-                    raise
-                self.log.warning(
-                    "Creating the batch of chunk %d answered %s; looking it up before trying again",
-                    chunk.index + 1,
-                    type(err).__name__,
-                )
-                # A dropped or timed-out create may still have created the batch at OpenAI.
-                for batch in self.hook.find_batch(METADATA_KEY, key, created_after=started - 300):
-                    if batch.status in REUSABLE_STATUSES:
-                        return batch
-                time.sleep(min(2**attempt, 10))
-        raise AssertionError("unreachable")
+        return self.hook.create_batch_reconciled(
+            lookup=(METADATA_KEY, key),
+            input_file_id=file_id,
+            endpoint=self.endpoint,
+            completion_window=self.operator.completion_window,
+            metadata=self._metadata(key, chunk),
+            output_expires_after=self.operator.output_expires_after,
+            is_reusable=lambda batch: batch.status in REUSABLE_STATUSES,
+        )
 
     def _find_reusable(self, key: str) -> Batch | None:
         stored = self.state_store.get(key) if self.state_store is not None else None

@@ -23,12 +23,29 @@ from airflow_openai_batch.core.progress import (
     normalize_batch_ids,
     progress_line,
 )
+from airflow_openai_batch.core.resubmit import (
+    METADATA_ATTEMPT,
+    METADATA_ORIGIN,
+    Chain,
+    CreateSpec,
+    JobState,
+    decode_pending,
+    encode_pending,
+    exhausted_chains,
+    idle_backoff,
+    is_capacity_error,
+    is_capacity_failure,
+    may_create,
+    waiting_chains,
+)
 from airflow_openai_batch.exceptions import (
     OpenAIBatchEventError,
+    OpenAIBatchFailedError,
     OpenAIBatchPollingError,
     OpenAIBatchTimeoutError,
 )
 from airflow_openai_batch.hooks.batch import OpenAIBatchHook
+from airflow_openai_batch.limits import MAX_METADATA_PAIRS
 from airflow_openai_batch.statuses import DEFAULT_FAIL_ON_STATUSES, FINAL_STATUSES, BatchStatus, is_final
 from airflow_openai_batch.triggers.batch import EVENT_STATUSES, OpenAIBatchTrigger
 
@@ -65,8 +82,10 @@ class OpenAIBatchSensor(BaseSensorOperator):
         collectable. ``cancelling`` is not final and is refused here.
     :param cancel_on_kill: when the task is killed, cleared, marked, or times out, cancel the batches
         that are not final so nothing more is spent.
-    :param max_resubmits: re-creations allowed for batches failed with ``token_limit_exceeded``
-        (stored for that feature; no re-creation happens yet).
+    :param max_resubmits: re-creations allowed per chunk whose batch failed with
+        ``token_limit_exceeded`` (the enqueued-token limit). Such a batch is re-created from the same
+        input file once another batch of the job finishes (or after a backoff when none is running);
+        the result is keyed by the final batch ids, each with the ids it ``replaces``.
     :param fault_budget: consecutive transient API faults tolerated on one batch's polls before the
         task fails with :class:`~airflow_openai_batch.exceptions.OpenAIBatchPollingError`.
     :param timeout: seconds (or timedelta) to wait in all before the batches are cancelled (if
@@ -132,47 +151,33 @@ class OpenAIBatchSensor(BaseSensorOperator):
     # -- execute ---------------------------------------------------------------------------------
 
     def execute(self, context: Context) -> Any:
-        ids, _ = self._resolve()
+        ids, replaces = self._resolve()
         if not self.deferrable:
             try:
                 return super().execute(context)
             except AirflowSensorTimeout as err:
                 raise self._timeout_error(ids, str(err)) from err
 
-        # One cheap look first: a rerun over finished batches should not park in the triggerer.
-        summaries = self._poll_once(ids, raise_transient=False)
-        if len(summaries) == len(ids) and all(is_final(s["status"]) for s in summaries.values()):
-            self.log.info("All %d batch(es) are already final; not deferring", len(ids))
-            return self._complete(summaries)
-
         started_at = time.time()
-        # Absolute and computed once: a restarted triggerer resumes against the same deadline.
-        deadline = started_at + self.timeout
-        self.log.info(
-            "Deferring: waiting for %d batch(es) until %s at the latest",
-            len(ids),
-            time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(deadline)),
-        )
-        self.defer(
-            trigger=OpenAIBatchTrigger(
-                batch_ids=ids,
-                conn_id=self.conn_id,
-                poll_interval=self.poll_interval,
-                max_poll_interval=self.max_poll_interval,
-                deadline=deadline,
-                fail_on_statuses=self.fail_on_statuses,
-                cancel_on_kill=self.cancel_on_kill,
-                fault_budget=self.fault_budget,
-                started_at=started_at,
-            ),
-            method_name="execute_complete",
-            timeout=timedelta(seconds=self.timeout) + _DEFER_TIMEOUT_GRACE,
-        )
+        # Absolute and computed once: a restarted triggerer (and every re-deferral after a
+        # re-creation) resumes against the same deadline.
+        state = JobState.start(ids, replaces, deadline=started_at + self.timeout, started_at=started_at)
+        # One cheap look first: a rerun over finished batches should not park in the triggerer.
+        summaries = self._poll_once(state.batch_ids, raise_transient=False)
+        if self._follow_recreated(state, summaries):
+            summaries = self._poll_once(state.batch_ids, raise_transient=False)
+        return self._proceed(state, summaries, freed=0)
 
     def execute_complete(self, context: Context, event: Any = None) -> dict[str, dict[str, Any]]:
-        """Turn the trigger's one event into the task's outcome: the summaries, or a distinct error."""
-        ids, _ = self._resolve()
-        status, batches, message = self._validate_event(event, ids)
+        """Turn a trigger event into the task's outcome: the summaries, a distinct error, or (after a
+        ``resubmit`` event) re-created batches and another deferral."""
+        job = event.get("job") if isinstance(event, Mapping) else None
+        if isinstance(job, Mapping):
+            state = JobState.from_dict(job)
+        else:
+            ids, replaces = self._resolve()
+            state = JobState.start(ids, replaces, deadline=time.time(), started_at=time.time())
+        status, batches, message = self._validate_event(event, state.batch_ids)
         for batch_id, summary in batches.items():
             self.log.info("%s", progress_line(batch_id, summary))
         if status == "error":
@@ -180,7 +185,176 @@ class OpenAIBatchSensor(BaseSensorOperator):
         if status == "timeout":
             raise OpenAIBatchTimeoutError(self._explain(message, batches), batches)
         self.log.info("%s", message)
-        return self._complete(batches)
+        self._summaries.update(batches)
+        if status == "resubmit":
+            return self._proceed(state, batches, freed=int(event.get("freed") or 0))
+        return self._complete(batches, state)
+
+    def _proceed(
+        self, state: JobState, summaries: Mapping[str, dict[str, Any]], *, freed: int
+    ) -> dict[str, dict[str, Any]]:
+        """Re-create what capacity allows, then finish if everything is final, else defer (again)."""
+        summaries = dict(summaries)
+        live = [b for b in state.batch_ids if not is_final(summaries.get(b, {}).get("status", ""))]
+        waiting = waiting_chains(state, summaries, self.max_resubmits)
+        if waiting and (freed or not live):
+            # Capacity frees as our batches finish: re-create one chunk per finished batch. With
+            # nothing of ours running, the holder is unknown: try them all (extras fail fast).
+            chosen = waiting if not live else waiting[:freed]
+            state.idle_rounds = state.idle_rounds + 1 if not live else 0
+            summaries.update(self._recreate(state, chosen))
+            live = [b for b in state.batch_ids if not is_final(summaries.get(b, {}).get("status", ""))]
+            waiting = waiting_chains(state, summaries, self.max_resubmits)
+        if not live and not waiting:
+            return self._complete(summaries, state)
+        self._defer(state, summaries)
+        raise AssertionError("defer() raises")
+
+    def _defer(self, state: JobState, summaries: Mapping[str, dict[str, Any]]) -> None:
+        ids = state.batch_ids
+        known_final = {b: dict(summaries[b]) for b in ids if is_final(summaries.get(b, {}).get("status", ""))}
+        pending = [c for c in state.pending if may_create(c, self.max_resubmits)]
+        self.log.info(
+            "Deferring: waiting for %d batch(es)%s until %s at the latest",
+            len(ids) - len(known_final),
+            f" and capacity for {len(pending)} chunk(s) not created yet" if pending else "",
+            time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(state.deadline)),
+        )
+        self.defer(
+            trigger=OpenAIBatchTrigger(
+                batch_ids=ids,
+                conn_id=self.conn_id,
+                poll_interval=self.poll_interval,
+                max_poll_interval=self.max_poll_interval,
+                deadline=state.deadline,
+                fail_on_statuses=self.fail_on_statuses,
+                cancel_on_kill=self.cancel_on_kill,
+                fault_budget=self.fault_budget,
+                started_at=state.started_at,
+                resubmittable=[
+                    c.current for c in state.chains if not c.pending and may_create(c, self.max_resubmits)
+                ],
+                pending_count=len(pending),
+                idle_backoff=idle_backoff(state.idle_rounds, self.poll_interval, self.max_poll_interval),
+                job=state.to_dict(),
+                known_final=known_final,
+            ),
+            method_name="execute_complete",
+            timeout=timedelta(seconds=max(0.0, state.deadline - time.time())) + _DEFER_TIMEOUT_GRACE,
+        )
+
+    # -- enqueued-token limit --------------------------------------------------------------------
+
+    def _recreate(self, state: JobState, chains: Sequence[Chain]) -> dict[str, dict[str, Any]]:
+        """(Re-)create the batch of each chain, idempotently (a rerun finds the same attempt again)."""
+        existing = self._recreated_batches(cutoff=state.started_at - 3600)
+        summaries: dict[str, dict[str, Any]] = {}
+        for chain in chains:
+            before = chain.current
+            attempt = chain.attempts + 1
+            spec = self._create_spec(chain)
+            metadata = self._chain_metadata(spec.metadata, chain.origin, attempt)
+            found = existing.get((chain.origin, str(attempt)))
+            if found is not None:
+                batch = found
+            else:
+                try:
+                    batch = self.hook.create_batch_reconciled(
+                        lookup=(METADATA_ORIGIN, chain.origin),
+                        input_file_id=spec.input_file_id,
+                        endpoint=spec.endpoint,
+                        completion_window=spec.completion_window,
+                        metadata=metadata,
+                        output_expires_after=spec.output_expires_after,
+                        is_reusable=lambda b, a=attempt: (b.metadata or {}).get(METADATA_ATTEMPT) == str(a),
+                    )
+                except Exception as err:
+                    if not is_capacity_error(getattr(err, "code", None), getattr(err, "message", "")):
+                        raise
+                    chain.advance(encode_pending(spec))
+                    self.log.warning(
+                        "Chunk %s: create refused again for enqueued-token capacity (attempt %d of %d): %s",
+                        chain.origin,
+                        attempt,
+                        self.max_resubmits,
+                        describe_api_error(err),
+                    )
+                    continue
+            chain.advance(batch.id)
+            summaries[batch.id] = batch_summary(batch, replaces=chain.replaces)
+            self.log.info(
+                "Re-created chunk %s as batch %s (attempt %d of %d): %s",
+                chain.origin,
+                batch.id,
+                attempt,
+                self.max_resubmits,
+                "its create call had been refused for capacity"
+                if before.startswith("pending:")
+                else f"batch {before} failed with token_limit_exceeded",
+            )
+        return summaries
+
+    def _create_spec(self, chain: Chain) -> CreateSpec:
+        if chain.pending:
+            return decode_pending(chain.current)
+        batch = self.hook.get_batch(chain.current)
+        metadata = {
+            k: v for k, v in (batch.metadata or {}).items() if k not in (METADATA_ORIGIN, METADATA_ATTEMPT)
+        }
+        return CreateSpec(
+            input_file_id=batch.input_file_id,
+            endpoint=batch.endpoint,
+            completion_window=batch.completion_window,
+            metadata=metadata,
+        )
+
+    def _chain_metadata(self, metadata: Mapping[str, str], origin: str, attempt: int) -> dict[str, str]:
+        base = dict(metadata)
+        # The chain keys must fit OpenAI's 16 pairs; batches made by the submit operator keep room for
+        # them, foreign ones may not: their last user keys give way.
+        while len(base) + 2 > MAX_METADATA_PAIRS:
+            dropped = base.popitem()
+            self.log.warning(
+                "Metadata %s dropped from the re-created batch to fit the chain keys", dropped[0]
+            )
+        return {**base, METADATA_ORIGIN: origin, METADATA_ATTEMPT: str(attempt)}
+
+    def _recreated_batches(self, cutoff: float) -> dict[tuple[str, str], Any]:
+        """Batches this sensor re-created, by ``(origin, attempt)`` (one list walk, newest first)."""
+        found: dict[tuple[str, str], Any] = {}
+        for batch in self.hook.list_batches(created_after=int(cutoff)):
+            meta = batch.metadata or {}
+            if METADATA_ORIGIN in meta and METADATA_ATTEMPT in meta:
+                found.setdefault((meta[METADATA_ORIGIN], meta[METADATA_ATTEMPT]), batch)
+        return found
+
+    def _follow_recreated(self, state: JobState, summaries: Mapping[str, dict[str, Any]]) -> bool:
+        """On a rerun, move each capacity-limited chain to the newest batch re-created for it earlier.
+
+        :return: whether any chain moved (its new batches need a poll).
+        """
+        stuck = [c for c in state.chains if c.pending or is_capacity_failure(summaries.get(c.current, {}))]
+        if not stuck:
+            return False
+        existing = self._recreated_batches(cutoff=time.time() - self.timeout - 86400)
+        moved = False
+        for chain in stuck:
+            attempts = sorted(
+                (int(attempt), batch)
+                for (origin, attempt), batch in existing.items()
+                if origin == chain.origin
+            )
+            for _, batch in attempts:
+                chain.advance(batch.id)
+                moved = True
+            if attempts:
+                self.log.info(
+                    "Chunk %s: following batch %s re-created by an earlier try (attempt %d)",
+                    chain.origin,
+                    chain.current,
+                    chain.attempts,
+                )
+        return moved
 
     # -- poke mode -------------------------------------------------------------------------------
 
@@ -286,10 +460,33 @@ class OpenAIBatchSensor(BaseSensorOperator):
 
     # -- outcome ---------------------------------------------------------------------------------
 
-    def _complete(self, summaries: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    def _complete(
+        self, summaries: Mapping[str, Mapping[str, Any]], state: JobState | None = None
+    ) -> dict[str, dict[str, Any]]:
         """Apply ``fail_on_statuses`` (raising the distinct errors) and build the XCom result."""
-        ids, replaces = self._resolve()
-        result = {b: {**summaries[b], "replaces": list(replaces.get(b, []))} for b in ids}
+        if state is None:
+            ids, replaces = self._resolve()
+            state = JobState.start(ids, replaces, deadline=0.0, started_at=0.0)
+        stuck = exhausted_chains(state, summaries, self.max_resubmits)
+        never_created = [c for c in stuck if c.pending]
+        if never_created:
+            raise OpenAIBatchFailedError(
+                f"{len(never_created)} chunk(s) could not be created within max_resubmits="
+                f"{self.max_resubmits} (enqueued-token limit): "
+                + ", ".join(
+                    f"{c.origin} (file {decode_pending(c.current).input_file_id})" for c in never_created
+                ),
+                {b: dict(summaries[b]) for b in state.batch_ids if b in summaries},
+            )
+        for chain in stuck:
+            self.log.error(
+                "%s: still failed with token_limit_exceeded after %d re-creation(s) (max_resubmits=%d)",
+                chain.current,
+                chain.attempts,
+                self.max_resubmits,
+            )
+        replaces = state.replaces()
+        result = {b: {**summaries[b], "replaces": list(replaces.get(b, []))} for b in state.batch_ids}
         for warning in check_outcome(result, self.fail_on_statuses):
             self.log.warning("%s", warning)
         return result

@@ -21,13 +21,15 @@ from airflow_openai_batch.core.progress import (
     progress_line,
     retry_after_seconds,
 )
+from airflow_openai_batch.core.resubmit import is_capacity_failure
 from airflow_openai_batch.hooks.batch import OpenAIBatchHook
 from airflow_openai_batch.statuses import DEFAULT_FAIL_ON_STATUSES, is_final
 
 __all__ = ["OpenAIBatchTrigger"]
 
-#: Event statuses the trigger emits (exactly one event per run).
-EVENT_STATUSES: tuple[str, ...] = ("success", "error", "timeout")
+#: Event statuses the trigger emits (exactly one event per run). ``resubmit`` hands control back to the
+#: worker to re-create batches that failed on the enqueued-token limit, once capacity frees.
+EVENT_STATUSES: tuple[str, ...] = ("success", "error", "timeout", "resubmit")
 #: Concurrent retrieve calls per poll: enough for hundreds of batches, gentle on the rate limit.
 _MAX_CONCURRENT_CALLS = 8
 #: Attempts per cancel call; kept small because Airflow bounds on_kill() (30 s by default).
@@ -60,6 +62,14 @@ class OpenAIBatchTrigger(BaseTrigger):
     :param fault_budget: consecutive transient faults (429, 5xx, timeouts, dropped connections)
         tolerated on one batch's polls before giving up with an ``error`` event.
     :param started_at: when the wait began (unix epoch seconds), for the elapsed time in the log.
+    :param resubmittable: batches that may be re-created if they fail on the enqueued-token limit;
+        when one does, the trigger ends with a ``resubmit`` event as soon as capacity frees.
+    :param pending_count: chunks not created yet (refused for capacity) that wait for capacity too.
+    :param idle_backoff: seconds to wait before a ``resubmit`` event when nothing of the job is running
+        (the capacity is held by other jobs, so it frees at an unknown time).
+    :param job: opaque JSON-safe state of the sensor, handed back untouched in the event.
+    :param known_final: summaries of batches already final when the wait began (not polled again;
+        only batches that finish during this wait count as freed capacity).
     """
 
     def __init__(
@@ -73,12 +83,20 @@ class OpenAIBatchTrigger(BaseTrigger):
         cancel_on_kill: bool = True,
         fault_budget: int = 10,
         started_at: float | None = None,
+        resubmittable: Sequence[str] = (),
+        pending_count: int = 0,
+        idle_backoff: float = 0.0,
+        job: dict[str, Any] | None = None,
+        known_final: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(batch_ids, str):
             batch_ids = [batch_ids]
         self.batch_ids: list[str] = list(dict.fromkeys(batch_ids))
-        if not self.batch_ids or not all(isinstance(b, str) and b for b in self.batch_ids):
+        # No batch at all is fine only while chunks wait for capacity to be created.
+        if (not self.batch_ids and not pending_count) or not all(
+            isinstance(b, str) and b for b in self.batch_ids
+        ):
             raise ValueError(f"batch_ids must be a non-empty list of batch id strings, got {batch_ids!r}")
         self.conn_id = conn_id
         self.poll_interval = float(poll_interval)
@@ -92,14 +110,19 @@ class OpenAIBatchTrigger(BaseTrigger):
             raise ValueError(f"fault_budget must be >= 0, got {fault_budget}")
         self.fault_budget = int(fault_budget)
         self.started_at = float(started_at) if started_at is not None else None
+        self.resubmittable: list[str] = list(resubmittable)
+        self.pending_count = int(pending_count)
+        self.idle_backoff = float(idle_backoff)
+        self.job = job
         # Test seams, never serialized: a clock (epoch seconds) and a sleep, so a test can run a
         # simulated day of polling in milliseconds against the emulator's virtual clock.
         self._clock: Callable[[], float] = time.time
         self._sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep
         #: Every wait between polls as ``(seconds, reason)``, for the log and for tests.
         self._waits: list[tuple[float, str]] = []
+        self.known_final = {b: dict(s) for b, s in (known_final or {}).items() if b in self.batch_ids}
         #: Latest summary per batch, kept so on_kill() knows which batches are still live.
-        self._summaries: dict[str, dict[str, Any]] = {}
+        self._summaries: dict[str, dict[str, Any]] = dict(self.known_final)
         self.polls = 0
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
@@ -116,6 +139,11 @@ class OpenAIBatchTrigger(BaseTrigger):
                 "cancel_on_kill": self.cancel_on_kill,
                 "fault_budget": self.fault_budget,
                 "started_at": self.started_at,
+                "resubmittable": list(self.resubmittable),
+                "pending_count": self.pending_count,
+                "idle_backoff": self.idle_backoff,
+                "job": self.job,
+                "known_final": self.known_final,
             },
         )
 
@@ -153,6 +181,7 @@ class OpenAIBatchTrigger(BaseTrigger):
         # One client before the concurrent calls, so they do not race to create several.
         await self.hook.aget_async_client()
         semaphore = asyncio.Semaphore(_MAX_CONCURRENT_CALLS)
+        started_live = list(live)
 
         async def retrieve(batch_id: str) -> Any:
             async with semaphore:
@@ -216,6 +245,9 @@ class OpenAIBatchTrigger(BaseTrigger):
                     "%s", progress_line(batch_id, summary, eta_seconds=schedule.eta(batch_id, summary, now))
                 )
             live = [b for b in live if not is_final(self._summaries.get(b, {}).get("status", ""))]
+            resubmit = await self._capacity_check(started_live, live)
+            if resubmit is not None:
+                return resubmit
             if not live:
                 return self._payload("success", self._final_message(now))
             if self.deadline is not None and now >= self.deadline:
@@ -240,6 +272,39 @@ class OpenAIBatchTrigger(BaseTrigger):
                 reason,
             )
             await self._sleep(wait)
+
+    async def _capacity_check(
+        self, started_live: Sequence[str], live: Sequence[str]
+    ) -> dict[str, Any] | None:
+        """A ``resubmit`` payload when chunks wait for enqueued-token capacity and it has freed (or
+        nothing of the job runs any more); ``None`` to keep waiting."""
+        waiting = self.pending_count + sum(
+            1 for b in self.resubmittable if is_capacity_failure(self._summaries.get(b, {}))
+        )
+        if not waiting:
+            return None
+        freed = [
+            b
+            for b in started_live
+            if is_final(self._summaries.get(b, {}).get("status", ""))
+            and not is_capacity_failure(self._summaries[b])
+        ]
+        if freed:
+            message = f"{len(freed)} batch(es) finished ({', '.join(freed)}): capacity for {waiting} waiting"
+            return self._payload("resubmit", message, freed=len(freed))
+        if live:
+            return None
+        wait = self.idle_backoff
+        if self.deadline is not None:
+            wait = min(wait, max(0.0, self.deadline - self._clock()))
+        self.log.info(
+            "%d chunk(s) wait for enqueued-token capacity and none of this job runs; re-creating in %s",
+            waiting,
+            format_duration(wait),
+        )
+        self._waits.append((wait, "capacity"))
+        await self._sleep(wait)
+        return self._payload("resubmit", f"nothing running; {waiting} chunk(s) wait for capacity", freed=0)
 
     def _final_message(self, now: float) -> str:
         counts: dict[str, int] = {}
@@ -267,9 +332,12 @@ class OpenAIBatchTrigger(BaseTrigger):
         self.log.error("%s", message)
         return self._payload("timeout", message)
 
-    def _payload(self, status: str, message: str) -> dict[str, Any]:
+    def _payload(self, status: str, message: str, **extra: Any) -> dict[str, Any]:
         batches = {b: self._summaries[b] for b in self.batch_ids if b in self._summaries}
-        return {"status": status, "batches": batches, "message": message}
+        payload = {"status": status, "batches": batches, "message": message, **extra}
+        if self.job is not None:
+            payload["job"] = self.job
+        return payload
 
     # -- cancel and clean-up ---------------------------------------------------------------------
 

@@ -492,7 +492,8 @@ def test_prompt_token_estimate_and_structured_outputs(
     }
 
     structured = lines["json"]["response"]["body"]
-    assert structured["usage"]["prompt_tokens"] == math.ceil(17 / 4)  # ceil(len(all message text) / 4)
+    # ceil(len(all message text) / 4) + 3 per message (here 2) + 3 to prime the reply.
+    assert structured["usage"]["prompt_tokens"] == math.ceil(17 / 4) + 2 * 3 + 3
     assert structured["usage"]["completion_tokens"] == 3  # capped by max_tokens
     assert structured["choices"][0]["finish_reason"] == "length"
     content = json.loads(structured["choices"][0]["message"]["content"])
@@ -539,9 +540,9 @@ def test_embeddings_shape(client: openai.OpenAI, emulator: EmulatorServer) -> No
 
 
 def test_token_limit_fail_mode(client: openai.OpenAI, emulator: EmulatorServer) -> None:
-    # Each line has 40 characters of text = 10 estimated prompt tokens.
-    emulator.configure(rate=1, enqueued_token_limit=150)
-    ten = [ok(f"a{i}", text="t" * 40) for i in range(10)]  # 100 tokens
+    # Each line has 40 characters of text in one message = 10 + 3 + 3 = 16 estimated prompt tokens.
+    emulator.configure(rate=1, enqueued_token_limit=250)
+    ten = [ok(f"a{i}", text="t" * 40) for i in range(10)]  # 160 tokens
     first = client.batches.create(
         input_file_id=upload(client, ten), endpoint="/v1/chat/completions", completion_window="24h"
     )
@@ -575,7 +576,7 @@ def test_token_limit_fail_mode(client: openai.OpenAI, emulator: EmulatorServer) 
 
 
 def test_token_limit_reject_mode(client: openai.OpenAI, emulator: EmulatorServer) -> None:
-    emulator.configure(rate=1, enqueued_token_limit=150, token_limit_mode="reject")
+    emulator.configure(rate=1, enqueued_token_limit=250, token_limit_mode="reject")
     first = client.batches.create(
         input_file_id=upload(client, [ok(f"a{i}", text="t" * 40) for i in range(10)]),
         endpoint="/v1/chat/completions",

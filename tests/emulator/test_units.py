@@ -68,13 +68,14 @@ def test_prompt_token_estimate_per_endpoint() -> None:
             {"role": "user", "content": [{"type": "text", "text": "defgh"}]},
         ]
     }
-    assert estimate_prompt_tokens("/v1/chat/completions", chat) == math.ceil(8 / 4)
+    # ceil(text / 4) + 3 per message + 3 to prime the reply.
+    assert estimate_prompt_tokens("/v1/chat/completions", chat) == math.ceil(8 / 4) + 2 * 3 + 3
     responses = {"instructions": "12345", "input": [{"role": "user", "content": "6789"}]}
     assert estimate_prompt_tokens("/v1/responses", responses) == math.ceil(9 / 4)
     assert estimate_prompt_tokens("/v1/embeddings", {"input": ["aaaa", "bbbbb"]}) == math.ceil(9 / 4)
     assert estimate_prompt_tokens("/v1/embeddings", {"input": [1, 2, 3]}) == 3  # token ids
     assert estimate_prompt_tokens("/v1/completions", {"prompt": "x" * 13}) == 4
-    assert estimate_prompt_tokens("/chat/completions", chat) == 2  # Azure's endpoint spelling
+    assert estimate_prompt_tokens("/chat/completions", chat) == 11  # Azure's endpoint spelling
 
 
 def test_usage_is_deterministic_and_capped() -> None:

@@ -248,7 +248,7 @@ def test_an_ambiguous_create_error_is_reconciled_by_lookup(emulator, make_contex
 
 
 def test_create_faults_that_create_nothing_are_retried(emulator, make_context, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(submit_module.time, "sleep", lambda _s: None)
+    monkeypatch.setattr("airflow_openai_batch.hooks.batch.time.sleep", lambda _s: None)
     emulator.configure(fault_rate=0.5, fault_routes=("batches.create",), fault_kinds=("500", "drop"), seed=3)
     path = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(8)])
     ids = run_submit(make_context, requests=str(path), max_requests_per_batch=2)

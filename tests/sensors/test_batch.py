@@ -255,8 +255,11 @@ def test_deferred_round_trip(emulator, make_context):
     with pytest.raises(TaskDeferred) as deferred:
         op.execute(context)
     assert deferred.value.method_name == "execute_complete"
-    assert deferred.value.timeout == timedelta(seconds=3600) + timedelta(minutes=5)
     classpath, kwargs = deferred.value.trigger.serialize()
+    # The backstop is the time left to the deadline plus a grace period.
+    backstop = deferred.value.timeout - timedelta(minutes=5)
+    assert timedelta(seconds=3599) <= backstop <= timedelta(seconds=3600)
+    assert kwargs["deadline"] - time.time() <= backstop.total_seconds() + 1
     assert before + 3600 <= kwargs["deadline"] <= time.time() + 3600
     assert kwargs["batch_ids"] == ids and kwargs["conn_id"] == "openai_default"
     assert TEST_API_KEY not in json.dumps(kwargs)

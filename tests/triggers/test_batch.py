@@ -176,6 +176,11 @@ def test_serialize_is_json_safe_and_rebuilds_an_equal_trigger():
         "cancel_on_kill": False,
         "fault_budget": 3,
         "started_at": T0,
+        "resubmittable": [],
+        "pending_count": 0,
+        "idle_backoff": 0.0,
+        "job": None,
+        "known_final": {},
     }
 
 

@@ -1,0 +1,26 @@
+"""Test DAG: a job larger than the enqueued-token limit still finishes (submit -> wait -> collect)."""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import DAG, Param
+
+from airflow_openai_batch.operators.collect import OpenAIBatchCollectOperator
+from airflow_openai_batch.operators.submit import OpenAIBatchSubmitOperator
+from airflow_openai_batch.sensors.batch import OpenAIBatchSensor
+
+with DAG(
+    dag_id="openai_batch_token_limit_test",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    params={"requests": Param(type="string"), "max_requests_per_batch": Param(50_000, type="integer")},
+) as dag:
+    submit = OpenAIBatchSubmitOperator(
+        task_id="submit",
+        requests="{{ params.requests }}",
+        max_requests_per_batch="{{ params.max_requests_per_batch }}",
+    )
+    wait = OpenAIBatchSensor(
+        task_id="wait", batch_ids=submit.output, poll_interval=0.05, max_poll_interval=0.2, timeout=600
+    )
+    collect = OpenAIBatchCollectOperator(task_id="collect", batch_ids=wait.output, max_xcom_records=10_000)
