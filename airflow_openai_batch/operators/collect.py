@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import Asset, AssetAlias, BaseOperator
 
 from airflow_openai_batch.core.pricing import PriceTable
+from airflow_openai_batch.core.progress import normalize_batch_ids
 from airflow_openai_batch.core.reconcile import BatchResultFiles, Reconciler, present_file_id
+from airflow_openai_batch.core.resubmit import is_pending
 from airflow_openai_batch.core.writers import OUTPUT_FORMATS, ResultWriter, write_manifest
 from airflow_openai_batch.exceptions import OpenAIBatchFailureRatioError, OpenAIBatchXComLimitError
 from airflow_openai_batch.hooks.batch import OpenAIBatchHook
@@ -28,15 +30,14 @@ _PUBLISH_ORDER = ("successes", "failures", "retry_requests")
 
 def batch_ids_from(value: Any) -> list[str]:
     """Batch ids from what upstream tasks return: one id, a list of ids, or the sensor's result dict."""
-    if isinstance(value, str):
-        return [value] if value else []
-    if isinstance(value, Mapping):
-        return [str(k) for k in value]
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    raise TypeError(
-        f"batch_ids must be a str, a list of str or the sensor's dict, not {type(value).__name__}"
-    )
+    ids, _ = normalize_batch_ids(value)
+    pending = [b for b in ids if is_pending(b)]
+    if pending:
+        raise ValueError(
+            f"{len(pending)} chunk(s) were never created (refused for enqueued-token capacity); pass the "
+            "OpenAIBatchSensor's result, which creates them, rather than the submit task's output"
+        )
+    return ids
 
 
 class _XComSink:
@@ -128,8 +129,6 @@ class OpenAIBatchCollectOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         ids = batch_ids_from(self.batch_ids)
-        if not ids:
-            raise ValueError("batch_ids is empty: nothing to collect")
         persist_batch_links(context, ids)
         batches = [self.hook.get_batch(batch_id) for batch_id in ids]
         with tempfile.TemporaryDirectory(prefix="openai-batch-collect-") as work:

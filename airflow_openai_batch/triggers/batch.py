@@ -230,7 +230,13 @@ class OpenAIBatchTrigger(BaseTrigger):
                 summary = batch_summary(result)
                 previous = self._summaries.get(batch_id, {}).get("status")
                 polled[batch_id] = self._summaries[batch_id] = summary
-                if summary["status"] in self.fail_on_statuses and previous != summary["status"]:
+                if batch_id in self.resubmittable and is_capacity_failure(summary):
+                    if previous != summary["status"]:
+                        self.log.info(
+                            "%s failed on the enqueued-token limit: it will be re-created as capacity frees",
+                            batch_id,
+                        )
+                elif summary["status"] in self.fail_on_statuses and previous != summary["status"]:
                     self.log.warning(
                         "%s ended %s: the task will fail once all batches are final",
                         batch_id,

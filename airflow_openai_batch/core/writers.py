@@ -1,0 +1,541 @@
+"""Write reconciled records to local files in a staging folder (no Airflow, no fsspec, no network).
+
+The collect operator reconciles into a local staging folder with :class:`ResultWriter`, then publishes
+the finished files to object storage. Keeping this module local-only keeps it fast and testable, and
+lets the publish step copy whole files (one multipart upload each) instead of many small writes.
+
+Crash safety: every file is written as ``<name>.partial`` and renamed to its final name only by
+:meth:`ResultWriter.close`; :func:`write_manifest` writes ``manifest.json`` last, atomically. So a file
+with its final name is always complete, and a folder with a ``manifest.json`` is a finished result.
+"""
+
+from __future__ import annotations
+
+import array
+import functools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+
+__all__ = [
+    "OUTPUT_FORMATS",
+    "ResultWriter",
+    "failures_schema",
+    "read_records",
+    "successes_schema",
+    "write_manifest",
+]
+
+OUTPUT_FORMATS: tuple[str, ...] = ("jsonl", "parquet")
+MANIFEST_NAME = "manifest.json"
+RETRY_NAME = "retry_requests.jsonl"
+PARTIAL_SUFFIX = ".partial"
+
+#: Rows buffered before a Parquet row group is written.
+PARQUET_ROW_GROUP_ROWS = 10_000
+#: ... or estimated bytes buffered, whichever comes first (embeddings and long answers fill it first).
+#: Small on purpose: the Python objects, their Arrow copy and the encoded pages of one row group are all
+#: in memory at once, and freed memory is not always returned to the OS (peak RSS, not speed, is what
+#: bigger row groups cost here).
+PARQUET_ROW_GROUP_BYTES = 4 * 1024 * 1024
+#: Python overhead of one buffered row (tuple, small objects), counted in the byte budget.
+_ROW_OVERHEAD = 256
+#: Write buffer of each JSONL file.
+_FILE_BUFFER = 1 << 20
+
+_APPEND_NEWLINE = orjson.OPT_APPEND_NEWLINE
+
+
+def _pyarrow() -> Any:
+    try:
+        import pyarrow
+        import pyarrow.parquet  # makes pyarrow.parquet reachable as an attribute
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise ImportError(
+            "output_format='parquet' needs pyarrow: pip install 'airflow-openai-batch[parquet]'"
+        ) from exc
+    return pyarrow
+
+
+@functools.cache
+def _schemas() -> tuple[Any, Any]:
+    pa = _pyarrow()
+    usage = pa.struct(
+        [
+            pa.field("input_tokens", pa.int64()),
+            pa.field("output_tokens", pa.int64()),
+            pa.field("total_tokens", pa.int64()),
+        ]
+    )
+    successes = pa.schema(
+        [
+            pa.field("custom_id", pa.string()),
+            pa.field("batch_id", pa.string()),
+            pa.field("status_code", pa.int32()),
+            pa.field("content", pa.string()),
+            pa.field("embedding", pa.list_(pa.float32())),
+            pa.field("body", pa.string()),
+            pa.field("usage", usage),
+        ]
+    )
+    failures = pa.schema(
+        [
+            pa.field("custom_id", pa.string()),
+            pa.field("batch_id", pa.string()),
+            pa.field("status_code", pa.int32()),
+            pa.field("error_code", pa.string()),
+            pa.field("error_message", pa.string()),
+            pa.field("request", pa.string()),
+        ]
+    )
+    return successes, failures
+
+
+def successes_schema() -> Any:
+    """The Parquet schema of ``successes.parquet`` (needs pyarrow)."""
+    return _schemas()[0]
+
+
+def failures_schema() -> Any:
+    """The Parquet schema of ``failures.parquet`` (needs pyarrow)."""
+    return _schemas()[1]
+
+
+def _parquet_writer(pa: Any, path: Path, schema: Any) -> Any:
+    # zstd: several times smaller than snappy on JSON text and no slower to write. Dictionary encoding and
+    # min/max statistics only where they help (ids, codes): on unique JSON bodies they are pure cost.
+    small = [f.name for f in schema if f.name in ("batch_id", "status_code", "error_code")]
+    return pa.parquet.ParquetWriter(
+        str(path),
+        schema,
+        compression="zstd",
+        use_dictionary=small,
+        write_statistics=[*small, "custom_id"],
+    )
+
+
+class _JsonlFile:
+    """One JSONL output, written through a large buffer to ``<path>.partial``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.partial = path.with_name(path.name + PARTIAL_SUFFIX)
+        self._file = open(self.partial, "wb", buffering=_FILE_BUFFER)  # noqa: SIM115  (closed in close())
+        self.write = self._file.write
+        self.count = 0
+        # Records are joined and written a few hundred at a time: one list append per record is cheaper
+        # than one (buffered) write call.
+        self._pending: list[bytes] = []
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Append one record as a JSON line (use either this or ``write`` on one file, not both)."""
+        pending = self._pending
+        pending.append(orjson.dumps(record, option=_APPEND_NEWLINE))
+        if len(pending) >= 256:
+            self.write(b"".join(pending))
+            pending.clear()
+        self.count += 1
+
+    def close(self) -> None:
+        if self._pending:
+            self.write(b"".join(self._pending))
+            self._pending.clear()
+        self._file.close()
+        os.replace(self.partial, self.path)
+
+    def abort(self) -> None:
+        self._file.close()
+        self.partial.unlink(missing_ok=True)
+
+
+class _ParquetSuccesses:
+    """Success records buffered for one row group, then written as Parquet.
+
+    The bulky parts never live as per-row Python objects: each body's JSON goes straight into one
+    growing byte buffer (which becomes the Arrow string column without a copy or a per-row conversion),
+    and embeddings into one flat float32 buffer (4 bytes a value instead of a 24-byte Python float). The
+    small fields are kept as one tuple per row, transposed to columns by ``zip`` at flush time.
+    """
+
+    def __init__(self, path: Path, schema: Any, row_group_rows: int, row_group_bytes: int) -> None:
+        pa = _pyarrow()
+        self._pa = pa
+        self.path = path
+        self.partial = path.with_name(path.name + PARTIAL_SUFFIX)
+        self.schema = schema
+        self._writer = _parquet_writer(pa, self.partial, schema)
+        self._rows_limit = row_group_rows
+        self._bytes_limit = row_group_bytes
+        self.count = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        # (custom_id, batch_id, status_code, content, input, output, total, usage_is_null,
+        #  body_end_offset, embedding_end_offset, embedding_is_null)
+        self.rows: list[tuple[Any, ...]] = []
+        self.bodies = bytearray()
+        self.emb_values = array.array("f")
+        self.buffered_bytes = 0
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Buffer one success record (a row group is written when the buffer is full)."""
+        try:
+            custom_id = record["custom_id"]
+            batch_id = record["batch_id"]
+            status_code = record["status_code"]
+            body = record["body"]
+            usage = record["usage"]
+        except KeyError:  # a record not made by the Reconciler: missing fields are nulls
+            get = record.get
+            custom_id, batch_id, status_code = get("custom_id"), get("batch_id"), get("status_code")
+            body, usage = get("body"), get("usage")
+        content = record.get("content")
+        emb = record.get("embedding")
+        bodies = self.bodies
+        bodies += orjson.dumps(body)
+        size = _ROW_OVERHEAD
+        if content is not None:
+            size += len(content)
+        values = self.emb_values
+        if emb is not None:
+            values.extend(emb)
+        if type(usage) is dict:
+            inp = usage.get("input_tokens")
+            if inp is None:
+                inp = usage.get("prompt_tokens")
+            out = usage.get("output_tokens")
+            if out is None:
+                out = usage.get("completion_tokens")
+            total = usage.get("total_tokens")
+            row = (
+                custom_id,
+                batch_id,
+                status_code,
+                content,
+                inp,
+                out,
+                total,
+                False,
+                len(bodies),
+                len(values),
+                emb is None,
+            )
+        else:
+            row = (
+                custom_id,
+                batch_id,
+                status_code,
+                content,
+                None,
+                None,
+                None,
+                True,
+                len(bodies),
+                len(values),
+                emb is None,
+            )
+        self.rows.append(row)
+        self.count += 1
+        self.buffered_bytes += size
+        if (
+            len(self.rows) >= self._rows_limit
+            or self.buffered_bytes + len(bodies) + 4 * len(values) >= self._bytes_limit
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        pa = self._pa
+        rows, bodies, values = self.rows, self.bodies, self.emb_values
+        self._reset()
+        columns: list[Any] = list(zip(*rows, strict=True))
+        del rows
+        n = len(columns[0])
+        # orjson writes valid UTF-8, so the buffer is the string column's data as is.
+        body = pa.StringArray.from_buffers(
+            n, pa.array((0, *columns[8]), type=pa.int32()).buffers()[1], pa.py_buffer(bodies)
+        )
+        # The mask makes a missing vector a null list, not an empty one.
+        embedding = pa.ListArray.from_arrays(
+            pa.array((0, *columns[9]), type=pa.int32()),
+            pa.array(values, type=pa.float32()),
+            mask=pa.array(columns[10], type=pa.bool_()),
+        ).cast(self.schema.field("embedding").type)
+        usage = pa.StructArray.from_arrays(
+            [_int64_array(pa, columns[4]), _int64_array(pa, columns[5]), _int64_array(pa, columns[6])],
+            fields=list(self.schema.field("usage").type),
+            mask=pa.array(columns[7], type=pa.bool_()),
+        )
+        table = pa.Table.from_arrays(
+            [
+                pa.array(columns[0], type=pa.string()),
+                pa.array(columns[1], type=pa.string()),
+                pa.array(columns[2], type=pa.int32()),
+                pa.array(columns[3], type=pa.string()),
+                embedding,
+                body,
+                usage,
+            ],
+            schema=self.schema,
+        )
+        # Free the Python side before Parquet encodes the row group: both at once is the peak.
+        del columns, values
+        self._writer.write_table(table)
+        del table, body, bodies
+
+    def close(self) -> None:
+        self.flush()
+        self._writer.close()
+        os.replace(self.partial, self.path)
+
+    def abort(self) -> None:
+        self._writer.close()
+        self.partial.unlink(missing_ok=True)
+
+
+def _int64_array(pa: Any, values: tuple[Any, ...]) -> Any:
+    try:
+        return pa.array(values, type=pa.int64())
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+        # A token count that is not an integer: keep the row, drop the odd value.
+        return pa.array([v if type(v) is int else None for v in values], type=pa.int64())
+
+
+class _ParquetFailures:
+    """Failure records buffered as columns and written as Parquet row groups."""
+
+    def __init__(self, path: Path, schema: Any, row_group_rows: int, row_group_bytes: int) -> None:
+        pa = _pyarrow()
+        self._pa = pa
+        self.path = path
+        self.partial = path.with_name(path.name + PARTIAL_SUFFIX)
+        self.schema = schema
+        self._writer = _parquet_writer(pa, self.partial, schema)
+        self._rows = row_group_rows
+        self._bytes = row_group_bytes
+        self._columns: list[list[Any]] = [[] for _ in schema]
+        self.buffered_bytes = 0
+
+    def add(self, record: dict[str, Any], request_line: bytes) -> None:
+        cols = self._columns
+        cols[0].append(record.get("custom_id"))
+        cols[1].append(record.get("batch_id"))
+        cols[2].append(record.get("status_code"))
+        cols[3].append(record.get("error_code"))
+        cols[4].append(record.get("error_message"))
+        # The request as submitted, byte for byte: no re-serialization, key order kept.
+        if request_line:
+            cols[5].append(request_line)
+        else:
+            request = record.get("request")
+            cols[5].append(None if request is None else orjson.dumps(request))
+        self.buffered_bytes += len(request_line or b"") + 64
+        if len(cols[0]) >= self._rows or self.buffered_bytes >= self._bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._columns[0]:
+            return
+        pa = self._pa
+        columns = self._columns
+        try:
+            arrays = [pa.array(col, type=f.type) for col, f in zip(columns, self.schema, strict=True)]
+        except pa.ArrowInvalid:
+            # A request line that is not UTF-8 (an input OpenAI would have rejected): keep it, readable.
+            columns[5] = [
+                line.decode("utf-8", "replace") if isinstance(line, bytes) else line for line in columns[5]
+            ]
+            arrays = [pa.array(col, type=f.type) for col, f in zip(columns, self.schema, strict=True)]
+        self._writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
+        self._columns = [[] for _ in self.schema]
+        self.buffered_bytes = 0
+
+    def close(self) -> None:
+        self.flush()
+        self._writer.close()
+        os.replace(self.partial, self.path)
+
+    def abort(self) -> None:
+        self._writer.close()
+        self.partial.unlink(missing_ok=True)
+
+
+class ResultWriter:
+    """A :class:`~airflow_openai_batch.core.reconcile.RecordSink` writing local result files.
+
+    Writes ``successes.<ext>``, ``failures.<ext>`` and ``retry_requests.jsonl`` (the failed request
+    lines exactly as submitted: a valid input for a new submit) into ``staging_dir``. Each is written as
+    ``<name>.partial`` and gets its final name only in :meth:`close`.
+
+    JSONL records keep ``body``/``request`` as nested objects. Parquet files have fixed schemas
+    (:func:`successes_schema`, :func:`failures_schema`) with ``body``/``request`` as JSON text, and are
+    written in row groups so memory stays flat.
+
+    :param staging_dir: a local folder (created if needed).
+    :param output_format: ``"jsonl"`` or ``"parquet"``.
+    :param row_group_rows: Parquet rows buffered per row group.
+    :param row_group_bytes: Parquet estimated bytes buffered per row group.
+    """
+
+    def __init__(
+        self,
+        staging_dir: Path,
+        output_format: Literal["jsonl", "parquet"] | str = "jsonl",
+        row_group_rows: int = PARQUET_ROW_GROUP_ROWS,
+        row_group_bytes: int = PARQUET_ROW_GROUP_BYTES,
+    ) -> None:
+        if output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, not {output_format!r}")
+        self.staging_dir = Path(staging_dir)
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        self.output_format = output_format
+        self.failed = 0
+        self.closed = False
+        ext = output_format
+        self._paths = {
+            "successes": self.staging_dir / f"successes.{ext}",
+            "failures": self.staging_dir / f"failures.{ext}",
+            "retry_requests": self.staging_dir / RETRY_NAME,
+        }
+        self._files: list[Any] = []
+        self._retry = self._open_jsonl(self._paths["retry_requests"])
+        if output_format == "parquet":
+            success_schema, failure_schema = _schemas()
+            self._pq_success = _ParquetSuccesses(
+                self._paths["successes"], success_schema, row_group_rows, row_group_bytes
+            )
+            self._pq_failure = _ParquetFailures(
+                self._paths["failures"], failure_schema, row_group_rows, row_group_bytes
+            )
+            self._files += [self._pq_success, self._pq_failure]
+            self._successes: _JsonlFile | _ParquetSuccesses = self._pq_success
+            self.write_failure = self._parquet_failure  # type: ignore[method-assign]
+        else:
+            self._successes = self._open_jsonl(self._paths["successes"])
+            self._jsonl_failures = self._open_jsonl(self._paths["failures"])
+        # The hot path: one call per success, straight into the format's buffer.
+        self.write_success = self._successes.add  # type: ignore[method-assign]
+
+    def _open_jsonl(self, path: Path) -> _JsonlFile:
+        handle = _JsonlFile(path)
+        self._files.append(handle)
+        return handle
+
+    # -- RecordSink -------------------------------------------------------------------------------
+
+    def write_success(self, record: dict[str, Any]) -> None:
+        """Append one success record (replaced per instance by the format's own ``add``).
+
+        :param record: a success record (see :mod:`airflow_openai_batch.core.reconcile`).
+        """
+        self._successes.add(record)
+
+    @property
+    def succeeded(self) -> int:
+        """Success records written so far."""
+        return self._successes.count
+
+    def write_failure(self, record: dict[str, Any], request_line: bytes) -> None:
+        """Append one failure record and its request line to the retry file.
+
+        :param record: a failure record.
+        :param request_line: the original request line, exactly as in the input file (no newline).
+        """
+        self._jsonl_failures.add(record)
+        self._write_retry(record, request_line)
+        self.failed += 1
+
+    def _parquet_failure(self, record: dict[str, Any], request_line: bytes) -> None:
+        self._pq_failure.add(record, request_line)
+        self._write_retry(record, request_line)
+        self.failed += 1
+
+    def _write_retry(self, record: dict[str, Any], request_line: bytes) -> None:
+        if request_line:
+            self._retry.write(request_line)
+            self._retry.write(b"\n")
+        elif isinstance(record.get("request"), dict):
+            self._retry.write(orjson.dumps(record["request"], option=_APPEND_NEWLINE))
+
+    def close(self) -> None:
+        """Flush everything and give each file its final name (idempotent)."""
+        if self.closed:
+            return
+        for handle in self._files:
+            handle.close()
+        self.closed = True
+
+    def abort(self) -> None:
+        """Close the files and delete the ``.partial`` ones: nothing is published."""
+        if self.closed:
+            return
+        for handle in self._files:
+            handle.abort()
+        self.closed = True
+
+    def __enter__(self) -> ResultWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def paths(self) -> dict[str, Path]:
+        """The final paths: ``{"successes", "failures", "retry_requests"}`` (exist after :meth:`close`)."""
+        return dict(self._paths)
+
+
+def write_manifest(staging_dir: Path, summary: dict[str, Any]) -> Path:
+    """Write ``manifest.json`` atomically (temp file + rename); call it after everything else.
+
+    :param staging_dir: the folder holding the result files.
+    :param summary: a JSON-safe summary (e.g. ``ReconcileSummary.to_dict()`` plus the URIs).
+    :return: the manifest's path.
+    """
+    staging_dir = Path(staging_dir)
+    path = staging_dir / MANIFEST_NAME
+    tmp = staging_dir / f"{MANIFEST_NAME}{PARTIAL_SUFFIX}"
+    tmp.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE))
+    os.replace(tmp, path)
+    return path
+
+
+def read_records(path: Path | str, batch_size: int = 10_000) -> Iterator[dict[str, Any]]:
+    """Iterate the records of a result file written by :class:`ResultWriter` (JSONL or Parquet).
+
+    Parquet's JSON-text ``body``/``request`` columns come back as objects, so both formats read alike.
+
+    :param path: a ``.jsonl`` or ``.parquet`` file.
+    :param batch_size: Parquet rows decoded at a time.
+    """
+    path = Path(path)
+    if path.suffix == ".parquet" or path.name.endswith(".parquet" + PARTIAL_SUFFIX):
+        yield from _read_parquet(path, batch_size)
+        return
+    with open(path, "rb") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                yield orjson.loads(line)
+
+
+def _read_parquet(path: Path, batch_size: int) -> Iterator[dict[str, Any]]:
+    pa = _pyarrow()
+    parquet_file = pa.parquet.ParquetFile(str(path))
+    for batch in parquet_file.iter_batches(batch_size=batch_size):
+        for row in batch.to_pylist():
+            for key in ("body", "request"):
+                text = row.get(key)
+                if isinstance(text, str):
+                    try:
+                        row[key] = orjson.loads(text)
+                    except orjson.JSONDecodeError:
+                        # An input line that was never JSON: JSONL records say None for it too.
+                        row[key] = None
+            yield row

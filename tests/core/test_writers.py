@@ -1,0 +1,285 @@
+"""Result files: JSONL and Parquet round trips, crash safety, the retry file, empty outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from airflow_openai_batch.core.reconcile import BatchResultFiles, Reconciler
+from airflow_openai_batch.core.writers import ResultWriter, read_records, write_manifest
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+FORMATS = ["jsonl", "parquet"]
+
+
+def request_line(cid: str) -> bytes:
+    # Spaced JSON on purpose: the retry file must keep the submitted bytes, not a re-serialization.
+    return json.dumps(
+        {
+            "custom_id": cid,
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o", "n": 1},
+        }
+    ).encode()
+
+
+def successes() -> list[dict[str, Any]]:
+    chat_usage = {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}
+    return [
+        {
+            "custom_id": "s1",
+            "batch_id": "b1",
+            "status_code": 200,
+            "body": {
+                "choices": [{"message": {"content": "héllo"}}],
+                "usage": chat_usage,
+                "n": [1, None, 2.5],
+            },
+            "usage": chat_usage,
+            "content": "héllo",
+        },
+        {
+            "custom_id": "s2",
+            "batch_id": "b1",
+            "status_code": 200,
+            "body": {"output": [], "usage": {"input_tokens": 4, "output_tokens": 5, "total_tokens": 9}},
+            "usage": {"input_tokens": 4, "output_tokens": 5, "total_tokens": 9},
+            "content": None,
+        },
+        {
+            "custom_id": "s3",
+            "batch_id": "b2",
+            "status_code": 201,
+            "body": {"data": [{"embedding": [0.5, -1.25, 3.0]}]},
+            "usage": None,
+            "embedding": [0.5, -1.25, 3.0],  # float32-exact values
+        },
+    ]
+
+
+def failures() -> list[tuple[dict[str, Any], bytes]]:
+    return [
+        (
+            {
+                "custom_id": cid,
+                "batch_id": "b1",
+                "status_code": status,
+                "error_code": code,
+                "error_message": f"{code} happened",
+                "request": orjson.loads(request_line(cid)),
+            },
+            request_line(cid),
+        )
+        for cid, status, code in [("f1", 400, "invalid_prompt"), ("f2", None, "batch_expired")]
+    ]
+
+
+def write_all(staging: Path, output_format: str, **kwargs: Any) -> ResultWriter:
+    writer = ResultWriter(staging, output_format, **kwargs)
+    for record in successes():
+        writer.write_success(record)
+    for record, line in failures():
+        writer.write_failure(record, line)
+    return writer
+
+
+def test_jsonl_round_trip(tmp_path: Path) -> None:
+    writer = write_all(tmp_path, "jsonl")
+    writer.close()
+    paths = writer.paths()
+    assert list(read_records(paths["successes"])) == successes()
+    assert list(read_records(paths["failures"])) == [record for record, _ in failures()]
+    assert (writer.succeeded, writer.failed) == (3, 2)
+
+
+def test_parquet_round_trip(tmp_path: Path) -> None:
+    writer = write_all(tmp_path, "parquet")
+    writer.close()
+    paths = writer.paths()
+    got = list(read_records(paths["successes"]))
+    assert [r["custom_id"] for r in got] == ["s1", "s2", "s3"]
+    for record, original in zip(got, successes(), strict=True):
+        assert record["body"] == original["body"]
+        assert record["batch_id"] == original["batch_id"]
+        assert record["status_code"] == original["status_code"]
+        assert record["content"] == original.get("content")
+        assert record["embedding"] == original.get("embedding")
+    # usage is normalized to the Responses API's names in the fixed schema
+    assert got[0]["usage"] == {"input_tokens": 10, "output_tokens": 3, "total_tokens": 13}
+    assert got[1]["usage"] == {"input_tokens": 4, "output_tokens": 5, "total_tokens": 9}
+    assert got[2]["usage"] is None
+    assert list(read_records(paths["failures"])) == [record for record, _ in failures()]
+    # the request column holds the submitted text byte for byte
+    table = pq.read_table(paths["failures"])
+    assert table.column("request").to_pylist() == [line.decode() for _, line in failures()]
+
+
+def test_parquet_schemas_are_fixed(tmp_path: Path) -> None:
+    writer = write_all(tmp_path, "parquet")
+    writer.close()
+    schema = pq.read_schema(writer.paths()["successes"])
+    assert schema.names == ["custom_id", "batch_id", "status_code", "content", "embedding", "body", "usage"]
+    assert schema.field("status_code").type == pa.int32()
+    assert schema.field("embedding").type == pa.list_(pa.float32())
+    assert schema.field("body").type == pa.string()
+    assert schema.field("usage").type == pa.struct(
+        [("input_tokens", pa.int64()), ("output_tokens", pa.int64()), ("total_tokens", pa.int64())]
+    )
+    failure_schema = pq.read_schema(writer.paths()["failures"])
+    assert failure_schema.names == [
+        "custom_id",
+        "batch_id",
+        "status_code",
+        "error_code",
+        "error_message",
+        "request",
+    ]
+    assert failure_schema.field("status_code").type == pa.int32()
+
+
+def test_parquet_is_written_in_row_groups(tmp_path: Path) -> None:
+    writer = ResultWriter(tmp_path, "parquet", row_group_rows=3)
+    records = [dict(successes()[0], custom_id=f"s{i}") for i in range(10)]
+    for record in records:
+        writer.write_success(record)
+    writer.close()
+    meta = pq.ParquetFile(writer.paths()["successes"]).metadata
+    assert (meta.num_rows, meta.num_row_groups) == (10, 4)
+    assert [r["custom_id"] for r in read_records(writer.paths()["successes"], batch_size=4)] == [
+        f"s{i}" for i in range(10)
+    ]
+
+
+def test_odd_token_counts_do_not_break_the_parquet_usage_column(tmp_path: Path) -> None:
+    writer = ResultWriter(tmp_path, "parquet")
+    writer.write_success(dict(successes()[0], usage={"prompt_tokens": "many", "total_tokens": 3}))
+    writer.close()
+    (record,) = read_records(writer.paths()["successes"])
+    assert record["usage"] == {"input_tokens": None, "output_tokens": None, "total_tokens": 3}
+
+
+@pytest.mark.parametrize("output_format", FORMATS)
+def test_retry_file_holds_the_original_request_lines(tmp_path: Path, output_format: str) -> None:
+    writer = write_all(tmp_path, output_format)
+    writer.close()
+    retry = writer.paths()["retry_requests"]
+    assert retry.name == "retry_requests.jsonl"
+    assert retry.read_bytes() == b"".join(line + b"\n" for _, line in failures())
+
+
+@pytest.mark.parametrize("output_format", FORMATS)
+def test_unclosed_writer_leaves_only_partial_files(tmp_path: Path, output_format: str) -> None:
+    writer = write_all(tmp_path, output_format)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(
+        [
+            f"successes.{output_format}.partial",
+            f"failures.{output_format}.partial",
+            "retry_requests.jsonl.partial",
+        ]
+    )
+    assert not any(path.exists() for path in writer.paths().values())
+    writer.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"successes.{output_format}", f"failures.{output_format}", "retry_requests.jsonl"]
+    )
+    writer.close()  # idempotent
+
+
+@pytest.mark.parametrize("output_format", FORMATS)
+def test_abort_and_context_manager(tmp_path: Path, output_format: str) -> None:
+    with pytest.raises(RuntimeError), ResultWriter(tmp_path / "a", output_format) as writer:
+        writer.write_success(successes()[0])
+        raise RuntimeError("boom")
+    assert list((tmp_path / "a").iterdir()) == []
+    with ResultWriter(tmp_path / "b", output_format) as writer:
+        writer.write_success(successes()[0])
+    assert all(path.exists() for path in writer.paths().values())
+
+
+@pytest.mark.parametrize("output_format", FORMATS)
+def test_empty_outputs_are_valid_files(tmp_path: Path, output_format: str) -> None:
+    writer = ResultWriter(tmp_path, output_format)
+    writer.close()
+    paths = writer.paths()
+    for key in ("successes", "failures", "retry_requests"):
+        assert paths[key].exists()
+        assert list(read_records(paths[key])) == []
+    if output_format == "parquet":
+        table = pq.read_table(paths["successes"])
+        assert table.num_rows == 0 and "embedding" in table.schema.names
+        assert pq.read_table(paths["failures"]).num_rows == 0
+
+
+@pytest.mark.parametrize("output_format", FORMATS)
+def test_broken_request_lines_are_kept_for_retry_and_readable(tmp_path: Path, output_format: str) -> None:
+    writer = ResultWriter(tmp_path, output_format)
+    lines = [b"{broken", b'{"custom_id": "x\xff"}']
+    for line in lines:
+        record = {"custom_id": None, "batch_id": "b", "status_code": None, "error_code": "invalid_input_line"}
+        writer.write_failure({**record, "error_message": "m", "request": None}, line)
+    writer.close()
+    assert writer.paths()["retry_requests"].read_bytes() == b"{broken\n" + lines[1] + b"\n"
+    got = list(read_records(writer.paths()["failures"]))
+    assert [r["error_code"] for r in got] == ["invalid_input_line"] * 2
+    assert got[0]["request"] is None
+
+
+def test_unknown_format_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="output_format"):
+        ResultWriter(tmp_path, "csv")
+
+
+def test_manifest_is_written_atomically(tmp_path: Path) -> None:
+    summary = {"total": 3, "succeeded": 2, "failed": 1, "failed_by_code": {"missing": 1}}
+    path = write_manifest(tmp_path, summary)
+    assert path == tmp_path / "manifest.json"
+    assert json.loads(path.read_text()) == summary
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+    write_manifest(tmp_path, {**summary, "total": 4})  # replaces
+    assert json.loads(path.read_text())["total"] == 4
+
+
+@pytest.mark.parametrize("output_format", FORMATS)
+def test_reconciler_into_writer_end_to_end(tmp_path: Path, output_format: str) -> None:
+    inputs = [
+        orjson.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/embeddings", "body": {}})
+        for i in range(4)
+    ]
+    body = {
+        "data": [{"index": 0, "embedding": [0.25, 0.5]}],
+        "usage": {"prompt_tokens": 2, "total_tokens": 2},
+    }
+    output = [
+        orjson.dumps({"custom_id": f"r{i}", "response": {"status_code": 200, "body": body}, "error": None})
+        for i in (0, 2)
+    ]
+    errors = [
+        orjson.dumps(
+            {"custom_id": "r1", "response": None, "error": {"code": "batch_expired", "message": "x"}}
+        )
+    ]
+    writer = ResultWriter(tmp_path / "stage", output_format)
+    rec = Reconciler(writer, tmp_path / "work")
+    rec.add_batch(BatchResultFiles("b", "expired", inputs, output, errors, model="text-embedding-3-small"))
+    writer.close()
+    summary = rec.summary()
+    write_manifest(tmp_path / "stage", summary.to_dict())
+    paths = writer.paths()
+    got = list(read_records(paths["successes"]))
+    assert [(r["custom_id"], r["embedding"]) for r in got] == [("r0", [0.25, 0.5]), ("r2", [0.25, 0.5])]
+    assert [(r["custom_id"], r["error_code"]) for r in read_records(paths["failures"])] == [
+        ("r1", "batch_expired"),
+        ("r3", "batch_expired"),
+    ]
+    assert paths["retry_requests"].read_bytes().splitlines() == [inputs[1], inputs[3]]
+    manifest = json.loads((tmp_path / "stage" / "manifest.json").read_text())
+    assert manifest["failed_by_code"] == {"batch_expired": 2}
+    assert manifest["usage_by_model"] == {"text-embedding-3-small": manifest["usage"]}
