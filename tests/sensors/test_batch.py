@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from datetime import timedelta
 from typing import Any
@@ -380,13 +381,24 @@ def test_dag_test_runs_the_deferred_sensor_to_success(airflow_db, emulator, monk
     from airflow.dag_processing.dagbag import DagBag
     from airflow.utils.state import DagRunState, TaskInstanceState
 
-    # Batches spend real time validating, so the first look finds them live and the task defers.
-    emulator.configure(validation_seconds=0.5)
+    # The emulator's clock stands still, so the sensor's first look finds the batches validating and the
+    # task defers; once the trigger has polled, a watcher moves the clock and the batches complete.
+    emulator.configure(validation_seconds=1.0, time_scale=0.0)
     bag = DagBag(dag_folder=str(TEST_DAGS_FOLDER / "sensor_dag.py"))
     assert bag.import_errors == {}
     dag = bag.get_dag("openai_batch_sensor_test")
 
+    def finish_once_the_trigger_polls() -> None:
+        for _ in range(6000):  # bounded: at most ~60 s
+            if emulator.stats()["batches.retrieve"] > 2:
+                emulator.advance(3600)
+                return
+            threading.Event().wait(0.01)
+
+    watcher = threading.Thread(target=finish_once_the_trigger_polls, daemon=True)
+    watcher.start()
     dag_run = dag.test()
+    watcher.join(timeout=5)
 
     states = {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
     assert dag_run.state == DagRunState.SUCCESS, states
