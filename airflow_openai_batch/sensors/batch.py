@@ -136,6 +136,8 @@ class OpenAIBatchSensor(BaseSensorOperator):
         self._summaries: dict[str, dict[str, Any]] = {}
         self._faults: dict[str, int] = {}
         self._schedule: AdaptivePollSchedule | None = None
+        self._state: JobState | None = None
+        self._live_last_poke: list[str] = []
 
     @cached_property
     def hook(self) -> OpenAIBatchHook:
@@ -281,7 +283,7 @@ class OpenAIBatchSensor(BaseSensorOperator):
                     )
                     continue
             chain.advance(batch.id)
-            summaries[batch.id] = batch_summary(batch, replaces=chain.replaces)
+            summaries[batch.id] = self._summaries[batch.id] = batch_summary(batch, replaces=chain.replaces)
             self.log.info(
                 "Re-created chunk %s as batch %s (attempt %d of %d): %s",
                 chain.origin,
@@ -359,13 +361,33 @@ class OpenAIBatchSensor(BaseSensorOperator):
     # -- poke mode -------------------------------------------------------------------------------
 
     def poke(self, context: Context) -> PokeReturnValue:
-        ids, _ = self._resolve()
-        self._poll_once(ids, raise_transient=True)
-        live = [b for b in ids if not is_final(self._summaries.get(b, {}).get("status", ""))]
-        if live:
-            self.log.info("%d of %d batch(es) not final yet", len(live), len(ids))
+        first_poke = self._state is None
+        if self._state is None:
+            ids, replaces = self._resolve()
+            self._state = JobState.start(ids, replaces, deadline=0.0, started_at=time.time())
+        state = self._state
+        summaries = self._poll_once(state.batch_ids, raise_transient=True)
+        # Reschedule mode starts every poke afresh: the chains are found again from batch metadata.
+        if first_poke and self._follow_recreated(state, summaries):
+            summaries = self._poll_once(state.batch_ids, raise_transient=True)
+        live = [b for b in state.batch_ids if not is_final(summaries.get(b, {}).get("status", ""))]
+        waiting = waiting_chains(state, summaries, self.max_resubmits)
+        if waiting:
+            freed = [
+                b
+                for b in self._live_last_poke
+                if is_final(summaries.get(b, {}).get("status", "")) and not is_capacity_failure(summaries[b])
+            ]
+            if freed or not live:
+                self._recreate(state, waiting if not live else waiting[: len(freed)])
+                live = [
+                    b for b in state.batch_ids if not is_final(self._summaries.get(b, {}).get("status", ""))
+                ]
+        self._live_last_poke = live
+        if live or waiting_chains(state, self._summaries, self.max_resubmits):
+            self.log.info("%d of %d batch(es) not final yet", len(live), len(state.batch_ids))
             return PokeReturnValue(is_done=False)
-        return PokeReturnValue(is_done=True, xcom_value=self._complete(self._summaries))
+        return PokeReturnValue(is_done=True, xcom_value=self._complete(self._summaries, state))
 
     def _poll_once(self, ids: Sequence[str], *, raise_transient: bool) -> dict[str, dict[str, Any]]:
         """Retrieve each batch not known to be final; return the summaries known so far.
@@ -430,10 +452,13 @@ class OpenAIBatchSensor(BaseSensorOperator):
         """Cancel the batches that are not final (poke/reschedule mode, or a kill during the first look)."""
         if not self.cancel_on_kill:
             return
-        try:
-            ids, _ = self._resolve()
-        except ValueError:
-            return
+        if self._state is not None:
+            ids = self._state.batch_ids
+        else:
+            try:
+                ids, _ = self._resolve()
+            except ValueError:
+                return
         self._cancel([b for b in ids if not is_final(self._summaries.get(b, {}).get("status", ""))])
 
     def _cancel(self, ids: Sequence[str]) -> list[str]:

@@ -166,3 +166,25 @@ def test_estimate_is_within_tolerance_of_the_emulators_count(emulator, make_cont
     ratio = ours / theirs
     print(f"\nestimate {ours:,} vs emulator {theirs:,} prompt tokens: ratio {ratio:.2f}")
     assert 1.0 <= ratio <= 1.25
+
+
+def test_poke_mode_re_creates_as_capacity_frees(emulator, limited, make_context) -> None:
+    from airflow_openai_batch.operators.submit import OpenAIBatchSubmitOperator
+
+    emulator.configure(time_scale=0)  # the test moves time: one poke per simulated second
+    ids = OpenAIBatchSubmitOperator(
+        task_id="submit", requests=str(limited), max_requests_per_batch=PER_CHUNK
+    ).execute(make_context())
+    sensor = OpenAIBatchSensor(task_id="wait", batch_ids=ids, deferrable=False, poll_interval=1)
+    context = make_context(task_id="wait")
+    for _ in range(200):
+        emulator.advance(0.2)
+        result = sensor.poke(context)
+        if result.is_done:
+            break
+    assert result.is_done
+    waited = result.xcom_value
+    assert len(waited) == CHUNKS and all(s["status"] == "completed" for s in waited.values())
+    replaced = [old for s in waited.values() for old in s["replaces"]]
+    failed = [b.id for b in all_batches(emulator) if b.status == "failed"]
+    assert replaced and sorted(replaced) == sorted(failed)
