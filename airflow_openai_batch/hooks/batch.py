@@ -15,6 +15,7 @@ from airflow.sdk import BaseHook
 from airflow.sdk.log import mask_secret
 
 from airflow_openai_batch.core.jsonl import iter_lines
+from airflow_openai_batch.core.progress import describe_api_error
 from airflow_openai_batch.limits import COMPLETION_WINDOW, MAX_LIST_PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -336,12 +337,5 @@ class OpenAIBatchHook(BaseHook):
         try:
             self.client.batches.list(limit=1)
         except Exception as err:  # the UI wants a message, not a traceback
-            return False, f"{type(err).__name__}: {_safe_message(err)}"
+            return False, describe_api_error(err)
         return True, "Connection to the OpenAI Batch API works."
-
-
-def _safe_message(err: BaseException) -> str:
-    """An exception's text without anything that looks like an API key."""
-    import re
-
-    return re.sub(r"(sk-|key[=:]\s*)[A-Za-z0-9_\-]{4,}", r"\1***", str(err))

@@ -164,16 +164,18 @@ def test_test_connection_reports_success_and_failure(emulator, monkeypatch) -> N
     assert not ok and "APIConnectionError" in message and TEST_API_KEY not in message
 
 
-def test_api_key_is_masked_in_task_logs(emulator, caplog) -> None:
-    from airflow.sdk._shared.secrets_masker.secrets_masker import redact
-    from airflow.sdk.log import mask_secret  # noqa: F401  (masker registered by the hook)
+def test_api_key_is_registered_with_the_task_log_masker() -> None:
+    from airflow.sdk import Connection
+    from airflow.sdk.log import _secrets_masker
 
-    hook = OpenAIBatchHook()
-    hook.client  # noqa: B018  (building the client registers the key with the masker)
-    assert TEST_API_KEY not in str(redact(f"key is {TEST_API_KEY}"))
-    with caplog.at_level(logging.DEBUG):
-        hook.get_batch  # noqa: B018
-    assert TEST_API_KEY not in caplog.text
+    from airflow_openai_batch.hooks.batch import make_client
+
+    key = "sk-unique-never-seen-before-4242"
+    line = f"a careless line that prints the key: {key}"
+    assert key in str(_secrets_masker().redact(line))
+    make_client(Connection(conn_id="x", conn_type="openai_batch", password=key))
+    redacted = str(_secrets_masker().redact(line))
+    assert key not in redacted and "a careless line" in redacted
 
 
 def test_azure_mode_sends_api_version_and_api_key_header(emulator, monkeypatch) -> None:
