@@ -348,6 +348,8 @@ class AdaptivePollSchedule:
 
 #: Retry-After above this is treated as this: a storm must not park the wait for a day.
 MAX_RETRY_AFTER_SECONDS = 3600.0
+#: Attempts per cancel call; kept small because Airflow bounds on_kill() (30 s by default).
+CANCEL_ATTEMPTS = 3
 
 
 def classify_api_error(err: BaseException) -> ErrorKind:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import io
+import functools
 import os
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from functools import cached_property
@@ -15,7 +16,7 @@ from airflow.sdk import BaseHook
 from airflow.sdk.log import mask_secret
 
 from airflow_openai_batch.core.jsonl import iter_lines
-from airflow_openai_batch.core.progress import describe_api_error
+from airflow_openai_batch.core.progress import describe_api_error, retry_after_seconds
 from airflow_openai_batch.limits import COMPLETION_WINDOW, MAX_LIST_PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
 
 #: Read size when streaming a result file; large enough that per-chunk overhead vanishes.
 _DOWNLOAD_CHUNK_BYTES = 1 << 20
+#: Downloads of one file before a connection cut short is an error.
+_DOWNLOAD_ATTEMPTS = 5
+#: Longest Retry-After a rate-limited create waits for in-process; longer ones raise.
+_MAX_CREATE_RETRY_AFTER = 60.0
 
 
 def build_client_kwargs(conn: Connection) -> tuple[bool, dict[str, Any]]:
@@ -79,7 +84,40 @@ def make_client(
         cls = openai.AsyncAzureOpenAI if asynchronous else openai.AzureOpenAI
     else:
         cls = openai.AsyncOpenAI if asynchronous else openai.OpenAI
-    return cls(**kwargs)
+    return _key_redacting(cls)(**kwargs)
+
+
+@functools.cache
+def _key_redacting(cls: type) -> type:
+    """``cls`` whose API errors never carry its API key, even when a server echoes the key back."""
+
+    class KeyRedacting(cls):  # type: ignore[misc,valid-type]
+        def _make_status_error(self, err_msg: str, *, body: object, response: Any) -> Any:
+            key = self.api_key
+            if key:
+                err_msg = err_msg.replace(key, "***")
+                body = _redact(body, key)
+            return super()._make_status_error(err_msg, body=body, response=response)
+
+    KeyRedacting.__name__ = KeyRedacting.__qualname__ = cls.__name__
+    return KeyRedacting
+
+
+def _redact(value: Any, secret: str) -> Any:
+    if isinstance(value, str):
+        return value.replace(secret, "***")
+    if isinstance(value, dict):
+        return {k: _redact(v, secret) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v, secret) for v in value]
+    return value
+
+
+def is_rate_limited(err: BaseException) -> bool:
+    """A 429 that waiting fixes: nothing was done, try again later (a spent quota is not one)."""
+    import openai
+
+    return isinstance(err, openai.RateLimitError) and getattr(err, "code", None) != "insufficient_quota"
 
 
 def is_ambiguous_error(err: BaseException) -> bool:
@@ -89,28 +127,6 @@ def is_ambiguous_error(err: BaseException) -> bool:
     if isinstance(err, (openai.APITimeoutError, openai.APIConnectionError)):
         return True
     return isinstance(err, openai.APIStatusError) and err.status_code >= 500
-
-
-class _ChunkReader(io.RawIOBase):
-    """A read-only raw stream over an iterator of byte chunks (a streamed HTTP body)."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._chunks = chunks
-        self._pending = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self._pending:
-            try:
-                self._pending = next(self._chunks)
-            except StopIteration:
-                return 0
-        size = min(len(buffer), len(self._pending))
-        buffer[:size] = self._pending[:size]
-        self._pending = self._pending[size:]
-        return size
 
 
 class OpenAIBatchHook(BaseHook):
@@ -190,10 +206,37 @@ class OpenAIBatchHook(BaseHook):
         return self.client.files.create(file=(filename or "batch.jsonl", source), purpose=purpose)
 
     def iter_file_lines(self, file_id: str) -> Iterator[bytes]:
-        """Yield a file's lines (raw bytes, no newline), streamed: the whole body is never in memory."""
-        with self.client.files.with_streaming_response.content(file_id) as response:
-            reader = io.BufferedReader(_ChunkReader(response.iter_bytes(_DOWNLOAD_CHUNK_BYTES)))
-            yield from iter_lines(reader)
+        """Yield a file's lines (raw bytes, no newline). The body is streamed into a local spool file
+        (memory stays flat) and downloaded again from the start when the connection drops, so a
+        download cut short is never read as the file."""
+        with tempfile.TemporaryFile(prefix="openai-batch-download-") as spool:
+            self._download(file_id, spool)
+            spool.seek(0)
+            yield from iter_lines(spool)
+
+    def _download(self, file_id: str, out: IO[bytes]) -> None:
+        import httpx2
+        import openai
+
+        for attempt in range(1, _DOWNLOAD_ATTEMPTS + 1):
+            out.seek(0)
+            out.truncate()
+            try:
+                with self.client.files.with_streaming_response.content(file_id) as response:
+                    for chunk in response.iter_bytes(_DOWNLOAD_CHUNK_BYTES):
+                        out.write(chunk)
+                return
+            except (httpx2.TransportError, openai.APIConnectionError) as err:
+                if attempt == _DOWNLOAD_ATTEMPTS:
+                    raise
+                self.log.warning(
+                    "Download of %s broke off (%s); downloading it again (%d of %d)",
+                    file_id,
+                    type(err).__name__,
+                    attempt + 1,
+                    _DOWNLOAD_ATTEMPTS,
+                )
+                time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))
 
     def get_file(self, file_id: str) -> FileObject:
         return self.client.files.retrieve(file_id)
@@ -238,14 +281,15 @@ class OpenAIBatchHook(BaseHook):
         completion_window: str = COMPLETION_WINDOW,
         metadata: Mapping[str, str] | None = None,
         output_expires_after: int | None = None,
-        attempts: int = 3,
+        attempts: int = 5,
         is_reusable: Callable[[Batch], bool] = lambda batch: True,
     ) -> Batch:
         """Create a batch at most once, even when the API answers ambiguously.
 
         A timeout, 5xx or dropped connection may or may not have created the batch, so before trying
         again the batch is looked up by a metadata pair unique to it (``lookup``, also present in
-        ``metadata``). Other errors propagate at once.
+        ``metadata``). A 429 created nothing: it is waited out (Retry-After) and tried again. Other
+        errors propagate at once.
 
         :param lookup: ``(metadata_key, value)`` identifying this batch.
         :param attempts: create calls at most.
@@ -263,7 +307,17 @@ class OpenAIBatchHook(BaseHook):
                     output_expires_after=output_expires_after,
                 )
             except Exception as err:
-                if not is_ambiguous_error(err) or attempt == attempts:
+                if attempt == attempts:
+                    raise
+                if is_rate_limited(err):
+                    wait = retry_after_seconds(err)
+                    wait = min(2**attempt, 10) if wait is None else wait
+                    if wait > _MAX_CREATE_RETRY_AFTER:
+                        raise
+                    self.log.warning("Creating a batch was rate limited (429); trying again in %.1f s", wait)
+                    time.sleep(wait)
+                    continue
+                if not is_ambiguous_error(err):
                     raise
                 self.log.warning(
                     "Creating a batch answered %s; looking it up (%s=%s) before trying again",

@@ -13,6 +13,7 @@ from airflow.sdk.bases.sensor import PokeReturnValue
 from airflow.sdk.exceptions import AirflowSensorTimeout
 
 from airflow_openai_batch.core.progress import (
+    CANCEL_ATTEMPTS,
     AdaptivePollSchedule,
     batch_summary,
     check_outcome,
@@ -22,6 +23,7 @@ from airflow_openai_batch.core.progress import (
     format_duration,
     normalize_batch_ids,
     progress_line,
+    retry_after_seconds,
 )
 from airflow_openai_batch.core.resubmit import (
     METADATA_ATTEMPT,
@@ -464,14 +466,21 @@ class OpenAIBatchSensor(BaseSensorOperator):
     def _cancel(self, ids: Sequence[str]) -> list[str]:
         cancelled = []
         for batch_id in ids:
-            try:
-                self._summaries[batch_id] = batch_summary(self.hook.cancel_batch(batch_id))
-            except Exception as err:
-                # Typically the batch went final meanwhile; keep cancelling the others.
-                self.log.warning("%s: cancel failed: %s", batch_id, describe_api_error(err))
-                continue
-            cancelled.append(batch_id)
-            self.log.info("%s", progress_line(batch_id, self._summaries[batch_id]))
+            for attempt in range(1, CANCEL_ATTEMPTS + 1):
+                try:
+                    self._summaries[batch_id] = batch_summary(self.hook.cancel_batch(batch_id))
+                except Exception as err:
+                    if classify_api_error(err) == "transient" and attempt < CANCEL_ATTEMPTS:
+                        # Short waits: on_kill has a bounded time, and a cancel matters more than
+                        # politeness to the rate limiter.
+                        time.sleep(min(retry_after_seconds(err) or 0.5 * attempt, 5.0))
+                        continue
+                    # Typically the batch went final meanwhile; keep cancelling the others.
+                    self.log.warning("%s: cancel failed: %s", batch_id, describe_api_error(err))
+                    break
+                cancelled.append(batch_id)
+                self.log.info("%s", progress_line(batch_id, self._summaries[batch_id]))
+                break
         return cancelled
 
     def _timeout_error(self, ids: Sequence[str], reason: str) -> OpenAIBatchTimeoutError:

@@ -12,6 +12,7 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_openai_batch.core.progress import (
+    CANCEL_ATTEMPTS,
     AdaptivePollSchedule,
     backoff_delay,
     batch_summary,
@@ -32,8 +33,6 @@ __all__ = ["OpenAIBatchTrigger"]
 EVENT_STATUSES: tuple[str, ...] = ("success", "error", "timeout", "resubmit")
 #: Concurrent retrieve calls per poll: enough for hundreds of batches, gentle on the rate limit.
 _MAX_CONCURRENT_CALLS = 8
-#: Attempts per cancel call; kept small because Airflow bounds on_kill() (30 s by default).
-_CANCEL_ATTEMPTS = 3
 
 
 def _iso(epoch: float) -> str:
@@ -351,12 +350,12 @@ class OpenAIBatchTrigger(BaseTrigger):
         """Request cancellation of each batch (a few attempts on transient faults); return the ids done."""
 
         async def cancel_one(batch_id: str) -> bool:
-            for attempt in range(1, _CANCEL_ATTEMPTS + 1):
+            for attempt in range(1, CANCEL_ATTEMPTS + 1):
                 try:
                     batch = await self.hook.acancel_batch(batch_id)
                 except Exception as err:
                     transient = classify_api_error(err) == "transient"
-                    if transient and attempt < _CANCEL_ATTEMPTS:
+                    if transient and attempt < CANCEL_ATTEMPTS:
                         # Short waits only: on_kill() has a bounded time, and a cancel matters more
                         # than politeness to the rate limiter.
                         await asyncio.sleep(min(retry_after_seconds(err) or 0.5 * attempt, 5.0))
