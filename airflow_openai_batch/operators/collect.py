@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -19,6 +18,7 @@ from airflow_openai_batch.core.writers import OUTPUT_FORMATS, ResultWriter, writ
 from airflow_openai_batch.exceptions import OpenAIBatchFailureRatioError, OpenAIBatchXComLimitError
 from airflow_openai_batch.hooks.batch import OpenAIBatchHook
 from airflow_openai_batch.links import OpenAIBatchesPageLink, OpenAIBatchLink, persist_batch_links
+from airflow_openai_batch.operators._workdir import task_work_dir
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -131,8 +131,7 @@ class OpenAIBatchCollectOperator(BaseOperator):
         ids = batch_ids_from(self.batch_ids)
         persist_batch_links(context, ids)
         batches = [self.hook.get_batch(batch_id) for batch_id in ids]
-        with tempfile.TemporaryDirectory(prefix="openai-batch-collect-") as work:
-            work_dir = Path(work)
+        with task_work_dir(context, "collect") as work_dir:
             if self.output_uri:
                 sink: Any = ResultWriter(work_dir / "staging", self.output_format)
             else:

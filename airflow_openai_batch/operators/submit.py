@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
@@ -40,6 +39,7 @@ from airflow_openai_batch.limits import (
     MAX_REQUESTS_PER_BATCH,
 )
 from airflow_openai_batch.links import OpenAIBatchesPageLink, OpenAIBatchLink, persist_batch_links
+from airflow_openai_batch.operators._workdir import task_work_dir
 from airflow_openai_batch.statuses import REUSABLE_STATUSES
 
 if TYPE_CHECKING:
@@ -200,8 +200,8 @@ class OpenAIBatchSubmitOperator(BaseOperator):
     def execute(self, context: Context) -> list[str]:
         endpoint = normalize_endpoint(self.endpoint)
         user_metadata = validate_metadata(self.metadata)
-        with tempfile.TemporaryDirectory(prefix="openai-batch-submit-") as work_dir:
-            prepared = self._prepare(endpoint, Path(work_dir))
+        with task_work_dir(context, "submit") as work_dir:
+            prepared = self._prepare(endpoint, work_dir)
             self.log.info(
                 "Validated %s requests (%s bytes) into %d batch(es) for %s",
                 f"{prepared.total_requests:,}",
