@@ -1,19 +1,30 @@
 """Stream batch requests, validate every line and split them into upload-ready JSONL chunk files.
 
 No Airflow import and no network: this is the hot path for multi-gigabyte inputs. Each line is parsed
-once with orjson, valid lines are written byte-for-byte to per-model chunk files as they stream past
-(hashed and written by a helper thread), and the only memory that grows with the input is the list of
-custom_ids needed to find duplicates.
+once with orjson and valid lines are written byte-for-byte to per-model chunk files as they stream past
+(hashed and written by a helper thread). Lines are taken in blocks of about a megabyte: a block of valid
+requests of one model (the usual case) is checked in one tight loop and added to its chunk in one piece,
+any other block goes line by line through the path that diagnoses every problem. Large inputs have their
+blocks checked by a helper process too, so parsing uses two cores. Memory stays flat at any input size:
+custom_ids that ascend need no index, others are kept as 8-byte hashes, partitioned and spilled to
+``work_dir`` (see ``_Ids``).
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
+import gc
 import hashlib
+import heapq
 import io
+import itertools
+import operator
 import os
 import queue
 import threading
+import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +32,7 @@ from typing import Any
 
 import orjson
 
-from airflow_openai_batch.core.jsonl import iter_lines
+from airflow_openai_batch.core.jsonl import BlockHelper, LineIterator, iter_lines, split_block
 from airflow_openai_batch.core.tokens import count_embedding_inputs, request_token_estimator
 from airflow_openai_batch.exceptions import InputProblem, OpenAIBatchInputError
 from airflow_openai_batch.limits import (
@@ -49,6 +60,25 @@ _BUFFER_BUDGET = 64 << 20
 _MIN_FLUSH_BYTES = 1 << 16
 #: Blocks that may wait for the writer thread (bounds memory at ~_QUEUE_BLOCKS * _FLUSH_BYTES).
 _QUEUE_BLOCKS = 8
+#: Input lines are taken in blocks of about this many bytes (and between these many lines).
+_BLOCK_BYTES = 1 << 20
+_BLOCK_MIN_LINES = 16
+_BLOCK_MAX_LINES = 8192
+#: Input bytes checked in this process before a helper process is started: small inputs never start one.
+_HELPER_MIN_BYTES = 32 << 20
+_WAITING = object()
+_HELPER_FACTORY = "airflow_openai_batch.core.prepare:_helper_handler"
+#: Blocks sent to the helper and not answered yet; and blocks checked, not yet applied, at most.
+_HELPER_INFLIGHT = 3
+_MAX_PENDING = 6
+#: Seconds to wait for one answer of the helper before checking its blocks here instead.
+_HELPER_TIMEOUT = 300.0
+#: custom_id hashes: partitions, how many are held in memory before spilling to disk (8 bytes each),
+#: and how many repeated hashes are looked up per pass over the id log (the rare duplicate path).
+_ID_PARTITIONS = 256
+_ID_SPILL_HASHES = 1 << 21
+_ID_LOG_BYTES = 4 << 20
+_DUP_GROUP_HASHES = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -208,13 +238,15 @@ class _ChunkWriter:
             except BaseException as exc:
                 self._error = exc
 
-    def submit(self, chunk: _OpenChunk, lines: list[bytes]) -> None:
+    def submit(self, chunk: _OpenChunk, pieces: list[bytes]) -> None:
+        """Queue a chunk's buffered data: newline-terminated pieces (lines and their newlines, blocks)."""
         if self._error is not None:
             raise self._error
-        if lines:
-            # The empty tail element gives the block its final newline without another copy.
-            lines.append(b"")
-            self._queue.put((chunk, b"\n".join(lines)))
+        if pieces:
+            data = b"".join(pieces)
+            # Emptied, so that a chunk's first buffer is not kept alive by the chunk until the end.
+            pieces.clear()
+            self._queue.put((chunk, data))
 
     def close(self) -> None:
         """Wait until everything submitted is on disk; re-raise a write error."""
@@ -249,91 +281,506 @@ def _json_type(value: Any) -> str:
     return type(value).__name__
 
 
-def _report_duplicates(ids: list[str | None], add: Callable[[int, str, str], None]) -> None:
-    """Report every repeated custom_id with its line and the line that used it first."""
-    first_line: dict[str, int] = {}
-    for line_no, cid in enumerate(ids, 1):
-        if cid is not None:
-            first = first_line.setdefault(cid, line_no)
-            if first != line_no:
-                add(line_no, "custom_id", f"duplicate custom_id {_short(cid)}, first used on line {first}")
-
-
 def _check_limits(**limits: int | None) -> None:
     for name, value in limits.items():
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _prepare(
-    lines: Iterable[Any],
-    *,
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while lines stream past.
+
+    Parsing creates a few container objects per line, which triggers a young-generation collection every
+    hundred lines or so, for nothing: what is built here are trees freed by reference counting.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+# -- duplicate custom_ids with flat memory -------------------------------------------------------------
+
+
+def _id_key(cid: str) -> tuple[int, str]:
+    """The order in which ascending custom_ids need no index: by length, then by text.
+
+    Strictly ascending in this order means all different, and it covers both ``row-0000123`` and
+    unpadded ``row-123`` numbering.
+    """
+    return len(cid), cid
+
+
+def _ascending(ids: list[str]) -> bool:
+    """Whether ``ids`` strictly ascend in :func:`_id_key` order (C-level loops, about 30 ns an id)."""
+    if len(ids) < 2:
+        return True
+    lengths = list(map(len, ids))
+    if min(lengths) == max(lengths):
+        return all(map(operator.lt, ids, itertools.islice(ids, 1, None)))
+    keys = list(zip(lengths, ids, strict=True))
+    return all(map(operator.lt, keys, itertools.islice(keys, 1, None)))
+
+
+class _Ids:
+    """Finds repeated custom_ids in any number of lines with a bounded amount of memory.
+
+    Every block's ids go, in line order and as compact JSON, to a log (in memory, then in ``work_dir``).
+    While the ids keep ascending (see :func:`_id_key`: row numbers, sorted keys...) that is all: they are
+    all different. From the first id that does not ascend, each id costs 8 bytes instead: its 64-bit
+    hash, in one of :data:`_ID_PARTITIONS` arrays chosen by the hash's low bits, spilled to a file in
+    ``work_dir`` once :data:`_ID_SPILL_HASHES` are held; at the end each partition is checked with a
+    (small) set. Only when a hash repeats is the log read back, for the exact lines and to tell a real
+    duplicate from a hash collision.
+    """
+
+    def __init__(self, work_dir: Path) -> None:
+        self._work_dir = work_dir
+        self._tag = uuid.uuid4().hex[:12]
+        self._log = bytearray()
+        self._log_path: Path | None = None
+        self._last: tuple[int, str] | None = None
+        self.ordered = True
+        self._parts: list[array.array[int]] = []
+        self._appends: list[Callable[[int], None]] = []
+        self._buffered = 0
+        self._spill_path: Path | None = None
+        self._spill_size = 0
+        #: Per spill: the (offset, count) of each partition in the spill file.
+        self._spills: list[list[tuple[int, int]]] = []
+
+    def add(
+        self,
+        first_line: int,
+        ids: list[Any] | None,
+        ids_json: bytes | None = None,
+        span: tuple[str, str, bool] | None = None,
+    ) -> None:
+        """Register the custom_ids of consecutive lines.
+
+        :param first_line: the 1-based line number of the first id.
+        :param ids: one entry per line, ``None`` where a line has no usable custom_id; may be omitted
+            (``None``) when ``ids_json`` and ``span`` are given.
+        :param ids_json: ``ids`` as JSON, when the caller has it already.
+        :param span: ``(first id, last id, ascending)`` of an ``ids`` without ``None``, when known.
+        """
+        log = self._log
+        log += b"%d\t" % first_line
+        # Copied into one buffer: orjson's output keeps a large allocation behind a small result.
+        log += ids_json if ids_json is not None else orjson.dumps(ids)
+        log += b"\n"
+        if len(log) >= _ID_LOG_BYTES:
+            self._flush_log()
+        if self.ordered:
+            if span is None:
+                assert ids is not None
+                present = [c for c in ids if c is not None]
+                if not present:
+                    return
+                span = (present[0], present[-1], _ascending(present))
+            first, last, ascending = span
+            if ascending and (self._last is None or _id_key(first) > self._last):
+                self._last = _id_key(last)
+                return
+            # Out of order: from now on every id is hashed, those logged so far (this block too) first.
+            self._start_hashing()
+            return
+        if ids is None:
+            assert ids_json is not None
+            ids = orjson.loads(ids_json)
+        self._hash([c for c in ids if c is not None] if span is None else ids)
+
+    def _start_hashing(self) -> None:
+        self.ordered = False
+        self._parts = [array.array("q") for _ in range(_ID_PARTITIONS)]
+        self._appends = [part.append for part in self._parts]
+        for _, ids in self._log_records():
+            self._hash([c for c in ids if c is not None])
+
+    def _hash(self, ids: list[str]) -> None:
+        appends = self._appends
+        mask = _ID_PARTITIONS - 1
+        for h in map(hash, ids):
+            appends[h & mask](h)
+        self._buffered += len(ids)
+        if self._buffered >= _ID_SPILL_HASHES:
+            self._spill()
+
+    def _flush_log(self) -> None:
+        if self._log_path is None:
+            self._log_path = self._work_dir / f".aob-ids-{self._tag}.log"
+        with open(self._log_path, "ab") as fh:
+            fh.write(self._log)
+        self._log.clear()
+
+    def _spill(self) -> None:
+        if self._spill_path is None:
+            self._spill_path = self._work_dir / f".aob-ids-{self._tag}.bin"
+        table: list[tuple[int, int]] = []
+        with open(self._spill_path, "ab") as fh:
+            for part in self._parts:
+                table.append((self._spill_size, len(part)))
+                part.tofile(fh)
+                self._spill_size += len(part) * part.itemsize
+                del part[:]
+        self._spills.append(table)
+        self._buffered = 0
+
+    def _partition(self, index: int, spill: Any) -> array.array[int]:
+        hashes = array.array("q")
+        for table in self._spills:
+            offset, count = table[index]
+            spill.seek(offset)
+            hashes.fromfile(spill, count)
+        hashes.extend(self._parts[index])
+        return hashes
+
+    def _log_records(self) -> Iterator[tuple[int, list[Any]]]:
+        with contextlib.ExitStack() as stack:
+            records: Iterable[bytes] = ()
+            if self._log_path is not None:
+                records = stack.enter_context(open(self._log_path, "rb"))
+            for record in itertools.chain(records, bytes(self._log).splitlines()):
+                head, _, ids = record.partition(b"\t")
+                yield int(head), orjson.loads(ids)
+
+    def duplicates(self, limit: int) -> tuple[int, list[tuple[int, str, int]]]:
+        """Lines whose custom_id an earlier line already has.
+
+        :param limit: how many of them to return.
+        :return: ``(how many, the first `limit` as (line, custom_id, line of first use))``, in line order.
+        """
+        if self.ordered:
+            return 0, []
+        groups: list[set[int]] = []
+        current: set[int] = set()
+        with contextlib.ExitStack() as stack:
+            spill = stack.enter_context(open(self._spill_path, "rb")) if self._spill_path else None
+            for index in range(_ID_PARTITIONS):
+                hashes = self._partition(index, spill)
+                if len(set(hashes)) == len(hashes):
+                    continue
+                seen: set[int] = set()
+                current.update(h for h in hashes if h in seen or seen.add(h))  # type: ignore[func-returns-value]
+                if len(current) >= _DUP_GROUP_HASHES:
+                    groups.append(current)
+                    current = set()
+        if current:
+            groups.append(current)
+        total = 0
+        first: list[tuple[int, str, int]] = []
+        # The rare path: read the log once per group of repeated hashes (one group unless the input is
+        # mostly duplicates), so memory stays bounded even then.
+        for group in groups:
+            first_use: dict[str, int] = {}
+            found: list[tuple[int, str, int]] = []
+            for line, ids in self._log_records():
+                for cid in ids:
+                    if cid is not None and hash(cid) in group:
+                        earlier = first_use.setdefault(cid, line)
+                        if earlier != line:
+                            found.append((line, cid, earlier))
+                    line += 1
+            total += len(found)
+            first = heapq.nsmallest(limit, first + found)
+        return total, first
+
+    def cleanup(self) -> None:
+        for path in (self._spill_path, self._log_path):
+            if path is not None:
+                path.unlink(missing_ok=True)
+
+
+# -- the per-line checks, shared by the main process and the helper process ----------------------------
+
+
+class _Checked:
+    """What the fast check learned of a block whose every line is a valid request of one model.
+
+    :param model: the model of every line.
+    :param count: the number of lines.
+    :param ids: the custom_ids (``None``: only ``ids_json`` is there, decoded when needed).
+    :param ids_json: the custom_ids as JSON (``None``: encoded when needed).
+    :param span: ``(first id, last id, ascending)`` (see :func:`_ascending`).
+    :param filled: the block with ``body.model`` filled in where a line had none, as newline-terminated
+        bytes; ``None`` when no line needed it.
+    :param emb: embedding inputs per line (embeddings endpoint only).
+    :param toks: estimated prompt tokens per line (with ``max_enqueued_tokens`` only).
+    """
+
+    __slots__ = ("count", "emb", "filled", "ids", "ids_json", "model", "span", "toks")
+
+    def __init__(
+        self,
+        model: str,
+        count: int,
+        ids: list[str] | None,
+        ids_json: bytes | None,
+        span: tuple[str, str, bool],
+        filled: bytes | None,
+        emb: list[int] | None,
+        toks: list[int] | None,
+    ) -> None:
+        self.model = model
+        self.count = count
+        self.ids = ids
+        self.ids_json = ids_json
+        self.span = span
+        self.filled = filled
+        self.emb = emb
+        self.toks = toks
+
+    def get_ids(self) -> list[str]:
+        if self.ids is None:
+            assert self.ids_json is not None
+            self.ids = orjson.loads(self.ids_json)
+        return self.ids
+
+    def encode(self) -> bytes:
+        """``<[model, count, first, last, ascending, filled, emb, toks]>\\n<ids JSON>[\\n<filled>]``."""
+        first, last, ascending = self.span
+        meta = [self.model, self.count, first, last, ascending, self.filled is not None, self.emb, self.toks]
+        out = orjson.dumps(meta) + b"\n" + (self.ids_json or orjson.dumps(self.ids))
+        if self.filled is not None:
+            out += b"\n" + self.filled
+        return out
+
+    @classmethod
+    def decode(cls, answer: bytes) -> _Checked | None:
+        if not answer:
+            return None
+        meta, ids_json, *rest = answer.split(b"\n", 2)
+        model, count, first, last, ascending, filled, emb, toks = orjson.loads(meta)
+        return cls(
+            model, count, None, ids_json, (first, last, ascending), rest[0] if filled else None, emb, toks
+        )
+
+
+def _block_checker(
     endpoint: str,
-    work_dir: Path | str,
-    model: str | None,
-    max_requests_per_batch: int,
-    max_bytes_per_batch: int,
-    max_embedding_inputs: int,
-    max_enqueued_tokens: int | None,
-    max_problems: int,
-) -> PreparedInput:
-    """The one validation and splitting path behind both public entry points."""
-    _check_limits(
-        max_requests_per_batch=max_requests_per_batch,
-        max_bytes_per_batch=max_bytes_per_batch,
-        max_embedding_inputs=max_embedding_inputs,
-        max_enqueued_tokens=max_enqueued_tokens,
-    )
-    if not isinstance(max_problems, int) or max_problems < 1:
-        raise ValueError(f"max_problems must be a positive integer, got {max_problems!r}")
-    endpoint = normalize_endpoint(endpoint)
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    fill_model = model or None
-    is_embeddings = endpoint == EMBEDDINGS_ENDPOINT
-    count_tokens = max_enqueued_tokens is not None
-    max_requests = max_requests_per_batch
-    max_bytes = max_bytes_per_batch
-    # Sentinels that make the disabled limits never bind.
-    max_emb = max_embedding_inputs if is_embeddings else 1 << 62
-    max_tokens = max_enqueued_tokens if max_enqueued_tokens is not None else 1 << 62
-    # Embedding-input and token limits are off for most inputs: one flag skips both per line.
-    extra = is_embeddings or count_tokens
+    fill_model: str | None,
+    max_emb: int | None,
+    max_tokens: int | None,
+) -> Callable[[list[bytes]], _Checked | None]:
+    """The fast check of a whole block of lines.
+
+    The returned function answers a :class:`_Checked` when every line of the block is a valid request of
+    one model, and ``None`` otherwise: the block then takes the line-by-line path, which reports every
+    problem. Both paths accept exactly the same lines.
+    """
+    loads = orjson.loads
+    dumps = orjson.dumps
     estimate_tokens = request_token_estimator(endpoint)
 
-    problems: list[InputProblem] = []
-    total_problems = 0
-    # The custom_id of every line (None where a line has no usable one), so index + 1 = line number.
-    # The only state that grows with the input. Appending here and finding duplicates with one C-level
-    # set() at the end costs a fraction of a per-line dict lookup + insert into a table far larger than
-    # the CPU caches; line numbers for the error are only worked out when a duplicate exists.
-    ids: list[str | None] = []
-    append_id = ids.append
-    open_chunks: dict[str, _OpenChunk] = {}
-    model_order: dict[str, int] = {}
-    done: list[_OpenChunk] = []
+    def check(lines: list[bytes]) -> _Checked | None:
+        ids: list[str] = []
+        add_id = ids.append
+        model: Any = None
+        new_lines: list[bytes] | None = None
+        emb: list[int] | None = [] if max_emb is not None else None
+        toks: list[int] | None = [] if max_tokens is not None else None
+        try:
+            for i, line in enumerate(lines):
+                obj = loads(line)
+                body = obj["body"]
+                cid = obj["custom_id"]
+                m = body["model"] if fill_model is None else body.get("model", fill_model)
+                # The same test as the line-by-line path: a non-str id or model raises TypeError.
+                if not (
+                    cid > ""
+                    and m > ""
+                    and obj["url"] == endpoint
+                    and obj["method"] == "POST"
+                    and "stream" not in body
+                ):
+                    return None
+                if m != model:
+                    if model is not None:
+                        return None  # a second model: the line-by-line path groups them
+                    model = m
+                if m is fill_model:
+                    if new_lines is None:
+                        new_lines = list(lines)
+                    body["model"] = m
+                    new_lines[i] = dumps(obj)
+                if emb is not None:
+                    k = count_embedding_inputs(body)
+                    if k > max_emb:  # type: ignore[operator]
+                        return None
+                    emb.append(k)
+                if toks is not None:
+                    t = estimate_tokens(body)
+                    if t > max_tokens:  # type: ignore[operator]
+                        return None
+                    toks.append(t)
+                add_id(cid)
+        except Exception:
+            return None  # invalid JSON, a non-object, a missing key...: the careful path says what
+        if not ids:
+            return None
+        filled = None
+        if new_lines is not None:
+            new_lines.append(b"")
+            filled = b"\n".join(new_lines)
+        return _Checked(model, len(ids), ids, None, (ids[0], ids[-1], _ascending(ids)), filled, emb, toks)
 
-    def add(line_no: int | None, field: str | None, reason: str) -> None:
-        nonlocal total_problems
-        total_problems += 1
-        if len(problems) < max_problems:
-            problems.append(InputProblem(line_no, field, reason))
+    return check
 
-    def start_chunk(m: str, first_custom_id: str) -> _OpenChunk:
+
+# -- the helper process ---------------------------------------------------------------------------------
+
+
+def _helper_handler(config: bytes) -> Callable[[bytes], bytes]:
+    """In the helper process (see :class:`~airflow_openai_batch.core.jsonl.BlockHelper`): check blocks.
+
+    Request: newline-terminated lines. Answer: empty (take the careful path) or :meth:`_Checked.encode`.
+    """
+    settings = orjson.loads(config)
+    check = _block_checker(
+        settings["endpoint"], settings["model"], settings["max_emb"], settings["max_tokens"]
+    )
+
+    def handle(data: bytes) -> bytes:
+        result = check(_lines_of(data))
+        return b"" if result is None else result.encode()
+
+    return handle
+
+
+def _lines_of(data: bytes) -> list[bytes]:
+    """The lines of newline-terminated data, exactly as they are (a ``\\r`` is kept)."""
+    lines = data.split(b"\n")
+    lines.pop()
+    return lines
+
+
+class _Block:
+    """Consecutive input lines: as a list (``lines``), as newline-terminated bytes (``data``), or both."""
+
+    __slots__ = ("checked", "data", "done", "lines")
+
+    def __init__(self, lines: list[Any] | None = None, data: bytes | None = None) -> None:
+        self.lines = lines
+        self.data = data
+        self.checked: _Checked | None = None
+        self.done = False  # checked (``checked`` None: the fast check refused it)
+
+    def get_lines(self) -> list[Any]:
+        if self.lines is None:
+            assert self.data is not None
+            self.lines = _lines_of(self.data)
+        return self.lines
+
+    def get_data(self) -> bytes:
+        if self.data is None:
+            lines = self.get_lines()
+            lines.append(b"")
+            try:
+                self.data = b"\n".join(lines)
+            finally:
+                lines.pop()
+        return self.data
+
+
+# -- validation and splitting -----------------------------------------------------------------------------
+
+
+class _Preparer:
+    """The one validation and splitting path behind both public entry points.
+
+    Lines are taken in blocks of about a megabyte. A block whose lines are all valid requests of one model
+    (the usual case) is checked in one tight loop and added to its chunk in one step; any other block goes
+    through :meth:`_feed_lines`, line by line, which diagnoses every problem. Large inputs have their
+    blocks checked by a helper process as well as here (see :class:`BlockHelper`). Blocks are always applied
+    in input order, so chunks, line numbers and problems do not depend on who checked what.
+
+    Chunk buffers (``c_buf``) hold newline-terminated pieces: whole blocks, or a line and its newline.
+    """
+
+    def __init__(
+        self,
+        *,
+        endpoint: str,
+        work_dir: Path,
+        model: str | None,
+        max_requests_per_batch: int,
+        max_bytes_per_batch: int,
+        max_embedding_inputs: int,
+        max_enqueued_tokens: int | None,
+        max_problems: int,
+    ) -> None:
+        self.endpoint = endpoint
+        self.work_dir = work_dir
+        self.fill_model = model or None
+        self.is_embeddings = endpoint == EMBEDDINGS_ENDPOINT
+        self.count_tokens = max_enqueued_tokens is not None
+        self.max_requests = max_requests_per_batch
+        self.max_bytes = max_bytes_per_batch
+        # Sentinels that make the disabled limits never bind.
+        self.max_emb = max_embedding_inputs if self.is_embeddings else 1 << 62
+        self.max_tokens = max_enqueued_tokens if max_enqueued_tokens is not None else 1 << 62
+        # Embedding-input and token limits are off for most inputs: one flag skips both per line.
+        self.extra = self.is_embeddings or self.count_tokens
+        self.estimate_tokens = request_token_estimator(endpoint)
+        checker_emb = max_embedding_inputs if self.is_embeddings else None
+        self.check = _block_checker(endpoint, self.fill_model, checker_emb, max_enqueued_tokens)
+        self.helper_config = orjson.dumps(
+            {
+                "endpoint": endpoint,
+                "model": self.fill_model,
+                "max_emb": checker_emb,
+                "max_tokens": max_enqueued_tokens,
+            }
+        )
+        self.max_problems = max_problems
+        self.problems: list[InputProblem] = []
+        self.total_problems = 0
+        self.ids = _Ids(work_dir)
+        self.open_chunks: dict[str, _OpenChunk] = {}
+        self.model_order: dict[str, int] = {}
+        self.done: list[_OpenChunk] = []
+        self.writer = _ChunkWriter()
+        self.n = 0  # lines consumed (blank ones included, for 1-based line numbers)
+        self.blank = 0
+        # The current chunk (that of the previous line's model). Before the first line, cur is a
+        # placeholder that is never parked or written (cur_model is None).
+        self.cur_model: str | None = None
+        self.cur = _OpenChunk("", -1, -1, work_dir, "")
+        self.flush_step = _FLUSH_BYTES
+        self.c_req = self.c_bytes = self.c_emb = self.c_tok = 0
+        self.c_flush = _FLUSH_BYTES
+        self.c_buf: list[bytes] = []
+
+    # -- problems and chunks ----------------------------------------------------------------------
+
+    def add(self, line_no: int | None, field: str | None, reason: str) -> None:
+        self.total_problems += 1
+        if len(self.problems) < self.max_problems:
+            self.problems.append(InputProblem(line_no, field, reason))
+
+    def start_chunk(self, m: str, first_custom_id: str) -> _OpenChunk:
         """Open the next chunk of model ``m``; its previous chunk (if any) must be closed already."""
-        previous = open_chunks.get(m)
+        previous = self.open_chunks.get(m)
         if previous is None:
-            order = model_order[m] = len(model_order)
+            order = self.model_order[m] = len(self.model_order)
             seq = 0
         else:
             order, seq = previous.model_order, previous.seq + 1
-        path = work_dir / f"m{order:04d}-s{seq:06d}.jsonl.part"
-        chunk = open_chunks[m] = _OpenChunk(m, order, seq, path, first_custom_id)
+        path = self.work_dir / f"m{order:04d}-s{seq:06d}.jsonl.part"
+        chunk = self.open_chunks[m] = _OpenChunk(m, order, seq, path, first_custom_id)
         return chunk
 
-    def diagnose(n: int, obj: Any, line: bytes) -> tuple[bytes, str, dict[str, Any], str] | None:
+    def diagnose(
+        self, n: int, obj: Any, line: bytes, append_id: Callable[[Any], None]
+    ) -> tuple[bytes, str, dict[str, Any], str] | None:
         """Slow path for lines the inline check rejected: report every problem, or fill the model."""
-        before = total_problems
+        add = self.add
+        endpoint = self.endpoint
+        before = self.total_problems
         if type(obj) is not dict:
             append_id(None)
             add(n, None, f"not a JSON object (got {_json_type(obj)})")
@@ -370,15 +817,15 @@ def _prepare(
         else:
             m = body.get("model")
             if m is None or m == "":
-                if fill_model is None:
+                if self.fill_model is None:
                     add(n, "body.model", "missing or empty, and no model argument was given")
                 else:
-                    m = fill_model
+                    m = self.fill_model
             elif type(m) is not str:
                 add(n, "body.model", f"must be a string, got {_json_type(m)}")
             if body.get("stream"):
                 add(n, "body.stream", "streaming is not supported in a batch")
-        if total_problems != before:
+        if self.total_problems != before:
             return None
         if m is not body.get("model"):
             # obj was parsed here (records are serialized first), so filling it in place is safe.
@@ -386,156 +833,407 @@ def _prepare(
             line = orjson.dumps(obj)
         return line, m, body, cid
 
-    writer = _ChunkWriter()
-    n = 0
-    blank = 0
-    k = t = 0
-    # The current chunk (that of the previous line's model) lives in local variables: inputs are
-    # mostly single-model, so the per-line cost is one string compare and a few local updates.
-    # Before the first line, cur is a placeholder that is never parked or written (cur_model is None).
-    cur_model: str | None = None
-    cur = _OpenChunk("", -1, -1, work_dir, "")
-    flush_step = _FLUSH_BYTES
-    c_req = c_bytes = c_emb = c_tok = 0
-    c_flush = _FLUSH_BYTES
-    c_buf: list[bytes] = []
-    append = c_buf.append
-    loads = orjson.loads
-    dumps = orjson.dumps
-    decode_error = orjson.JSONDecodeError
-    try:
-        for line in lines:
-            n += 1
-            try:
-                obj = loads(line)
-                # Subscripts: the cheapest lookups; a non-object or a missing key raises into the
-                # diagnosing path.
-                body = obj["body"]
-                cid = obj["custom_id"]
-                # A missing model takes the `model` argument, if any. A body that is not an object
-                # raises (TypeError / AttributeError) into the diagnosing path.
-                m = body["model"] if fill_model is None else body.get("model", fill_model)
-                # `x > ""` is True only for a non-empty str and raises TypeError for any other JSON
-                # type: one comparison instead of a type check plus a truth test.
-                valid = (
-                    cid > ""
-                    and m > ""
-                    and obj["url"] == endpoint
-                    and obj["method"] == "POST"
-                    and "stream" not in body
-                )
-            except decode_error as exc:
-                append_id(None)
-                if isinstance(line, _Unserializable):
-                    add(n, None, f"not JSON-serializable: {line.reason}")
-                elif isinstance(line, (bytes, bytearray, str)) and not line.strip():
-                    blank += 1
-                else:
-                    add(n, None, f"invalid JSON: {exc.msg} (at byte {exc.pos + 1})")
-                continue
-            except (KeyError, TypeError, AttributeError):
-                valid = False
-            if valid:
-                append_id(cid)
-                if m is fill_model:
-                    # Only the argument object itself is filled: a parsed "model" is always a new str.
-                    body["model"] = m
-                    line = dumps(obj)
-            else:
-                fixed = diagnose(n, obj, line)
-                if fixed is None:
-                    continue
-                line, m, body, cid = fixed
+    # -- the two paths ----------------------------------------------------------------------------
 
-            size = len(line) + 1
-            # One test on the common path; the per-line limit checks and the "already rejected" case
-            # are all behind it.
-            if extra or total_problems or size > max_bytes:
-                if size > max_bytes:
-                    add(
-                        n,
-                        None,
-                        f"the line is {size} bytes with its newline, above max_bytes_per_batch={max_bytes}",
+    def _feed_lines(self, lines: list[Any]) -> None:
+        """The careful path: validate and place one line at a time (any block the fast check refused)."""
+        fill_model = self.fill_model
+        endpoint = self.endpoint
+        extra = self.extra
+        is_embeddings = self.is_embeddings
+        count_tokens = self.count_tokens
+        max_requests = self.max_requests
+        max_bytes = self.max_bytes
+        max_emb = self.max_emb
+        max_tokens = self.max_tokens
+        estimate_tokens = self.estimate_tokens
+        add = self.add
+        diagnose = self.diagnose
+        writer = self.writer
+        open_chunks = self.open_chunks
+        done = self.done
+        start_chunk = self.start_chunk
+        loads = orjson.loads
+        dumps = orjson.dumps
+        decode_error = orjson.JSONDecodeError
+        ids: list[Any] = []
+        append_id = ids.append
+        first_line = self.n + 1
+        n = self.n
+        blank = 0
+        k = t = 0
+        # The current chunk lives in local variables: the per-line cost is one string compare and a few
+        # local updates.
+        cur_model, cur, flush_step = self.cur_model, self.cur, self.flush_step
+        c_req, c_bytes, c_emb, c_tok = self.c_req, self.c_bytes, self.c_emb, self.c_tok
+        c_flush, c_buf = self.c_flush, self.c_buf
+        append = c_buf.append
+        try:
+            for line in lines:
+                n += 1
+                try:
+                    obj = loads(line)
+                    # Subscripts: the cheapest lookups; a non-object or a missing key raises into the
+                    # diagnosing path.
+                    body = obj["body"]
+                    cid = obj["custom_id"]
+                    # A missing model takes the `model` argument, if any. A body that is not an object
+                    # raises (TypeError / AttributeError) into the diagnosing path.
+                    m = body["model"] if fill_model is None else body.get("model", fill_model)
+                    # `x > ""` is True only for a non-empty str and raises TypeError for any other JSON
+                    # type: one comparison instead of a type check plus a truth test.
+                    valid = (
+                        cid > ""
+                        and m > ""
+                        and obj["url"] == endpoint
+                        and obj["method"] == "POST"
+                        and "stream" not in body
                     )
+                except decode_error as exc:
+                    append_id(None)
+                    if isinstance(line, _Unserializable):
+                        add(n, None, f"not JSON-serializable: {line.reason}")
+                    elif isinstance(line, (bytes, bytearray, str)) and not line.strip():
+                        blank += 1
+                    else:
+                        add(n, None, f"invalid JSON: {exc.msg} (at byte {exc.pos + 1})")
                     continue
-                if is_embeddings:
-                    k = count_embedding_inputs(body)
-                    if k > max_emb:
-                        add(n, "body.input", f"{k} embedding inputs, above the {max_emb} allowed per batch")
+                except (KeyError, TypeError, AttributeError):
+                    valid = False
+                if valid:
+                    append_id(cid)
+                    if m is fill_model:
+                        # Only the argument object itself is filled: a parsed "model" is always a new str.
+                        body["model"] = m
+                        line = dumps(obj)
+                else:
+                    fixed = diagnose(n, obj, line, append_id)
+                    if fixed is None:
                         continue
-                if count_tokens:
-                    t = estimate_tokens(body)
-                    if t > max_tokens:
+                    line, m, body, cid = fixed
+
+                size = len(line) + 1
+                # One test on the common path; the per-line limit checks and the "already rejected" case
+                # are all behind it.
+                if extra or self.total_problems or size > max_bytes:
+                    if size > max_bytes:
                         add(
-                            n, "body", f"~{t} estimated prompt tokens, above max_enqueued_tokens={max_tokens}"
+                            n,
+                            None,
+                            f"the line is {size} bytes with its newline, "
+                            f"above max_bytes_per_batch={max_bytes}",
                         )
                         continue
-                if total_problems:
-                    # The input is already rejected: keep validating, stop writing.
-                    continue
+                    if is_embeddings:
+                        k = count_embedding_inputs(body)
+                        if k > max_emb:
+                            add(
+                                n,
+                                "body.input",
+                                f"{k} embedding inputs, above the {max_emb} allowed per batch",
+                            )
+                            continue
+                    if count_tokens:
+                        t = estimate_tokens(body)
+                        if t > max_tokens:
+                            add(
+                                n,
+                                "body",
+                                f"~{t} estimated prompt tokens, above max_enqueued_tokens={max_tokens}",
+                            )
+                            continue
+                    if self.total_problems:
+                        # The input is already rejected: keep validating, stop writing.
+                        continue
 
-            if m != cur_model:
-                if cur_model is not None:
+                if m != cur_model:
+                    if cur_model is not None:
+                        cur.requests, cur.byte_count, cur.emb, cur.tokens = c_req, c_bytes, c_emb, c_tok
+                        cur.buf, cur.flush_at = c_buf, c_flush
+                    cur_model = m
+                    cur = open_chunks.get(m) or start_chunk(m, cid)
+                    flush_step = max(_MIN_FLUSH_BYTES, min(_FLUSH_BYTES, _BUFFER_BUDGET // len(open_chunks)))
+                    c_req, c_bytes, c_emb, c_tok = cur.requests, cur.byte_count, cur.emb, cur.tokens
+                    c_buf, c_flush = cur.buf, cur.flush_at
+                    append = c_buf.append
+                if (
+                    c_req == max_requests
+                    or c_bytes + size > max_bytes
+                    or (extra and (c_emb + k > max_emb or c_tok + t > max_tokens))
+                ):
+                    # Greedy cut: this line does not fit, so the chunk is final and the model starts a
+                    # new one.
+                    writer.submit(cur, c_buf)
                     cur.requests, cur.byte_count, cur.emb, cur.tokens = c_req, c_bytes, c_emb, c_tok
-                    cur.buf, cur.flush_at = c_buf, c_flush
-                cur_model = m
-                cur = open_chunks.get(m) or start_chunk(m, cid)
-                flush_step = max(_MIN_FLUSH_BYTES, min(_FLUSH_BYTES, _BUFFER_BUDGET // len(open_chunks)))
-                c_req, c_bytes, c_emb, c_tok = cur.requests, cur.byte_count, cur.emb, cur.tokens
-                c_buf, c_flush = cur.buf, cur.flush_at
-                append = c_buf.append
+                    done.append(cur)
+                    cur = start_chunk(m, cid)
+                    c_req = c_bytes = c_emb = c_tok = 0
+                    c_flush = flush_step
+                    c_buf = cur.buf
+                    append = c_buf.append
+                append(line)
+                append(b"\n")
+                c_req += 1
+                c_bytes += size
+                if extra:
+                    c_emb += k
+                    c_tok += t
+                if c_bytes >= c_flush:
+                    writer.submit(cur, c_buf)
+                    c_buf = []
+                    append = c_buf.append
+                    c_flush = c_bytes + flush_step
+        finally:
+            # Also on an exception, so that the clean-up sees every chunk opened.
+            self.n = n
+            self.blank += blank
+            self.cur_model, self.cur, self.flush_step = cur_model, cur, flush_step
+            self.c_req, self.c_bytes, self.c_emb, self.c_tok = c_req, c_bytes, c_emb, c_tok
+            self.c_flush, self.c_buf = c_flush, c_buf
+        self.ids.add(first_line, ids)
+
+    def _switch(self, m: str, cid: str) -> None:
+        """Make ``m``'s chunk the current one (opening it, with ``cid`` first, if there is none)."""
+        if self.cur_model is not None:
+            cur = self.cur
+            cur.requests, cur.byte_count = self.c_req, self.c_bytes
+            cur.emb, cur.tokens = self.c_emb, self.c_tok
+            cur.buf, cur.flush_at = self.c_buf, self.c_flush
+        self.cur_model = m
+        cur = self.cur = self.open_chunks.get(m) or self.start_chunk(m, cid)
+        self.flush_step = max(_MIN_FLUSH_BYTES, min(_FLUSH_BYTES, _BUFFER_BUDGET // len(self.open_chunks)))
+        self.c_req, self.c_bytes, self.c_emb, self.c_tok = cur.requests, cur.byte_count, cur.emb, cur.tokens
+        self.c_buf, self.c_flush = cur.buf, cur.flush_at
+
+    def _feed_block(self, block: _Block, checked: _Checked) -> bool:
+        """The fast path: add a block the fast check accepted. ``False``: nothing done, go line by line."""
+        count = checked.count
+        if block.lines is not None and count != len(block.lines):
+            return False  # lines with a newline inside: the careful path sees them as they are
+        data = checked.filled if checked.filled is not None else block.get_data()
+        max_bytes = self.max_bytes
+        nbytes = len(data)
+        if nbytes > max_bytes and max(map(len, data.split(b"\n"))) + 1 > max_bytes:
+            return False  # a line above the limit: reported by the careful path
+        self.ids.add(self.n + 1, checked.ids, checked.ids_json, checked.span)
+        self.n += count
+        if self.total_problems:
+            return True  # the input is already rejected: validate, write nothing more
+        model = checked.model
+        if model != self.cur_model:
+            self._switch(model, checked.span[0])
+        e_sum = sum(checked.emb) if checked.emb is not None else 0
+        t_sum = sum(checked.toks) if checked.toks is not None else 0
+        if (
+            self.c_req + count <= self.max_requests
+            and self.c_bytes + nbytes <= max_bytes
+            and self.c_emb + e_sum <= self.max_emb
+            and self.c_tok + t_sum <= self.max_tokens
+        ):
+            # No cut inside the block (the greedy cut is monotone): the block goes in as one piece.
+            self.c_buf.append(data)
+            self.c_req += count
+            self.c_bytes += nbytes
+            self.c_emb += e_sum
+            self.c_tok += t_sum
+            if self.c_bytes >= self.c_flush:
+                self.writer.submit(self.cur, self.c_buf)
+                self.c_buf = []
+                self.c_flush = self.c_bytes + self.flush_step
+            return True
+        # A cut falls inside the block: place its lines one by one (no parsing needed).
+        lines = _lines_of(data) if checked.filled is not None else block.get_lines()
+        ids = checked.get_ids()
+        max_requests, max_emb, max_tokens = self.max_requests, self.max_emb, self.max_tokens
+        writer, done = self.writer, self.done
+        cur = self.cur
+        c_req, c_bytes, c_emb, c_tok = self.c_req, self.c_bytes, self.c_emb, self.c_tok
+        c_flush, c_buf = self.c_flush, self.c_buf
+        zeros = itertools.repeat(0)
+        for line, cid, k, t in zip(lines, ids, checked.emb or zeros, checked.toks or zeros, strict=False):
+            size = len(line) + 1
             if (
                 c_req == max_requests
                 or c_bytes + size > max_bytes
-                or (extra and (c_emb + k > max_emb or c_tok + t > max_tokens))
+                or c_emb + k > max_emb
+                or c_tok + t > max_tokens
             ):
-                # Greedy cut: this line does not fit, so the chunk is final and the model starts a new one.
                 writer.submit(cur, c_buf)
                 cur.requests, cur.byte_count, cur.emb, cur.tokens = c_req, c_bytes, c_emb, c_tok
                 done.append(cur)
-                cur = start_chunk(m, cid)
+                cur = self.start_chunk(model, cid)
                 c_req = c_bytes = c_emb = c_tok = 0
-                c_flush = flush_step
+                c_flush = self.flush_step
                 c_buf = cur.buf
-                append = c_buf.append
-            append(line)
+            c_buf.append(line)
+            c_buf.append(b"\n")
             c_req += 1
             c_bytes += size
-            if extra:
-                c_emb += k
-                c_tok += t
+            c_emb += k
+            c_tok += t
             if c_bytes >= c_flush:
                 writer.submit(cur, c_buf)
                 c_buf = []
-                append = c_buf.append
-                c_flush = c_bytes + flush_step
+                c_flush = c_bytes + self.flush_step
+        self.cur = cur
+        self.c_req, self.c_bytes, self.c_emb, self.c_tok = c_req, c_bytes, c_emb, c_tok
+        self.c_flush, self.c_buf = c_flush, c_buf
+        return True
 
-        if n == blank and not total_problems:
-            add(None, None, "the input is empty")
-        distinct = set(ids)
-        distinct.discard(None)
-        if len(distinct) != len(ids) - ids.count(None):
-            del distinct
-            stream_problems = problems[:]
-            del problems[:]
-            _report_duplicates(ids, add)
+    def _apply(self, block: _Block) -> None:
+        if block.checked is None or not self._feed_block(block, block.checked):
+            self._feed_lines(block.get_lines())
+
+    def _check_here(self, block: _Block) -> None:
+        block.checked = self.check(block.get_lines())
+        block.done = True
+
+    # -- streaming ----------------------------------------------------------------------------------
+
+    def run(self, lines: Iterable[Any], *, blocks: bool) -> None:
+        """Consume the input. ``blocks``: use the fast block check (and a helper for large inputs)."""
+        take_raw = getattr(lines, "take_raw_blocks", None) if isinstance(lines, LineIterator) else None
+        raw = take_raw() if take_raw is not None else None
+        units: Iterator[_Block]
+        if raw is not None:
+            # Straight from iter_lines: whole blocks, split into lines only where needed.
+            units = (_Block(data=data) if b"\r" not in data else _Block(split_block(data)) for data in raw)
+        else:
+            units = self._line_blocks(iter(lines))
+        if not blocks:
+            for unit in units:
+                self._feed_lines(unit.get_lines())
+            return
+        seen = 0
+        helper: BlockHelper | None = None
+        may_start_helper = True
+        pending: deque[_Block] = deque()  # in input order
+        try:
+            for block in units:
+                if block.lines is not None and not all(type(line) is bytes for line in block.lines):
+                    # Not lines of bytes: only the careful path knows what to say.
+                    self._drain(pending, helper, everything=True)
+                    self._feed_lines(block.lines)
+                    continue
+                if helper is not None and helper.alive and len(helper.waiting) < _HELPER_INFLIGHT:
+                    helper.send(block.get_data(), block)
+                else:
+                    self._check_here(block)
+                pending.append(block)
+                self._drain(pending, helper, wait=len(pending) > _MAX_PENDING)
+                if may_start_helper:
+                    seen += len(block.data) if block.data is not None else sum(map(len, block.get_lines()))
+                    if seen >= _HELPER_MIN_BYTES:
+                        may_start_helper = False
+                        helper = BlockHelper.start(_HELPER_FACTORY, self.helper_config)
+            self._drain(pending, helper, everything=True)
+        except BaseException:
+            if helper is not None:
+                helper.close(kill=True)
+                helper = None
+            raise
+        finally:
+            if helper is not None:
+                helper.close()
+
+    @staticmethod
+    def _line_blocks(source: Iterator[Any]) -> Iterator[_Block]:
+        """Blocks of about ``_BLOCK_BYTES`` from an iterator of lines."""
+        take = itertools.islice
+        size = 256  # lines per block, adapted to the line size
+        while True:
+            lines = list(take(source, size))
+            if not lines:
+                return
+            try:
+                nbytes = sum(map(len, lines))
+            except TypeError:
+                nbytes = _BLOCK_BYTES
+            size = max(_BLOCK_MIN_LINES, min(_BLOCK_MAX_LINES, len(lines) * _BLOCK_BYTES // (nbytes or 1)))
+            yield _Block(lines)
+
+    def _drain(
+        self,
+        pending: deque[_Block],
+        helper: BlockHelper | None,
+        *,
+        wait: bool = False,
+        everything: bool = False,
+    ) -> None:
+        """Apply the blocks at the head of ``pending`` whose check is done, in input order.
+
+        :param wait: wait for the helper's answer for the head block if needed (one block at least).
+        :param everything: apply every pending block.
+        """
+        while pending:
+            if helper is not None:
+                self._collect(helper, wait=False)
+            head = pending[0]
+            if not head.done:
+                if not (wait or everything):
+                    return
+                assert helper is not None
+                self._collect(helper, wait=True)
+                continue
+            pending.popleft()
+            self._apply(head)
+            wait = False
+
+    def _collect(self, helper: BlockHelper, *, wait: bool) -> None:
+        """Take the helper's answers that are in (waiting for one with ``wait``)."""
+        while True:
+            got = helper.next_answer(wait, _HELPER_TIMEOUT)
+            if got is None:
+                return
+            block, answer = got
+            checked: Any = _WAITING
+            if answer is not None:
+                try:
+                    checked = _Checked.decode(answer)
+                except Exception:
+                    helper.close(kill=True)  # an answer that does not decode: stop trusting the helper
+            if checked is _WAITING:
+                self._check_here(block)  # the helper is gone, stuck or broken: check its blocks here
+            else:
+                block.checked = checked
+                block.done = True
+            wait = False
+
+    # -- the end --------------------------------------------------------------------------------------
+
+    def finish(self) -> PreparedInput:
+        if self.n == self.blank and not self.total_problems:
+            self.add(None, None, "the input is empty")
+        repeated, first = self.ids.duplicates(self.max_problems)
+        if repeated:
+            stream_problems = self.problems
+            duplicates = [
+                InputProblem(
+                    line, "custom_id", f"duplicate custom_id {_short(cid)}, first used on line {used}"
+                )
+                for line, cid, used in first
+            ]
+            self.total_problems += repeated
             # Both lists are in line order and capped: merging them keeps the earliest problems. The
             # stable sort puts a line's duplicate first, where custom_id problems go.
-            problems[:] = sorted(problems + stream_problems, key=lambda p: p.line or 0)[:max_problems]
-        if total_problems:
-            raise OpenAIBatchInputError(problems, total_problems)
+            merged = sorted(duplicates + stream_problems, key=lambda p: p.line or 0)
+            self.problems = merged[: self.max_problems]
+        if self.total_problems:
+            raise OpenAIBatchInputError(self.problems, self.total_problems)
 
-        if cur_model is not None:
-            cur.requests, cur.byte_count, cur.emb, cur.tokens = c_req, c_bytes, c_emb, c_tok
-            cur.buf = c_buf
-        for chunk in open_chunks.values():
-            writer.submit(chunk, chunk.buf)
-            done.append(chunk)
-        writer.close()
-        done.sort(key=lambda c: (c.model_order, c.seq))
+        cur = self.cur
+        if self.cur_model is not None:
+            cur.requests, cur.byte_count = self.c_req, self.c_bytes
+            cur.emb, cur.tokens = self.c_emb, self.c_tok
+            cur.buf = self.c_buf
+        for chunk in self.open_chunks.values():
+            self.writer.submit(chunk, chunk.buf)
+            self.done.append(chunk)
+        self.writer.close()
+        self.done.sort(key=lambda c: (c.model_order, c.seq))
         chunks: list[Chunk] = []
-        for index, oc in enumerate(done):
-            final = work_dir / f"chunk-{index:05d}.jsonl"
+        for index, oc in enumerate(self.done):
+            final = self.work_dir / f"chunk-{index:05d}.jsonl"
             os.replace(oc.path, final)
             oc.path = final
             chunks.append(
@@ -551,20 +1249,66 @@ def _prepare(
                     first_custom_id=oc.first_custom_id,
                 )
             )
-    except BaseException:
-        # Nothing half-written may be mistaken for an upload-ready chunk.
+        return PreparedInput(
+            chunks=chunks,
+            total_requests=sum(c.request_count for c in chunks),
+            total_bytes=sum(c.byte_count for c in chunks),
+            work_dir=self.work_dir,
+            endpoint=self.endpoint,
+        )
+
+    def abort(self) -> None:
+        """Nothing half-written may be mistaken for an upload-ready chunk."""
         with contextlib.suppress(BaseException):
-            writer.close()
-        for oc in [*done, *open_chunks.values()]:
+            self.writer.close()
+        for oc in [*self.done, *self.open_chunks.values()]:
             oc.path.unlink(missing_ok=True)
-        raise
-    return PreparedInput(
-        chunks=chunks,
-        total_requests=sum(c.request_count for c in chunks),
-        total_bytes=sum(c.byte_count for c in chunks),
-        work_dir=work_dir,
-        endpoint=endpoint,
+
+
+def _prepare(
+    lines: Iterable[Any],
+    *,
+    endpoint: str,
+    work_dir: Path | str,
+    model: str | None,
+    max_requests_per_batch: int,
+    max_bytes_per_batch: int,
+    max_embedding_inputs: int,
+    max_enqueued_tokens: int | None,
+    max_problems: int,
+    blocks: bool,
+) -> PreparedInput:
+    """Check the arguments, then validate and split (see :class:`_Preparer`)."""
+    _check_limits(
+        max_requests_per_batch=max_requests_per_batch,
+        max_bytes_per_batch=max_bytes_per_batch,
+        max_embedding_inputs=max_embedding_inputs,
+        max_enqueued_tokens=max_enqueued_tokens,
     )
+    if not isinstance(max_problems, int) or max_problems < 1:
+        raise ValueError(f"max_problems must be a positive integer, got {max_problems!r}")
+    endpoint = normalize_endpoint(endpoint)
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    preparer = _Preparer(
+        endpoint=endpoint,
+        work_dir=work_dir,
+        model=model,
+        max_requests_per_batch=max_requests_per_batch,
+        max_bytes_per_batch=max_bytes_per_batch,
+        max_embedding_inputs=max_embedding_inputs,
+        max_enqueued_tokens=max_enqueued_tokens,
+        max_problems=max_problems,
+    )
+    try:
+        with _gc_paused():
+            preparer.run(lines, blocks=blocks)
+            return preparer.finish()
+    except BaseException:
+        preparer.abort()
+        raise
+    finally:
+        preparer.ids.cleanup()
 
 
 def prepare_from_lines(
@@ -612,6 +1356,7 @@ def prepare_from_lines(
         max_embedding_inputs=max_embedding_inputs,
         max_enqueued_tokens=max_enqueued_tokens,
         max_problems=max_problems,
+        blocks=True,
     )
 
 
@@ -687,4 +1432,5 @@ def prepare_from_records(
         max_embedding_inputs=max_embedding_inputs,
         max_enqueued_tokens=max_enqueued_tokens,
         max_problems=max_problems,
+        blocks=False,
     )

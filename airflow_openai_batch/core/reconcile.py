@@ -8,9 +8,16 @@ soon as it is known:
   request that no result file mentions (``batch_expired`` / ``batch_cancelled`` / ``batch_failed`` /
   ``missing`` according to the batch's final status).
 
-Result files are streamed line by line and never held in memory. The only per-request state is an index
+Result files are streamed and never held in memory. The only per-request state is an index
 ``custom_id -> byte offset`` into a local copy of the input file, which is what lets a failure carry the
 original request line (for the retry file) without keeping request bodies in memory.
+
+Into a sink that takes whole blocks (:class:`~airflow_openai_batch.core.writers.ResultWriter`), files are
+handled in blocks of about half a megabyte: each result block is scanned (parsed, its records built and
+serialized) without the index, by this process or, for large batches, by a helper process
+(:class:`~airflow_openai_batch.core.jsonl.BlockHelper`), then applied here in file order: the join, the
+failures, the writes. A block the scan cannot vouch for (an odd line, an unknown or repeated id) goes line
+by line through the same path as any other sink, which reports what is wrong.
 
 Anomalies in the result files (a ``custom_id`` reported twice, a ``custom_id`` the input never had, a
 line that does not parse, such as a truncated last line) are counted and sampled in the summary; they
@@ -35,6 +42,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from airflow_openai_batch.core.jsonl import BlockHelper, BlockPipeline, LineIterator, split_block
 from airflow_openai_batch.statuses import BatchStatus
 
 __all__ = [
@@ -92,12 +100,24 @@ _ABSENT_MESSAGES: dict[str, str] = {
 # literal, which the regex engine searches for quickly (a "^" anchor is several times slower).
 _FAST_ID_RE = re.compile(rb'\n\{"custom_id": ?"([^"\\\n]+)"')
 #: Input lines are copied and indexed in slabs of about this many bytes (and at most so many lines).
-_SLAB_BYTES = 2 * 1024 * 1024
+_SLAB_BYTES = 512 * 1024
 _SLAB_MAX_LINES = 8192
 #: The start of a line, where the fast path looks for the custom_id.
 _line_head = operator.itemgetter(slice(0, 256))
 _BOM = b"\xef\xbb\xbf"
 _UNSET = object()
+#: Result blocks are scanned by a helper process too once a batch's input passes this size.
+_RESULT_HELPER_MIN_BYTES = 4 << 20
+_RESULTS_FACTORY = "airflow_openai_batch.core.reconcile:_results_handler"
+#: Blocks sent to the helper and not answered yet; and blocks scanned, not yet applied, at most.
+_RESULT_INFLIGHT = 3
+_RESULT_MAX_PENDING = 4
+#: Seconds to wait for one answer of the helper before scanning its blocks here instead.
+_RESULT_HELPER_TIMEOUT = 300.0
+_APPEND_NEWLINE = orjson.OPT_APPEND_NEWLINE
+#: What the helper is asked to do with a block: index input lines, or scan result lines.
+_OP_INPUT = b"I"
+_OP_RESULTS = b"R"
 
 _USAGE_KEYS: tuple[str, ...] = ("input_tokens", "output_tokens", "total_tokens", "cached_input_tokens")
 
@@ -476,17 +496,16 @@ class Reconciler:
         tally = BatchTally(batch_id=files.batch_id, status=status, model=files.model)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         tmp_path = self.work_dir / f".input-{uuid.uuid4().hex}.jsonl"
+        # A helper process scans result blocks too when the batch is large and the sink takes whole
+        # blocks (see _ResultScanner); it is started while the input is copied, so it is ready in time.
+        self._helper = None
+        self._helper_wanted = self._block_format() is not None and (
+            files.output_lines is not None or files.error_lines is not None
+        )
         try:
             with _gc_paused():
                 index, bad_lines, dup_lines, first_request = self._copy_input(files, tmp_path, tally)
-                if tally.model is None and isinstance(first_request, dict):
-                    body = first_request.get("body")
-                    model = body.get("model") if isinstance(body, dict) else None
-                    tally.model = model if isinstance(model, str) else None
-                if self.endpoint is not None:
-                    tally.endpoint = self.endpoint
-                elif isinstance(first_request, dict) and isinstance(first_request.get("url"), str):
-                    tally.endpoint = first_request["url"]
+                self._learn_model_and_endpoint(tally, first_request)
                 with open(tmp_path, "rb") as reader:
                     fetch = _RequestFetcher(reader)
                     if files.output_lines is not None:
@@ -494,7 +513,14 @@ class Reconciler:
                     if files.error_lines is not None:
                         self._read_results(files.error_lines, "error", index, fetch, tally)
                     self._write_absent(index, bad_lines, dup_lines, fetch, tally)
+        except BaseException:
+            if self._helper is not None:
+                self._helper.close(kill=True)
+            raise
         finally:
+            if self._helper is not None:
+                self._helper.close()
+                self._helper = None
             tmp_path.unlink(missing_ok=True)
         self._tallies[files.batch_id] = tally
         return tally
@@ -522,6 +548,42 @@ class Reconciler:
 
     # -- steps ------------------------------------------------------------------------------------
 
+    def _learn_model_and_endpoint(self, tally: BatchTally, first_request: Any) -> None:
+        """The batch's model (unless given) and endpoint (unless the Reconciler has one) from its input."""
+        if tally.model is None and isinstance(first_request, dict):
+            body = first_request.get("body")
+            model = body.get("model") if isinstance(body, dict) else None
+            tally.model = model if isinstance(model, str) else None
+        if self.endpoint is not None:
+            tally.endpoint = self.endpoint
+        elif isinstance(first_request, dict) and isinstance(first_request.get("url"), str):
+            tally.endpoint = first_request["url"]
+
+    def _block_format(self) -> str | None:
+        """``jsonl`` / ``parquet`` when the sink takes whole blocks of successes, else ``None``."""
+        fmt = getattr(self.sink, "success_block_format", None)
+        takes_blocks = getattr(self.sink, "takes_success_blocks", None)
+        if fmt not in ("jsonl", "parquet") or not callable(takes_blocks) or not takes_blocks():
+            return None
+        return fmt
+
+    def _maybe_start_helper(self, copied: int, tally: BatchTally, first_request: Any) -> None:
+        """Start the helper once the input proves large (its results will be at least as large)."""
+        if not self._helper_wanted or copied < _RESULT_HELPER_MIN_BYTES or first_request is None:
+            return
+        self._helper_wanted = False
+        probe = BatchTally(batch_id=tally.batch_id, status=tally.status, model=tally.model)
+        self._learn_model_and_endpoint(probe, first_request)
+        config = orjson.dumps(
+            {
+                "batch_id": tally.batch_id,
+                "model": probe.model or "unknown",
+                "kind": endpoint_kind(probe.endpoint),
+                "format": self._block_format(),
+            }
+        )
+        self._helper = BlockHelper.start(_RESULTS_FACTORY, config)
+
     def _copy_input(
         self, files: BatchResultFiles, tmp_path: Path, tally: BatchTally
     ) -> tuple[dict[str, int], list[tuple[int, int]], list[tuple[str, int, int | None]], Any]:
@@ -531,7 +593,9 @@ class Reconciler:
         (what orjson, ``JSON.stringify`` and ``json.dumps`` write, and what the submit operator uploads)
         is indexed by one regex scan and a few C-level calls: no per-line Python, no parse of request
         bodies. Any other slab (blank lines, another key order, escapes in an id, duplicates, broken
-        lines) goes through :meth:`_index_lines`, line by line.
+        lines) goes through :meth:`_index_lines`, line by line. Straight from
+        :func:`~airflow_openai_batch.core.jsonl.iter_lines`, the slabs are the raw blocks read, and the
+        regex scan of large inputs is shared with the helper process (:func:`_scan_input`).
 
         :return: ``(index, bad_lines, dup_lines, first_request)``: ``index`` maps custom_id -> offset of
             its line in ``tmp_path``; ``bad_lines`` are ``(line_no, offset)`` of lines without a usable
@@ -545,65 +609,80 @@ class Reconciler:
         offset = 0  # where the next line goes in the copy
         line_no = 0  # source lines consumed so far (blank ones included, for 1-based line numbers)
         count = 0
-        strip_newlines = False
-        find_ids = _FAST_ID_RE.findall
-        source = iter(files.input_lines)
-        slab_lines = 256  # grows to about _SLAB_BYTES per slab once the line size is known
-        with open(tmp_path, "wb", buffering=1 << 20) as out:
-            while True:
-                slab = list(itertools.islice(source, slab_lines))
-                if not slab:
-                    break
-                if line_no == 0:
-                    # Iterating a file object keeps each line's newline; the project's iter_lines does not.
-                    strip_newlines = slab[0].endswith(b"\n")
-                    if slab[0].startswith(_BOM):
-                        slab[0] = slab[0][3:]
-                if strip_newlines:
-                    slab = [line.rstrip(b"\r\n") for line in slab]
-                if first_request is None:
-                    first_request = _first_request(slab)
-                base_no = line_no
-                line_no += len(slab)
-                # Size slabs by bytes, not lines: requests with long documents must not make one slab
-                # hold tens of megabytes.
-                slab_bytes = sum(map(len, slab)) or 1
-                slab_lines = max(16, min(_SLAB_MAX_LINES, len(slab) * _SLAB_BYTES // slab_bytes))
-                if all(slab):
+
+        def add_ids(ids: list[str], lengths: Iterable[int], data: bytes, lines: int) -> bool:
+            """Index ``lines`` lines (``data``, newline-terminated) whose ids and lengths are known."""
+            nonlocal index, dup_lines, offset, count
+            # Offset of line i: offset + the lengths of the lines before it + i newlines. (One value
+            # more than lines: the end of the slab, dropped by zip.)
+            offsets = map(operator.add, itertools.accumulate(lengths, initial=offset), itertools.count())
+            before = len(index)
+            index.update(zip(ids, offsets, strict=False))
+            if len(index) - before == lines:
+                out.write(data)
+                offset += len(data)
+                count += lines
+                return True
+            # A custom_id seen twice (in this slab or before): update() kept the later offset, so
+            # rebuild the index from the copy so far and take the slab slowly. Rare: OpenAI fails such
+            # a batch at validation. (The rebuild finds the repeats already copied again, without their
+            # line numbers: those known are kept.)
+            known = {off: no for _, off, no in dup_lines}
+            index, dup_lines = self._reindex_copy(out, tmp_path, bad_lines)
+            dup_lines = [(cid, off, known.get(off, no)) for cid, off, no in dup_lines]
+            return False
+
+        def add_slab(slab: list[bytes], data: bytes | None = None, fast: bool = True) -> None:
+            nonlocal offset, count, line_no, first_request
+            if first_request is None:
+                first_request = _first_request(slab)
+            base_no = line_no
+            line_no += len(slab)
+            if self._helper_wanted:
+                self._maybe_start_helper(offset, tally, first_request)
+            if fast and all(slab):
+                if data is None:
                     slab.append(b"")
                     data = b"\n".join(slab)
                     slab.pop()
-                    # Only the start of each line is searched (not the request bodies), joined with a
-                    # newline before each. Each match starts at a newline, so len(ids) == len(slab) means
-                    # every line starts with {"custom_id":"<id>" and ids[i] is line i's. (An id longer than
-                    # the head does not match, and its slab takes the careful path.)
-                    ids = find_ids(b"\n".join(itertools.chain((b"",), map(_line_head, slab))))
-                    if len(ids) == len(slab):
-                        # Offset of line i: offset + the lengths of the lines before it + i newlines.
-                        # (One value more than lines: the end of the slab, dropped by zip.)
-                        offsets = map(
-                            operator.add,
-                            itertools.accumulate(map(len, slab), initial=offset),
-                            itertools.count(),
-                        )
-                        try:
-                            keys = list(map(bytes.decode, ids))
-                        except UnicodeDecodeError:
-                            keys = None
-                        if keys is not None:
-                            before = len(index)
-                            index.update(zip(keys, offsets, strict=False))
-                            if len(index) - before == len(keys):
-                                out.write(data)
-                                offset += len(data)
-                                count += len(slab)
-                                continue
-                            # A custom_id seen twice (in this slab or before): update() kept the later
-                            # offset, so rebuild the index from the copy so far and take the slab slowly.
-                            # Rare: OpenAI fails such a batch at validation.
-                            index, dup_lines = self._reindex_copy(out, tmp_path, bad_lines)
-                written, offset = self._index_lines(slab, base_no, offset, out, index, bad_lines, dup_lines)
-                count += written
+                scanned = _scan_input(slab)
+                if scanned is not None and add_ids(scanned.ids, scanned.lengths, data, len(slab)):
+                    return
+            written, offset = self._index_lines(slab, base_no, offset, out, index, bad_lines, dup_lines)
+            count += written
+
+        def add_scanned(unit: _Unit, scanned: _InputScan | None) -> None:
+            nonlocal line_no
+            lines = unit.get_lines()
+            if scanned is None or len(scanned.ids) != len(lines):
+                add_slab(lines, unit.data, fast=False)
+                return
+            base_no = line_no
+            line_no += len(lines)
+            if not add_ids(scanned.ids, scanned.lengths, unit.get_data(), len(lines)):
+                line_no = base_no
+                add_slab(lines, unit.data, fast=False)
+
+        with open(tmp_path, "wb", buffering=1 << 20) as out:
+            pipeline: BlockPipeline | None = None
+            for unit in _units(files.input_lines, input_file=True):
+                if pipeline is None:
+                    if first_request is None or self._helper is None:
+                        add_slab(unit.get_lines(), unit.data)
+                        continue
+                    pipeline = BlockPipeline(
+                        self._helper,
+                        lambda unit: _scan_input(unit.get_lines()),
+                        _InputScan.decode,
+                        add_scanned,
+                        prefix=_OP_INPUT,
+                        inflight=_RESULT_INFLIGHT,
+                        max_pending=_RESULT_MAX_PENDING,
+                        timeout=_RESULT_HELPER_TIMEOUT,
+                    )
+                pipeline.feed(unit, unit.sendable())
+            if pipeline is not None:
+                pipeline.finish()
         tally.total += count
         return index, bad_lines, dup_lines, first_request
 
@@ -678,8 +757,98 @@ class Reconciler:
     ) -> None:
         """Stream one result file: write a record per first result of each known custom_id.
 
-        This is the hot loop of a collect (one iteration per request), hence the local aliases and the
-        inlined usage arithmetic.
+        Straight from :func:`~airflow_openai_batch.core.jsonl.iter_lines` into a sink that takes whole
+        blocks (:class:`~airflow_openai_batch.core.writers.ResultWriter`), the file is read as raw blocks:
+        each is scanned by :class:`_ResultScanner` (here or in the helper process) and applied in order
+        by :meth:`_apply_scan`. Otherwise, and for any block the scanner leaves to it, line by line.
+        """
+        fmt = self._block_format()
+        if fmt is None:
+            self._result_lines(lines, source, index, fetch, tally, 0)
+            return
+        scanner = _ResultScanner(tally.batch_id, tally.model or "unknown", endpoint_kind(tally.endpoint), fmt)
+        applied = [0]  # lines applied so far (blank ones included, for 1-based line numbers)
+
+        def apply(unit: _Unit, scan: _ScanResult | None) -> None:
+            applied[0] = self._apply_scan(unit, scan, source, index, fetch, tally, applied[0])
+
+        def work(unit: _Unit) -> _ScanResult | None:
+            lines = unit.get_lines()
+            return scanner.scan(lines) if all(type(line) is bytes for line in lines) else None
+
+        pipeline = BlockPipeline(
+            self._helper,
+            work,
+            _ScanResult.decode,
+            apply,
+            prefix=_OP_RESULTS,
+            inflight=_RESULT_INFLIGHT,
+            max_pending=_RESULT_MAX_PENDING,
+            timeout=_RESULT_HELPER_TIMEOUT,
+        )
+        for unit in _units(lines, input_file=False):
+            pipeline.feed(unit, unit.sendable())
+        pipeline.finish()
+
+    def _apply_scan(
+        self,
+        unit: _Unit,
+        scan: _ScanResult | None,
+        source: str,
+        index: dict[str, int],
+        fetch: _RequestFetcher,
+        tally: BatchTally,
+        line_no: int,
+    ) -> int:
+        """Apply one scanned block in file order; return the number of lines applied so far.
+
+        The scan assumed every custom_id is in the input and answered once: when one is not (unknown,
+        answered twice), or the scanner left the block to the careful path (``scan`` is ``None``), the
+        block goes line by line through :meth:`_result_lines`, which reports what is wrong.
+        """
+        if scan is not None and unit.lines is not None and scan.count != len(unit.lines):
+            scan = None  # lines with a newline inside: the careful path sees them as they are
+        if scan is not None:
+            ids = scan.ids
+            # C-level: look every id up, check none is unknown, consumed or repeated in the block, then
+            # mark them all consumed (a later result for one of them is a duplicate).
+            taken = list(map(index.get, ids))
+            if None not in taken and (not taken or min(taken) >= 0) and len(set(ids)) == len(ids):
+                index.update(zip(ids, itertools.repeat(-1)))
+                for i, status_code, code, message in scan.failures:
+                    self._fail(tally, fetch, taken[i], ids[i], status_code, code, message)
+                if scan.succeeded:
+                    self.sink.write_success_block(scan.payload, scan.succeeded)  # type: ignore[attr-defined]
+                    tally.succeeded += scan.succeeded
+                self._merge_usage(tally, {row[0]: row[1:] for row in scan.usage})
+                return line_no + scan.count
+        return self._result_lines(unit.get_lines(), source, index, fetch, tally, line_no)
+
+    def _merge_usage(self, tally: BatchTally, usage_acc: dict[str, Any]) -> None:
+        t_usage = tally.usage
+        for model, (inp, out, tot, cached) in usage_acc.items():
+            per_model = self._usage_by_model.get(model)
+            if per_model is None:
+                per_model = self._usage_by_model[model] = _empty_usage()
+            for target in (t_usage, per_model):
+                target["input_tokens"] += inp
+                target["output_tokens"] += out
+                target["total_tokens"] += tot
+                target["cached_input_tokens"] += cached
+
+    def _result_lines(
+        self,
+        lines: Iterable[bytes],
+        source: str,
+        index: dict[str, int],
+        fetch: _RequestFetcher,
+        tally: BatchTally,
+        line_no: int,
+    ) -> int:
+        """Result lines one by one (``line_no``: lines before them); return the line count after them.
+
+        This is the hot loop of a collect into other sinks (one iteration per request), hence the local
+        aliases and the inlined usage arithmetic.
         """
         sink_success = self.sink.write_success
         anomalies = self._anomalies
@@ -697,7 +866,6 @@ class Reconciler:
         last_model: Any = _UNSET  # not None: a body without "model" must still pick its accumulator
         acc: list[int] = []
         succeeded = 0
-        line_no = 0
         for line in lines:
             line_no += 1
             try:
@@ -800,16 +968,8 @@ class Reconciler:
             acc[2] += tot
             acc[3] += cached
         tally.succeeded += succeeded
-        t_usage = tally.usage
-        for model, (inp, out, tot, cached) in usage_acc.items():
-            per_model = self._usage_by_model.get(model)
-            if per_model is None:
-                per_model = self._usage_by_model[model] = _empty_usage()
-            for target in (t_usage, per_model):
-                target["input_tokens"] += inp
-                target["output_tokens"] += out
-                target["total_tokens"] += tot
-                target["cached_input_tokens"] += cached
+        self._merge_usage(tally, usage_acc)
+        return line_no
 
     def _write_absent(
         self,
@@ -870,6 +1030,322 @@ class Reconciler:
         self.sink.write_failure(record, request_line)
         tally.failed += 1
         tally.failed_by_code[code] = tally.failed_by_code.get(code, 0) + 1
+
+
+class _Unit:
+    """Consecutive lines of a file: as a list (``lines``), as newline-terminated bytes (``data``), or both
+    (each made from the other when first needed)."""
+
+    __slots__ = ("data", "lines")
+
+    def __init__(self, lines: list[Any] | None, data: bytes | None) -> None:
+        self.lines = lines
+        self.data = data
+
+    def get_lines(self) -> list[Any]:
+        if self.lines is None:
+            assert self.data is not None
+            lines = self.data.split(b"\n")
+            lines.pop()  # after the final newline
+            self.lines = lines
+        return self.lines
+
+    def get_data(self) -> bytes:
+        if self.data is None:
+            lines = self.get_lines()
+            lines.append(b"")
+            try:
+                self.data = b"\n".join(lines)
+            finally:
+                lines.pop()
+        return self.data
+
+    def sendable(self) -> bytes | None:
+        """The bytes a helper can split back into exactly these lines, or ``None``.
+
+        Lines with a CR (which the helper cannot tell from a CRLF ending) or that are not bytes stay
+        here.
+        """
+        try:
+            data = self.get_data()
+        except TypeError:
+            return None
+        return None if b"\r" in data else data
+
+
+def _units(source: Iterable[Any], *, input_file: bool) -> Iterator[_Unit]:
+    """A file's lines in units of about ``_SLAB_BYTES``.
+
+    Straight from :func:`~airflow_openai_batch.core.jsonl.iter_lines`, the units are the raw blocks read
+    (no per-line objects until needed). Any other iterable of lines is taken in slabs; for the input file,
+    lines with their newline (a file object) lose it, and a leading BOM is dropped, as the line-by-line
+    path always did.
+    """
+    if isinstance(source, LineIterator):
+        raw = source.take_raw_blocks()
+        if raw is not None:
+            for data in raw:
+                # CRLF lines lose their CR, as iter_lines yields them.
+                yield _Unit(split_block(data), None) if b"\r" in data else _Unit(None, data)
+            return
+    lines = iter(source)
+    size = 256  # grows to about _SLAB_BYTES per slab once the line size is known
+    first = True
+    strip_newlines = False
+    while True:
+        slab = list(itertools.islice(lines, size))
+        if not slab:
+            return
+        if input_file:
+            if first:
+                # Iterating a file object keeps each line's newline; the project's iter_lines does not.
+                strip_newlines = slab[0].endswith(b"\n")
+                if slab[0].startswith(_BOM):
+                    slab[0] = slab[0][3:]
+            if strip_newlines:
+                slab = [line.rstrip(b"\r\n") for line in slab]
+        first = False
+        # Size slabs by bytes, not lines: requests with long documents must not make one slab hold tens
+        # of megabytes.
+        try:
+            slab_bytes = sum(map(len, slab)) or 1
+        except TypeError:
+            slab_bytes = _SLAB_BYTES
+        size = max(16, min(_SLAB_MAX_LINES, len(slab) * _SLAB_BYTES // slab_bytes))
+        yield _Unit(slab, None)
+
+
+class _InputScan:
+    """The custom_ids and line lengths of a block of input lines (see :func:`_scan_input`)."""
+
+    __slots__ = ("ids", "lengths")
+
+    def __init__(self, ids: list[str], lengths: Iterable[int]) -> None:
+        self.ids = ids
+        self.lengths = lengths
+
+    def encode(self) -> bytes:
+        return orjson.dumps(self.ids) + b"\n" + array.array("I", self.lengths).tobytes()
+
+    @classmethod
+    def decode(cls, answer: bytes) -> _InputScan | None:
+        if not answer:
+            return None
+        cut = answer.index(b"\n")
+        lengths = array.array("I")
+        lengths.frombytes(memoryview(answer)[cut + 1 :])
+        return cls(orjson.loads(memoryview(answer)[:cut]), lengths)
+
+
+def _scan_input(lines: list[bytes]) -> _InputScan | None:
+    """The ids of input lines that all start with ``{"custom_id":"<id>"`` (else ``None``).
+
+    Only the start of each line is searched (not the request bodies), joined with a newline before
+    each. Each match starts at a newline, so as many matches as lines means every line starts with
+    {"custom_id":"<id>" and ids[i] is line i's. (An id longer than the head does not match, and its
+    slab takes the careful path.)
+    """
+    if not all(lines):
+        return None
+    ids = _FAST_ID_RE.findall(b"\n".join(itertools.chain((b"",), map(_line_head, lines))))
+    if len(ids) != len(lines):
+        return None
+    try:
+        keys = list(map(bytes.decode, ids))
+    except UnicodeDecodeError:
+        return None
+    return _InputScan(keys, list(map(len, lines)))
+
+
+class _ScanResult:
+    """What :class:`_ResultScanner` made of a block of result lines (see :meth:`Reconciler._apply_scan`).
+
+    :param ids: the custom_id of every line, in order.
+    :param count: the number of lines.
+    :param failures: ``[line index, status_code, error_code, error_message]`` of the failed lines.
+    :param usage: ``[model, input, output, total, cached_input]`` token sums of the successes, per model.
+    :param succeeded: the number of successes.
+    :param payload: the success records in the sink's block form (JSON lines, or an Arrow batch).
+    """
+
+    __slots__ = ("count", "failures", "ids", "payload", "succeeded", "usage")
+
+    def __init__(
+        self,
+        ids: list[str],
+        count: int,
+        failures: list[list[Any]],
+        usage: list[list[Any]],
+        succeeded: int,
+        payload: bytes,
+    ) -> None:
+        self.ids = ids
+        self.count = count
+        self.failures = failures
+        self.usage = usage
+        self.succeeded = succeeded
+        self.payload = payload
+
+    def encode(self) -> bytes:
+        meta = orjson.dumps([self.ids, self.count, self.failures, self.usage, self.succeeded])
+        return meta + b"\n" + self.payload
+
+    @classmethod
+    def decode(cls, answer: bytes) -> _ScanResult | None:
+        if not answer:
+            return None
+        cut = answer.index(b"\n")
+        ids, count, failures, usage, succeeded = orjson.loads(memoryview(answer)[:cut])
+        # A view, not a copy: the payload is most of the answer.
+        return cls(ids, count, failures, usage, succeeded, memoryview(answer)[cut + 1 :])
+
+
+class _ResultScanner:
+    """Turns a block of result lines into a :class:`_ScanResult`, without the input index.
+
+    It makes exactly the records :meth:`Reconciler._result_lines` would for lines whose custom_id is in
+    the input and answered once (which :meth:`Reconciler._apply_scan` then checks), so a block can be
+    scanned anywhere (here or in the helper process) and applied in order. Any line that needs more care
+    (blank, not JSON, no string custom_id) makes it answer ``None``: the block then goes line by line.
+    """
+
+    def __init__(self, batch_id: str, batch_model: str, kind: str, output_format: str) -> None:
+        self.batch_id = batch_id
+        self.batch_model = batch_model
+        self.kind = kind
+        self.output_format = output_format
+
+    def scan(self, lines: list[bytes]) -> _ScanResult | None:
+        loads = _loads
+        batch_id = self.batch_id
+        batch_model = self.batch_model
+        content_of = _CONTENT_EXTRACTORS.get(self.kind)
+        embeddings = self.kind == "embeddings"
+        jsonl = self.output_format == "jsonl"
+        dumps = orjson.dumps
+        if self.kind == "responses":
+            k_input, k_output, k_details = "input_tokens", "output_tokens", "input_tokens_details"
+        else:
+            k_input, k_output, k_details = "prompt_tokens", "completion_tokens", "prompt_tokens_details"
+        ids: list[str] = []
+        add_id = ids.append
+        failures: list[list[Any]] = []
+        records: list[Any] = []
+        add_record = records.append
+        rows: Any = None
+        if not jsonl:
+            # Parquet: straight into the writer's column buffers, without a record dict per row.
+            from airflow_openai_batch.core.writers import success_block, success_columns
+
+            rows = success_columns()
+            add_row = rows.add_row
+        succeeded = 0
+        usage_acc: dict[str, list[int]] = {}
+        for line in lines:
+            try:
+                obj = loads(line)
+                cid = obj["custom_id"]
+            except Exception:
+                return None
+            if type(cid) is not str:
+                return None
+            add_id(cid)
+            try:
+                response = obj["response"]
+                status = response["status_code"]
+                ok = type(status) is int and 200 <= status < 300 and obj.get("error") is None
+            except (KeyError, TypeError):
+                response = obj.get("response")
+                ok = False
+            if not ok:
+                failures.append([len(ids) - 1, *_error_fields(obj, response)])
+                continue
+            body = response.get("body")
+            usage = body.get("usage") if type(body) is dict else None
+            succeeded += 1
+            if not jsonl:
+                if content_of is not None:
+                    add_row(cid, batch_id, status, body, usage, content_of(body), None)
+                elif embeddings:
+                    vectors = _embeddings(body)
+                    add_row(cid, batch_id, status, body, usage, None, vectors[0] if vectors else None)
+                else:
+                    add_row(cid, batch_id, status, body, usage, None, None)
+            elif content_of is not None:
+                record = {
+                    "custom_id": cid,
+                    "batch_id": batch_id,
+                    "status_code": status,
+                    "body": body,
+                    "usage": usage,
+                    "content": content_of(body),
+                }
+                add_record(dumps(record, option=_APPEND_NEWLINE))
+            elif embeddings:
+                vectors = _embeddings(body)
+                record = {
+                    "custom_id": cid,
+                    "batch_id": batch_id,
+                    "status_code": status,
+                    "body": body,
+                    "usage": usage,
+                    "embedding": vectors[0] if vectors else None,
+                }
+                if vectors and len(vectors) > 1:
+                    record["embeddings"] = vectors
+                add_record(dumps(record, option=_APPEND_NEWLINE))
+            else:
+                record = {
+                    "custom_id": cid,
+                    "batch_id": batch_id,
+                    "status_code": status,
+                    "body": body,
+                    "usage": usage,
+                }
+                add_record(dumps(record, option=_APPEND_NEWLINE))
+            if usage is None:
+                continue
+            # The same arithmetic as Reconciler._result_lines.
+            try:
+                inp = usage[k_input]
+                out = usage[k_output]
+                tot = usage["total_tokens"]
+                cached = usage[k_details]["cached_tokens"]
+                _ = inp + out + tot + cached
+            except (KeyError, TypeError):
+                counts = usage_counts(usage)
+                if counts is None:
+                    continue
+                inp, out, tot, cached = counts
+            model = body.get("model")
+            key = model if type(model) is str and model else batch_model
+            acc = usage_acc.get(key)
+            if acc is None:
+                acc = usage_acc[key] = [0, 0, 0, 0]
+            acc[0] += inp
+            acc[1] += out
+            acc[2] += tot
+            acc[3] += cached
+        payload = b"".join(records) if jsonl else success_block(rows)
+        usage_rows = [[key, *acc] for key, acc in usage_acc.items()]
+        return _ScanResult(ids, len(lines), failures, usage_rows, succeeded, payload)
+
+
+def _results_handler(config: bytes) -> Callable[[bytes], bytes]:
+    """In the helper process (see :class:`~airflow_openai_batch.core.jsonl.BlockHelper`): scan blocks,
+    of the input (:func:`_scan_input`) or of a result file (:class:`_ResultScanner`)."""
+    settings = orjson.loads(config)
+    scanner = _ResultScanner(settings["batch_id"], settings["model"], settings["kind"], settings["format"])
+
+    def handle(frame: bytes) -> bytes:
+        op, data = frame[:1], frame[1:]
+        lines = data.split(b"\n")
+        lines.pop()  # after the final newline
+        result: _InputScan | _ScanResult | None
+        result = _scan_input(lines) if op == _OP_INPUT else scanner.scan(lines)
+        return b"" if result is None else result.encode()
+
+    return handle
 
 
 class _RequestFetcher:

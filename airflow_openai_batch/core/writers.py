@@ -12,9 +12,12 @@ with its final name is always complete, and a folder with a ``manifest.json`` is
 from __future__ import annotations
 
 import array
+import contextlib
 import functools
 import os
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +28,8 @@ __all__ = [
     "ResultWriter",
     "failures_schema",
     "read_records",
+    "success_block",
+    "success_block_jsonl",
     "successes_schema",
     "write_manifest",
 ]
@@ -118,7 +123,11 @@ def _parquet_writer(pa: Any, path: Path, schema: Any) -> Any:
 
 
 class _JsonlFile:
-    """One JSONL output, written through a large buffer to ``<path>.partial``."""
+    """One JSONL output, written through a large buffer to ``<path>.partial``.
+
+    Once whole blocks come in (:meth:`add_block`, megabytes at a time), writing moves to a background
+    thread: the write system calls then overlap with the work that produces the next block.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -129,47 +138,135 @@ class _JsonlFile:
         # Records are joined and written a few hundred at a time: one list append per record is cheaper
         # than one (buffered) write call.
         self._pending: list[bytes] = []
+        self._queue: queue.Queue[Any] | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def add(self, record: dict[str, Any]) -> None:
         """Append one record as a JSON line (use either this or ``write`` on one file, not both)."""
         pending = self._pending
         pending.append(orjson.dumps(record, option=_APPEND_NEWLINE))
         if len(pending) >= 256:
-            self.write(b"".join(pending))
+            self._out(b"".join(pending))
             pending.clear()
         self.count += 1
 
+    def add_block(self, data: bytes | memoryview, count: int) -> None:
+        """Append ``count`` records already serialized as JSON lines (each ending with a newline)."""
+        if self._queue is None:
+            self._queue = queue.Queue(4)  # at most a few blocks wait: memory stays flat
+            self._thread = threading.Thread(target=self._run, name="openai-batch-jsonl-writer", daemon=True)
+            self._thread.start()
+        if self._pending:
+            self._out(b"".join(self._pending))
+            self._pending.clear()
+        self._out(data)
+        self.count += count
+
+    def _out(self, data: bytes | memoryview) -> None:
+        if self._queue is None:
+            self.write(data)
+            return
+        if self._error is not None:
+            raise self._error
+        self._queue.put(data)
+
+    def _run(self) -> None:
+        assert self._queue is not None
+        while True:
+            data = self._queue.get()
+            if data is None:
+                return
+            if self._error is None:
+                try:
+                    self.write(data)
+                except BaseException as exc:
+                    self._error = exc
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None and self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
     def close(self) -> None:
         if self._pending:
-            self.write(b"".join(self._pending))
+            self._out(b"".join(self._pending))
             self._pending.clear()
+        self._stop_thread()
+        if self._error is not None:
+            self._file.close()
+            raise self._error
         self._file.close()
         os.replace(self.partial, self.path)
 
     def abort(self) -> None:
+        self._error = self._error or RuntimeError("aborted")  # the thread drains without writing
+        self._stop_thread()
         self._file.close()
         self.partial.unlink(missing_ok=True)
 
 
-class _ParquetSuccesses:
-    """Success records buffered for one row group, then written as Parquet.
+class _TableWriter:
+    """A ParquetWriter fed from a background thread.
+
+    Encoding and compressing a row group happens in Arrow's C++ code with the GIL released, so a thread
+    overlaps it with the parsing that produces the next row group. At most one table waits for the
+    thread, so memory stays flat.
+    """
+
+    def __init__(self, pa: Any, path: Path, schema: Any) -> None:
+        self._writer = _parquet_writer(pa, path, schema)
+        self._queue: queue.Queue[Any] = queue.Queue()
+        # One table in the writer's hands at a time: the caller waits (rarely) rather than pile them up.
+        self._free = threading.Semaphore(1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="openai-batch-parquet-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            table = self._queue.get()
+            if table is None:
+                return
+            try:
+                if self._error is None:
+                    self._writer.write_table(table)
+            except BaseException as exc:
+                self._error = exc
+            finally:
+                del table
+                self._free.release()
+
+    def write_table(self, table: Any) -> None:
+        self._free.acquire()
+        if self._error is not None:
+            self._free.release()
+            raise self._error
+        self._queue.put(table)
+
+    def close(self) -> None:
+        """Wait for every table to be written, then close the file; re-raise a write error."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._writer.close()
+        if self._error is not None:
+            raise self._error
+
+
+class _SuccessColumns:
+    """Success records buffered as columns for one row group (see :class:`_ParquetSuccesses`).
 
     The bulky parts never live as per-row Python objects: each body's JSON goes straight into one
     growing byte buffer (which becomes the Arrow string column without a copy or a per-row conversion),
     and embeddings into one flat float32 buffer (4 bytes a value instead of a 24-byte Python float). The
-    small fields are kept as one tuple per row, transposed to columns by ``zip`` at flush time.
+    small fields are kept as one tuple per row, transposed to columns by ``zip`` when the table is built.
     """
 
-    def __init__(self, path: Path, schema: Any, row_group_rows: int, row_group_bytes: int) -> None:
-        pa = _pyarrow()
+    def __init__(self, pa: Any, schema: Any) -> None:
         self._pa = pa
-        self.path = path
-        self.partial = path.with_name(path.name + PARTIAL_SUFFIX)
         self.schema = schema
-        self._writer = _parquet_writer(pa, self.partial, schema)
-        self._rows_limit = row_group_rows
-        self._bytes_limit = row_group_bytes
-        self.count = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -180,8 +277,12 @@ class _ParquetSuccesses:
         self.emb_values = array.array("f")
         self.buffered_bytes = 0
 
+    @property
+    def nbytes(self) -> int:
+        """Estimated bytes held (what the row-group byte limit is checked against)."""
+        return self.buffered_bytes + len(self.bodies) + 4 * len(self.emb_values)
+
     def add(self, record: dict[str, Any]) -> None:
-        """Buffer one success record (a row group is written when the buffer is full)."""
         try:
             custom_id = record["custom_id"]
             batch_id = record["batch_id"]
@@ -192,8 +293,21 @@ class _ParquetSuccesses:
             get = record.get
             custom_id, batch_id, status_code = get("custom_id"), get("batch_id"), get("status_code")
             body, usage = get("body"), get("usage")
-        content = record.get("content")
-        emb = record.get("embedding")
+        self.add_row(
+            custom_id, batch_id, status_code, body, usage, record.get("content"), record.get("embedding")
+        )
+
+    def add_row(
+        self,
+        custom_id: Any,
+        batch_id: Any,
+        status_code: Any,
+        body: Any,
+        usage: Any,
+        content: Any,
+        emb: Any,
+    ) -> None:
+        """:meth:`add` without the record dict (the fields of a success record, in order)."""
         bodies = self.bodies
         bodies += orjson.dumps(body)
         size = _ROW_OVERHEAD
@@ -238,17 +352,12 @@ class _ParquetSuccesses:
                 emb is None,
             )
         self.rows.append(row)
-        self.count += 1
         self.buffered_bytes += size
-        if (
-            len(self.rows) >= self._rows_limit
-            or self.buffered_bytes + len(bodies) + 4 * len(values) >= self._bytes_limit
-        ):
-            self.flush()
 
-    def flush(self) -> None:
+    def take_table(self) -> Any:
+        """The buffered rows as an Arrow table (and the buffers emptied); ``None`` when there are none."""
         if not self.rows:
-            return
+            return None
         pa = self._pa
         rows, bodies, values = self.rows, self.bodies, self.emb_values
         self._reset()
@@ -270,7 +379,7 @@ class _ParquetSuccesses:
             fields=list(self.schema.field("usage").type),
             mask=pa.array(columns[7], type=pa.bool_()),
         )
-        table = pa.Table.from_arrays(
+        return pa.Table.from_arrays(
             [
                 pa.array(columns[0], type=pa.string()),
                 pa.array(columns[1], type=pa.string()),
@@ -282,10 +391,95 @@ class _ParquetSuccesses:
             ],
             schema=self.schema,
         )
-        # Free the Python side before Parquet encodes the row group: both at once is the peak.
-        del columns, values
+
+
+def success_block_jsonl(records: Iterable[dict[str, Any]]) -> bytes:
+    """Success records as JSON lines, exactly as :class:`ResultWriter` writes them one by one."""
+    return b"".join([orjson.dumps(record, option=_APPEND_NEWLINE) for record in records])
+
+
+def success_columns() -> _SuccessColumns:
+    """An empty buffer of success rows; :func:`success_block` turns it into a block."""
+    return _SuccessColumns(_pyarrow(), _schemas()[0])
+
+
+def success_block(records: Iterable[dict[str, Any]] | _SuccessColumns) -> bytes:
+    """Success records as one Arrow IPC record batch, for :meth:`ResultWriter.write_success_block`.
+
+    This is how a helper process hands a whole block of Parquet rows over at once (see
+    :mod:`airflow_openai_batch.core.reconcile`).
+
+    :param records: success records, or rows already buffered with :func:`success_columns`.
+    """
+    if isinstance(records, _SuccessColumns):
+        columns = records
+    else:
+        columns = success_columns()
+        for record in records:
+            columns.add(record)
+    table = columns.take_table()
+    if table is None:
+        return b""
+    (batch,) = table.combine_chunks().to_batches()
+    return batch.serialize().to_pybytes()
+
+
+class _ParquetSuccesses:
+    """Success records buffered for one row group (:class:`_SuccessColumns`), then written as Parquet."""
+
+    def __init__(self, path: Path, schema: Any, row_group_rows: int, row_group_bytes: int) -> None:
+        pa = _pyarrow()
+        self._pa = pa
+        self.path = path
+        self.partial = path.with_name(path.name + PARTIAL_SUFFIX)
+        self.schema = schema
+        self._writer = _TableWriter(pa, self.partial, schema)
+        self._rows_limit = row_group_rows
+        self._bytes_limit = row_group_bytes
+        self.count = 0
+        self._columns = _SuccessColumns(pa, schema)
+        #: Record batches received whole (write_block), waiting to fill a row group.
+        self._batches: list[Any] = []
+        self._batch_rows = 0
+        self._batch_bytes = 0
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Buffer one success record (a row group is written when the buffer is full)."""
+        if self._batches:
+            self._flush_batches()
+        columns = self._columns
+        columns.add(record)
+        self.count += 1
+        if len(columns.rows) >= self._rows_limit or columns.nbytes >= self._bytes_limit:
+            self.flush()
+
+    def add_block(self, payload: bytes, count: int) -> None:
+        """Buffer a block of rows made by :func:`success_block`."""
+        if not count:
+            return
+        if self._columns.rows:
+            self.flush()
+        pa = self._pa
+        batch = pa.ipc.read_record_batch(pa.py_buffer(payload), self.schema)
+        self._batches.append(batch)
+        self._batch_rows += batch.num_rows
+        self._batch_bytes += batch.nbytes
+        self.count += batch.num_rows
+        if self._batch_rows >= self._rows_limit or self._batch_bytes >= self._bytes_limit:
+            self._flush_batches()
+
+    def _flush_batches(self) -> None:
+        table = self._pa.Table.from_batches(self._batches, schema=self.schema)
+        self._batches = []
+        self._batch_rows = self._batch_bytes = 0
         self._writer.write_table(table)
-        del table, body, bodies
+
+    def flush(self) -> None:
+        if self._batches:
+            self._flush_batches()
+        table = self._columns.take_table()
+        if table is not None:
+            self._writer.write_table(table)
 
     def close(self) -> None:
         self.flush()
@@ -293,7 +487,8 @@ class _ParquetSuccesses:
         os.replace(self.partial, self.path)
 
     def abort(self) -> None:
-        self._writer.close()
+        with contextlib.suppress(Exception):
+            self._writer.close()
         self.partial.unlink(missing_ok=True)
 
 
@@ -314,7 +509,7 @@ class _ParquetFailures:
         self.path = path
         self.partial = path.with_name(path.name + PARTIAL_SUFFIX)
         self.schema = schema
-        self._writer = _parquet_writer(pa, self.partial, schema)
+        self._writer = _TableWriter(pa, self.partial, schema)
         self._rows = row_group_rows
         self._bytes = row_group_bytes
         self._columns: list[list[Any]] = [[] for _ in schema]
@@ -360,7 +555,8 @@ class _ParquetFailures:
         os.replace(self.partial, self.path)
 
     def abort(self) -> None:
-        self._writer.close()
+        with contextlib.suppress(Exception):
+            self._writer.close()
         self.partial.unlink(missing_ok=True)
 
 
@@ -419,6 +615,9 @@ class ResultWriter:
             self._jsonl_failures = self._open_jsonl(self._paths["failures"])
         # The hot path: one call per success, straight into the format's buffer.
         self.write_success = self._successes.add  # type: ignore[method-assign]
+        #: The form :meth:`write_success_block` takes: what :func:`success_block_jsonl` or
+        #: :func:`success_block` make.
+        self.success_block_format = output_format
 
     def _open_jsonl(self, path: Path) -> _JsonlFile:
         handle = _JsonlFile(path)
@@ -433,6 +632,23 @@ class ResultWriter:
         :param record: a success record (see :mod:`airflow_openai_batch.core.reconcile`).
         """
         self._successes.add(record)
+
+    def takes_success_blocks(self) -> bool:
+        """Whether :meth:`write_success_block` may stand in for :meth:`write_success` calls.
+
+        ``False`` once ``write_success`` was replaced on the instance (e.g. wrapped to count or filter
+        records): every success then goes through it, one record at a time.
+        """
+        return not self.closed and self.write_success == self._successes.add
+
+    def write_success_block(self, payload: bytes, count: int) -> None:
+        """Append ``count`` success records made ready elsewhere (e.g. in a helper process).
+
+        :param payload: JSONL: the records as JSON lines (:func:`success_block_jsonl`); Parquet: one Arrow
+            IPC record batch (:func:`success_block`).
+        :param count: the number of records in ``payload``.
+        """
+        self._successes.add_block(payload, count)
 
     @property
     def succeeded(self) -> int:

@@ -1,0 +1,489 @@
+"""``make bench`` (``python -m bench``): speed, memory and API-call benchmarks against baselines measured
+in the same run, on the same machine and the same generated files.
+
+Prints one table and writes ``bench/results.json`` (every run of every case, the machine, the options).
+Inputs are generated once into a temporary directory outside the repository and deleted afterwards.
+Every case runs in its own interpreter (:mod:`bench.child`), so peak memory figures do not contaminate
+each other; timed cases run ``--repeat`` times (best wall time kept, highest peak RSS kept).
+
+Options: ``--large`` adds a ~3 GB preparation input; ``--only prep,collect,polling,e2e`` picks sections;
+``--quick`` shrinks every size (a smoke run, figures not comparable); ``--extended`` adds the slower
+variants (polling with one trigger for all batches, and with ``max_poll_interval=1200``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import gen
+from bench.report import Row, render
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results.json"
+SECTIONS = ("prep", "collect", "polling", "e2e")
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+class Runner:
+    def __init__(self, tmp: Path, repeat: int) -> None:
+        self.tmp = tmp
+        self.repeat = repeat
+        self.logs = tmp / "logs"
+        self.logs.mkdir()
+        self.count = 0
+        self.raw: dict[str, Any] = {}
+
+    def child(self, name: str, spec: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+        """Run one measurement in a fresh interpreter and return its figures."""
+        self.count += 1
+        result_path = self.tmp / f"result-{self.count}.json"
+        log_path = self.logs / f"{self.count:03d}-{name}.log"
+        spec = {**spec, "result_path": str(result_path)}
+        child_env = {**os.environ, **(env or {})}
+        child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), child_env.get("PYTHONPATH")) if p)
+        with open(log_path, "wb") as log:
+            proc = subprocess.run(
+                [sys.executable, "-m", "bench.child", json.dumps(spec)],
+                cwd=ROOT,
+                env=child_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
+        if proc.returncode != 0 or not result_path.exists():
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise BenchError(f"{name} failed (exit {proc.returncode}); end of its output:\n{tail}")
+        return json.loads(result_path.read_text())
+
+    def best(self, name: str, spec: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+        """Best of ``repeat`` runs: the fastest run's figures, with the highest peak RSS of all runs."""
+        runs = []
+        for _ in range(self.repeat):
+            runs.append(self.child(name, spec, env))
+        best = dict(min(runs, key=lambda r: r["seconds"]))
+        best["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+        best["runs"] = [round(r["seconds"], 4) for r in runs]
+        self.raw[name] = {"best": best, "runs": runs}
+        _progress(
+            f"  {name}: best {best['seconds']:.3f}s of {best['runs']}, peak {best['peak_rss_mb']:.0f} MB"
+        )
+        return best
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _case(case: str, **kwargs: Any) -> dict[str, Any]:
+    return {"kind": "case", "case": case, "kwargs": kwargs}
+
+
+# -- sections ----------------------------------------------------------------------------------------------
+
+
+def bench_prep(run: Runner, sizes: list[tuple[str, int]], large: int | None) -> list[Row]:
+    rows: list[Row] = []
+    data = run.tmp / "data"
+    data.mkdir(exist_ok=True)
+    out = str(run.tmp / "prep-out")
+    if large:
+        sizes = [*sizes, ("--large", large)]
+    for label, lines in sizes:
+        path = data / f"requests-{lines}.jsonl"
+        t0 = time.perf_counter()
+        size = gen.write_requests(path, lines)
+        mb = size / 1e6
+        _progress(
+            f"prep {label}: {lines:,} lines, {mb:,.0f} MB (generated in {time.perf_counter() - t0:.1f}s)"
+        )
+        ours = run.best(f"prep-ours-{lines}", _case("prep_ours", path=str(path), work_dir=out))
+        bare = run.best(f"prep-bare-{lines}", _case("prep_bare", path=str(path), work_dir=out))
+        case = f"Submit prep, {lines:,} lines ({mb:,.0f} MB)"
+        rows.append(
+            Row(
+                case,
+                "MB/s",
+                mb / ours["seconds"],
+                "bare orjson parse loop",
+                mb / bare["seconds"],
+                target=">= 0.50x",
+                goal=lambda r: r >= 0.5,
+            )
+        )
+        naive_note = ""
+        if lines <= 2_000_000:
+            naive = run.best(f"prep-naive-{lines}", _case("prep_naive", path=str(path), work_dir=out))
+            rows.append(
+                Row(
+                    case,
+                    "MB/s",
+                    mb / ours["seconds"],
+                    "naive (guide: json.loads list)",
+                    mb / naive["seconds"],
+                    target=">= 3x",
+                    goal=lambda r: r >= 3,
+                )
+            )
+            rows.append(
+                Row(
+                    case,
+                    "peak RSS MB",
+                    ours["peak_rss_mb"],
+                    "naive (guide: json.loads list)",
+                    naive["peak_rss_mb"],
+                    target="ours < 200 MB",
+                    lower_is_better=True,
+                    goal_value=lambda v: v < 200,
+                )
+            )
+        else:
+            naive_note = " (naive not run: it holds every line as a dict, tens of GB)"
+            rows.append(
+                Row(
+                    case,
+                    "peak RSS MB",
+                    ours["peak_rss_mb"],
+                    "bare orjson parse loop" + naive_note,
+                    bare["peak_rss_mb"],
+                    target="ours < 200 MB",
+                    lower_is_better=True,
+                    goal_value=lambda v: v < 200,
+                )
+            )
+        if lines == max(n for _, n in sizes if n <= 2_000_000):
+            # The same size, two variants: ids in random order (the hashed duplicate check) and one core.
+            rnd = data / f"requests-{lines}-random-ids.jsonl"
+            gen.write_requests(rnd, lines, random_ids=True)
+            rnd_mb = rnd.stat().st_size / 1e6
+            ours_r = run.best(
+                f"prep-ours-{lines}-random-ids", _case("prep_ours", path=str(rnd), work_dir=out)
+            )
+            bare_r = run.best(
+                f"prep-bare-{lines}-random-ids", _case("prep_bare", path=str(rnd), work_dir=out)
+            )
+            rows.append(
+                Row(
+                    "  same, random (UUID) custom_ids",
+                    "MB/s",
+                    rnd_mb / ours_r["seconds"],
+                    "bare orjson parse loop",
+                    rnd_mb / bare_r["seconds"],
+                    target=">= 0.50x",
+                    goal=lambda r: r >= 0.5,
+                    note=f"peak RSS {ours_r['peak_rss_mb']:.0f} MB",
+                )
+            )
+            rnd.unlink()
+            one = run.best(
+                f"prep-ours-{lines}-one-process",
+                _case("prep_ours", path=str(path), work_dir=out),
+                env={"OPENAI_BATCH_HELPER_PROCESS": "0"},
+            )
+            rows.append(
+                Row(
+                    "  same, helper process off (1 core)",
+                    "MB/s",
+                    mb / one["seconds"],
+                    "bare orjson parse loop",
+                    mb / bare["seconds"],
+                    target="(info)",
+                    note=f"peak RSS {one['peak_rss_mb']:.0f} MB",
+                )
+            )
+        path.unlink()
+    return rows
+
+
+def bench_collect(run: Runner, results: int) -> list[Row]:
+    rows: list[Row] = []
+    folder = run.tmp / "data" / f"results-{results}"
+    gen.write_results(folder, results)
+    mb = sum(p.stat().st_size for p in folder.iterdir()) / 1e6
+    _progress(f"collect: {results:,} results, {mb:,.0f} MB in input + output + error files")
+    out = str(run.tmp / "collect-out")
+    bare = run.best("collect-bare", _case("collect_bare", folder=str(folder), work_dir=out))
+    for fmt in ("jsonl", "parquet"):
+        ours = run.best(
+            f"collect-ours-{fmt}", _case("collect_ours", folder=str(folder), work_dir=out, output_format=fmt)
+        )
+        naive = run.best(
+            f"collect-naive-{fmt}",
+            _case("collect_naive", folder=str(folder), work_dir=out, output_format=fmt),
+        )
+        if ours["rows"] != results:
+            raise BenchError(f"collect {fmt}: {ours['rows']} rows reconciled, expected {results}")
+        case = f"Collect {results:,} results -> {fmt}"
+        rate = results / ours["seconds"]
+        rows.append(
+            Row(
+                case,
+                "rows/s",
+                rate,
+                "bare orjson parse of the 3 files",
+                results / bare["seconds"],
+                target=">= 0.50x",
+                goal=lambda r: r >= 0.5,
+            )
+        )
+        rows.append(
+            Row(
+                case,
+                "rows/s",
+                rate,
+                f"naive (guide: split + json.loads) -> {fmt}",
+                results / naive["seconds"],
+                target=">= 3x",
+                goal=lambda r: r >= 3,
+            )
+        )
+        rows.append(
+            Row(
+                case,
+                "peak RSS MB",
+                ours["peak_rss_mb"],
+                f"naive -> {fmt}",
+                naive["peak_rss_mb"],
+                target="ours < 300 MB",
+                lower_is_better=True,
+                goal_value=lambda v: v < 300,
+            )
+        )
+    shutil.rmtree(folder)
+    return rows
+
+
+def bench_polling(run: Runner, batches: int, baseline_sample: int, extended: bool) -> list[Row]:
+    rows: list[Row] = []
+    work = str(run.tmp / "polling")
+
+    def scenario(name: str, **kwargs: Any) -> dict[str, Any]:
+        _progress(f"polling: {name} ...")
+        t0 = time.perf_counter()
+        result = run.child(f"polling-{name}", {"kind": "polling", "kwargs": {"work_dir": work, **kwargs}})
+        run.raw[f"polling-{name}"] = result
+        _progress(
+            f"  {result['batches']} batches, {result['calls_per_batch']:.1f} calls/batch, "
+            f"{result['cpu_seconds']:.1f}s CPU ({time.perf_counter() - t0:.0f}s)"
+        )
+        if not result["all_final"]:
+            raise BenchError(f"polling {name}: not every batch was seen completed")
+        return result
+
+    ours = scenario("ours_per_dag", scenario="ours_per_dag", batches=batches)
+    fixed = scenario("fixed", scenario="fixed", batches=batches, sample=baseline_sample)
+    case = f"Polling, {batches:,} batches finishing over 24 h"
+    fixed_name = "fixed 60 s retrieve loop" + (
+        f" (1-in-{baseline_sample} sample)" if baseline_sample > 1 else ""
+    )
+    rows.append(
+        Row(
+            case + ", 1 trigger per batch",
+            "API calls/batch",
+            ours["calls_per_batch"],
+            fixed_name,
+            fixed["calls_per_batch"],
+            target="<= 0.10x",
+            lower_is_better=True,
+            goal=lambda r: r <= 0.10,
+        )
+    )
+    rows.append(
+        Row(
+            case + ", 1 trigger per batch",
+            "CPU s/batch-hour",
+            ours["cpu_seconds_per_batch_hour"],
+            fixed_name,
+            fixed["cpu_seconds_per_batch_hour"],
+            target="(info)",
+            lower_is_better=True,
+        )
+    )
+    rows.append(
+        Row(
+            case + ", 1 trigger per batch",
+            "max s finish->seen",
+            ours["seen_delay_max"],
+            fixed_name,
+            fixed["seen_delay_max"],
+            target="<= 600 s (max_poll_interval)",
+            lower_is_better=True,
+            goal_value=lambda v: v <= ours["max_poll_interval"],
+            note=f"median {ours['seen_delay_median']:.0f} s vs {fixed['seen_delay_median']:.0f} s",
+        )
+    )
+    if extended:
+        wide = scenario(
+            "ours_per_dag_max1200", scenario="ours_per_dag", batches=batches, max_poll_interval=1200.0
+        )
+        rows.append(
+            Row(
+                case + ", max_poll_interval=1200",
+                "API calls/batch",
+                wide["calls_per_batch"],
+                fixed_name,
+                fixed["calls_per_batch"],
+                target="<= 0.10x",
+                lower_is_better=True,
+                goal=lambda r: r <= 0.10,
+                note=f"max finish->seen {wide['seen_delay_max']:.0f} s",
+            )
+        )
+        one = scenario(
+            "ours_one_trigger", scenario="ours_one_trigger", batches=batches, sample=baseline_sample
+        )
+        rows.append(
+            Row(
+                case + f", 1 trigger for all (sample {one['batches']})",
+                "API calls/batch",
+                one["calls_per_batch"],
+                fixed_name,
+                fixed["calls_per_batch"],
+                target="(info)",
+                lower_is_better=True,
+                note=f"max finish->seen {one['seen_delay_max']:.0f} s",
+            )
+        )
+    return rows
+
+
+def bench_e2e(run: Runner, requests: int) -> list[Row]:
+    path = run.tmp / "data" / f"e2e-{requests}.jsonl"
+    gen.write_requests(path, requests)
+    _progress(f"e2e: dag.test() of submit -> wait -> collect, {requests:,} requests ...")
+    result = run.child(
+        "e2e",
+        {
+            "kind": "e2e",
+            "kwargs": {"requests_path": str(path), "requests": requests, "work_dir": str(run.tmp / "e2e")},
+        },
+    )
+    run.raw["e2e"] = result
+    if result["collected_total"] != requests:
+        raise BenchError(f"e2e: collect accounted for {result['collected_total']} of {requests} requests")
+    case = f"End to end, {requests:,}-request DAG (dag.test)"
+    spent = result["our_code_seconds"]
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in spent.items())
+    return [
+        Row(
+            case,
+            "wall s",
+            result["wall_seconds"],
+            "",
+            None,
+            target="(info)",
+            note=f"emulator {result['emulator_seconds']:.2f} s ({result['emulator_cpu_seconds']:.2f} s CPU), "
+            f"ours {result['ours_seconds']:.2f} s, Airflow dag.test {result['airflow_seconds']:.2f} s",
+        ),
+        Row(
+            "  our tasks, incl. waiting on the emulator",
+            "s",
+            result["ours_with_emulator_seconds"],
+            "",
+            None,
+            target="(info)",
+            note=parts,
+        ),
+    ]
+
+
+# -- main ----------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--large", action="store_true", help="also prepare a ~3 GB input")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"sections, from {','.join(SECTIONS)}")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per timed case (best kept)")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of the harness")
+    parser.add_argument("--extended", action="store_true", help="slower extra polling scenarios")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="where the JSON results go")
+    args = parser.parse_args(argv)
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}")
+    gen.check_templates()
+    if args.quick:
+        sizes = {
+            "prep": [("100k", 20_000), ("1M", 100_000)],
+            "collect": 20_000,
+            "polling": (100, 10),
+            "e2e": 5_000,
+            "large": 400_000,
+        }
+    else:
+        sizes = {
+            "prep": [("100k", 100_000), ("1M", 1_000_000)],
+            "collect": 200_000,
+            "polling": (1000, 20),
+            "e2e": 50_000,
+            "large": 11_200_000,
+        }
+    started = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix="aob-bench-"))
+    (tmp / "data").mkdir()
+    run = Runner(tmp, max(1, args.repeat))
+    rows: list[Row] = []
+    failed: list[str] = []
+    sections_run: dict[str, Callable[[], list[Row]]] = {
+        "prep": lambda: bench_prep(run, sizes["prep"], sizes["large"] if args.large else None),
+        "collect": lambda: bench_collect(run, sizes["collect"]),
+        "polling": lambda: bench_polling(run, *sizes["polling"], args.extended),
+        "e2e": lambda: bench_e2e(run, sizes["e2e"]),
+    }
+    try:
+        for section in sections:
+            try:
+                rows += sections_run[section]()
+            except Exception as err:  # one broken section must not lose the others' figures
+                failed.append(f"{section}: {type(err).__name__}: {err}")
+                _progress(f"{section} FAILED: {type(err).__name__}: {err}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    elapsed = time.perf_counter() - started
+    table = render(rows)
+    print(table)
+    print(
+        f"\n{len(rows)} rows in {elapsed / 60:.1f} min; best of {run.repeat} runs per timed case; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average at the end "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}."
+    )
+    document = {
+        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "options": {**vars(args), "output": str(args.output)},
+        "machine": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "load_average_end": os.getloadavg(),
+        },
+        "elapsed_seconds": elapsed,
+        "rows": [row.to_dict() for row in rows],
+        "raw": run.raw,
+        "failed": failed,
+    }
+    args.output.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    print(f"Results: {args.output}")
+    if failed:
+        print("\nFAILED sections:\n" + "\n".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""One measurement in a fresh interpreter: ``python -m bench.child '<spec JSON>'``.
+
+The spec names the work (``{"kind": "case" | "polling" | "e2e", ...}``) and a ``result_path`` where
+the figures are written as JSON; the parent (:mod:`bench.__main__`) keeps this process's output in a
+log file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    kind = spec["kind"]
+    kwargs = spec.get("kwargs", {})
+    if kind == "case":
+        from bench.cases import CASES, preload
+        from bench.measure import measure
+
+        preload(spec["case"], kwargs)
+        case = CASES[spec["case"]]
+        result = measure(lambda: case(**kwargs))
+    elif kind == "polling":
+        from bench import polling
+
+        result = polling.run(**kwargs)
+    elif kind == "e2e":
+        from bench import e2e
+
+        result = e2e.run(**kwargs)
+    else:
+        raise SystemExit(f"unknown kind {kind!r}")
+    Path(spec["result_path"]).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
