@@ -6,7 +6,7 @@ import io
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from airflow_openai_batch.core.jsonl import dumps_line, iter_line_blocks, iter_lines, loads
@@ -92,6 +92,8 @@ def test_iter_lines_property(
         # An unterminated empty last line is no line at all.
         expected = lines[:-1] if lines[-1] == b"" else lines
     data = (BOM if bom else b"") + b"".join(line + end for line, end in zip(lines, ends, strict=True))
+    # Bytes EF BB BF at the very start are a BOM whether or not the case meant one: it is stripped.
+    assume(bom or not data.startswith(BOM))
     if bom and not expected:
         expected = [b""]  # the BOM alone is one (blank) line
     assert lines_of(data, chunk_size) == expected
