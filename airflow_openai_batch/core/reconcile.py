@@ -908,36 +908,7 @@ class Reconciler:
                 continue
             body = response.get("body")
             usage = body.get("usage") if type(body) is dict else None
-            if content_of is not None:
-                record = {
-                    "custom_id": cid,
-                    "batch_id": batch_id,
-                    "status_code": status,
-                    "body": body,
-                    "usage": usage,
-                    "content": content_of(body),
-                }
-            elif embeddings:
-                vectors = _embeddings(body)
-                record = {
-                    "custom_id": cid,
-                    "batch_id": batch_id,
-                    "status_code": status,
-                    "body": body,
-                    "usage": usage,
-                    "embedding": vectors[0] if vectors else None,
-                }
-                if vectors and len(vectors) > 1:
-                    record["embeddings"] = vectors
-            else:
-                record = {
-                    "custom_id": cid,
-                    "batch_id": batch_id,
-                    "status_code": status,
-                    "body": body,
-                    "usage": usage,
-                }
-            sink_success(record)
+            sink_success(success_record(cid, batch_id, status, body, usage, content_of, embeddings))
             succeeded += 1
             if usage is None:
                 continue
@@ -1030,6 +1001,27 @@ class Reconciler:
         self.sink.write_failure(record, request_line)
         tally.failed += 1
         tally.failed_by_code[code] = tally.failed_by_code.get(code, 0) + 1
+
+
+def success_record(
+    cid: str,
+    batch_id: str,
+    status: int,
+    body: Any,
+    usage: Any,
+    content_of: Callable[[Any], str | None] | None,
+    embeddings: bool,
+) -> dict[str, Any]:
+    """A success record: the response plus ``content`` (text endpoints) or ``embedding(s)`` (embeddings)."""
+    record = {"custom_id": cid, "batch_id": batch_id, "status_code": status, "body": body, "usage": usage}
+    if content_of is not None:
+        record["content"] = content_of(body)
+    elif embeddings:
+        vectors = _embeddings(body)
+        record["embedding"] = vectors[0] if vectors else None
+        if vectors and len(vectors) > 1:
+            record["embeddings"] = vectors
+    return record
 
 
 class _Unit:
@@ -1271,37 +1263,8 @@ class _ResultScanner:
                     add_row(cid, batch_id, status, body, usage, None, vectors[0] if vectors else None)
                 else:
                     add_row(cid, batch_id, status, body, usage, None, None)
-            elif content_of is not None:
-                record = {
-                    "custom_id": cid,
-                    "batch_id": batch_id,
-                    "status_code": status,
-                    "body": body,
-                    "usage": usage,
-                    "content": content_of(body),
-                }
-                add_record(dumps(record, option=_APPEND_NEWLINE))
-            elif embeddings:
-                vectors = _embeddings(body)
-                record = {
-                    "custom_id": cid,
-                    "batch_id": batch_id,
-                    "status_code": status,
-                    "body": body,
-                    "usage": usage,
-                    "embedding": vectors[0] if vectors else None,
-                }
-                if vectors and len(vectors) > 1:
-                    record["embeddings"] = vectors
-                add_record(dumps(record, option=_APPEND_NEWLINE))
             else:
-                record = {
-                    "custom_id": cid,
-                    "batch_id": batch_id,
-                    "status_code": status,
-                    "body": body,
-                    "usage": usage,
-                }
+                record = success_record(cid, batch_id, status, body, usage, content_of, embeddings)
                 add_record(dumps(record, option=_APPEND_NEWLINE))
             if usage is None:
                 continue
