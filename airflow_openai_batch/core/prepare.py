@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import gc
 import hashlib
 import heapq
 import io
@@ -32,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from airflow_openai_batch.core.jsonl import BlockHelper, LineIterator, iter_lines, split_block
+from airflow_openai_batch.core.jsonl import BlockHelper, LineIterator, gc_paused, iter_lines, split_block
 from airflow_openai_batch.core.tokens import count_embedding_inputs, request_token_estimator
 from airflow_openai_batch.exceptions import InputProblem, OpenAIBatchInputError
 from airflow_openai_batch.limits import (
@@ -285,22 +284,6 @@ def _check_limits(**limits: int | None) -> None:
     for name, value in limits.items():
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while lines stream past.
-
-    Parsing creates a few container objects per line, which triggers a young-generation collection every
-    hundred lines or so, for nothing: what is built here are trees freed by reference counting.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 # -- duplicate custom_ids with flat memory -------------------------------------------------------------
@@ -1301,7 +1284,7 @@ def _prepare(
         max_problems=max_problems,
     )
     try:
-        with _gc_paused():
+        with gc_paused():
             preparer.run(lines, blocks=blocks)
             return preparer.finish()
     except BaseException:
