@@ -481,3 +481,37 @@ def gc_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+def lines_of(data: bytes) -> list[bytes]:
+    """The lines of newline-terminated data, exactly as they are (a ``\\r`` is kept)."""
+    lines = data.split(b"\n")
+    lines.pop()  # after the final newline
+    return lines
+
+
+class LineBlock:
+    """Consecutive lines: as a list (``lines``), as newline-terminated bytes (``data``), or both (each
+    made from the other when first needed)."""
+
+    __slots__ = ("data", "lines")
+
+    def __init__(self, lines: list[Any] | None = None, data: bytes | None = None) -> None:
+        self.lines = lines
+        self.data = data
+
+    def get_lines(self) -> list[Any]:
+        if self.lines is None:
+            assert self.data is not None
+            self.lines = lines_of(self.data)
+        return self.lines
+
+    def get_data(self) -> bytes:
+        if self.data is None:
+            lines = self.get_lines()
+            lines.append(b"")
+            try:
+                self.data = b"\n".join(lines)
+            finally:
+                lines.pop()
+        return self.data

@@ -31,7 +31,15 @@ from typing import Any
 
 import orjson
 
-from airflow_openai_batch.core.jsonl import BlockHelper, LineIterator, gc_paused, iter_lines, split_block
+from airflow_openai_batch.core.jsonl import (
+    BlockHelper,
+    LineBlock,
+    LineIterator,
+    gc_paused,
+    iter_lines,
+    lines_of,
+    split_block,
+)
 from airflow_openai_batch.core.tokens import count_embedding_inputs, request_token_estimator
 from airflow_openai_batch.exceptions import InputProblem, OpenAIBatchInputError
 from airflow_openai_batch.limits import (
@@ -628,45 +636,21 @@ def _helper_handler(config: bytes) -> Callable[[bytes], bytes]:
     )
 
     def handle(data: bytes) -> bytes:
-        result = check(_lines_of(data))
+        result = check(lines_of(data))
         return b"" if result is None else result.encode()
 
     return handle
 
 
-def _lines_of(data: bytes) -> list[bytes]:
-    """The lines of newline-terminated data, exactly as they are (a ``\\r`` is kept)."""
-    lines = data.split(b"\n")
-    lines.pop()
-    return lines
+class _Block(LineBlock):
+    """Consecutive input lines (see :class:`LineBlock`) and the outcome of their fast check."""
 
-
-class _Block:
-    """Consecutive input lines: as a list (``lines``), as newline-terminated bytes (``data``), or both."""
-
-    __slots__ = ("checked", "data", "done", "lines")
+    __slots__ = ("checked", "done")
 
     def __init__(self, lines: list[Any] | None = None, data: bytes | None = None) -> None:
-        self.lines = lines
-        self.data = data
+        super().__init__(lines, data)
         self.checked: _Checked | None = None
         self.done = False  # checked (``checked`` None: the fast check refused it)
-
-    def get_lines(self) -> list[Any]:
-        if self.lines is None:
-            assert self.data is not None
-            self.lines = _lines_of(self.data)
-        return self.lines
-
-    def get_data(self) -> bytes:
-        if self.data is None:
-            lines = self.get_lines()
-            lines.append(b"")
-            try:
-                self.data = b"\n".join(lines)
-            finally:
-                lines.pop()
-        return self.data
 
 
 # -- validation and splitting -----------------------------------------------------------------------------
@@ -1025,7 +1009,7 @@ class _Preparer:
                 self.c_flush = self.c_bytes + self.flush_step
             return True
         # A cut falls inside the block: place its lines one by one (no parsing needed).
-        lines = _lines_of(data) if checked.filled is not None else block.get_lines()
+        lines = lines_of(data) if checked.filled is not None else block.get_lines()
         ids = checked.get_ids()
         max_requests, max_emb, max_tokens = self.max_requests, self.max_emb, self.max_tokens
         writer, done = self.writer, self.done

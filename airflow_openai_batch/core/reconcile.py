@@ -41,7 +41,14 @@ from typing import Any, Protocol
 
 import orjson
 
-from airflow_openai_batch.core.jsonl import BlockHelper, BlockPipeline, LineIterator, gc_paused, split_block
+from airflow_openai_batch.core.jsonl import (
+    BlockHelper,
+    BlockPipeline,
+    LineBlock,
+    LineIterator,
+    gc_paused,
+    split_block,
+)
 from airflow_openai_batch.statuses import BatchStatus
 
 __all__ = [
@@ -1023,33 +1030,10 @@ def success_record(
     return record
 
 
-class _Unit:
-    """Consecutive lines of a file: as a list (``lines``), as newline-terminated bytes (``data``), or both
-    (each made from the other when first needed)."""
+class _Unit(LineBlock):
+    """Consecutive lines of a file (see :class:`LineBlock`), ready to be sent to the helper process."""
 
-    __slots__ = ("data", "lines")
-
-    def __init__(self, lines: list[Any] | None, data: bytes | None) -> None:
-        self.lines = lines
-        self.data = data
-
-    def get_lines(self) -> list[Any]:
-        if self.lines is None:
-            assert self.data is not None
-            lines = self.data.split(b"\n")
-            lines.pop()  # after the final newline
-            self.lines = lines
-        return self.lines
-
-    def get_data(self) -> bytes:
-        if self.data is None:
-            lines = self.get_lines()
-            lines.append(b"")
-            try:
-                self.data = b"\n".join(lines)
-            finally:
-                lines.pop()
-        return self.data
+    __slots__ = ()
 
     def sendable(self) -> bytes | None:
         """The bytes a helper can split back into exactly these lines, or ``None``.
