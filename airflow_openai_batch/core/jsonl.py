@@ -107,8 +107,7 @@ def iter_raw_blocks(stream: BinaryIO, chunk_size: int = DEFAULT_CHUNK_SIZE) -> I
 
 def split_block(block: bytes) -> list[bytes]:
     """The lines of a block from :func:`iter_raw_blocks`, without their ``\\n`` or ``\\r``."""
-    lines = block.split(b"\n")
-    lines.pop()  # the empty piece after the final newline
+    lines = lines_of(block)
     if b"\r" in block:
         lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
     return lines

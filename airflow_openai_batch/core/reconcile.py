@@ -47,6 +47,7 @@ from airflow_openai_batch.core.jsonl import (
     LineBlock,
     LineIterator,
     gc_paused,
+    lines_of,
     split_block,
 )
 from airflow_openai_batch.statuses import BatchStatus
@@ -1285,8 +1286,7 @@ def _results_handler(config: bytes) -> Callable[[bytes], bytes]:
 
     def handle(frame: bytes) -> bytes:
         op, data = frame[:1], frame[1:]
-        lines = data.split(b"\n")
-        lines.pop()  # after the final newline
+        lines = lines_of(data)
         result: _InputScan | _ScanResult | None
         result = _scan_input(lines) if op == _OP_INPUT else scanner.scan(lines)
         return b"" if result is None else result.encode()
