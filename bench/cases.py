@@ -65,11 +65,14 @@ def prep_naive(path: str, work_dir: str) -> dict[str, Any]:
 
 
 def _streamed(stream: Any) -> Any:
-    """Lines as the collect operator hands them over: a generator around ``iter_lines`` (the hook's
-    ``iter_file_lines`` streams each file from the API the same way)."""
-    from airflow_openai_batch.core.jsonl import iter_lines
+    """Lines as the collect operator gets them from ``OpenAIBatchHook.iter_file_lines``: raw blocks read
+    from a (spooled) file once the first line is asked for."""
+    from airflow_openai_batch.core.jsonl import iter_raw_blocks, lines_from_raw_blocks
 
-    yield from iter_lines(stream)
+    def blocks() -> Any:
+        yield from iter_raw_blocks(stream)
+
+    return lines_from_raw_blocks(blocks())
 
 
 def collect_ours(folder: str, work_dir: str, output_format: str) -> dict[str, Any]:

@@ -36,6 +36,7 @@ __all__ = [
     "iter_line_blocks",
     "iter_lines",
     "iter_raw_blocks",
+    "lines_from_raw_blocks",
     "loads",
     "split_block",
 ]
@@ -146,7 +147,7 @@ def _split_blocks(raw: Iterator[bytes], state: list[bool]) -> Iterator[list[byte
         yield split_block(block)
 
 
-def iter_lines(stream: BinaryIO, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[bytes]:
+def iter_lines(stream: BinaryIO, chunk_size: int = DEFAULT_CHUNK_SIZE) -> LineIterator:
     """Yield the raw lines of a binary stream, reading it in large blocks.
 
     The trailing ``\\n`` and ``\\r`` of each line are removed, a UTF-8 BOM at the very start of the
@@ -158,7 +159,18 @@ def iter_lines(stream: BinaryIO, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterat
     :param chunk_size: bytes per ``read`` call.
     :return: an iterator of ``bytes`` lines (a :class:`LineIterator`).
     """
-    raw = iter_raw_blocks(stream, chunk_size)
+    return lines_from_raw_blocks(iter_raw_blocks(stream, chunk_size))
+
+
+def lines_from_raw_blocks(raw: Iterator[bytes]) -> LineIterator:
+    """The lines of blocks shaped like :func:`iter_raw_blocks` makes them, as :func:`iter_lines` yields
+    them, while a consumer can still take the blocks themselves (:meth:`LineIterator.take_raw_blocks`).
+
+    For sources that have to do something before the first read (e.g. download a file): pass a generator
+    that does it and then yields ``iter_raw_blocks(...)``; nothing runs until the lines or blocks are read.
+
+    :param raw: newline-terminated blocks of whole lines.
+    """
     state = [False]
     # chain's C-level iteration over each block's list is cheaper per line than resuming a generator.
     lines = LineIterator.from_iterable(_split_blocks(raw, state))

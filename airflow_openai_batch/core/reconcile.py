@@ -1206,8 +1206,10 @@ class _ResultScanner:
         ids: list[str] = []
         add_id = ids.append
         failures: list[list[Any]] = []
-        records: list[Any] = []
-        add_record = records.append
+        # The JSON lines are appended to one buffer as they are made: kept as separate bytes objects until
+        # a final join, hundreds of kilobyte-sized allocations stay alive at once, which makes each one
+        # slower (measured: the whole scan took twice as long).
+        records = bytearray()
         rows: Any = None
         if not jsonl:
             # Parquet: straight into the writer's column buffers, without a record dict per row.
@@ -1249,7 +1251,7 @@ class _ResultScanner:
                     add_row(cid, batch_id, status, body, usage, None, None)
             else:
                 record = success_record(cid, batch_id, status, body, usage, content_of, embeddings)
-                add_record(dumps(record, option=_APPEND_NEWLINE))
+                records += dumps(record, option=_APPEND_NEWLINE)
             if usage is None:
                 continue
             # The same arithmetic as Reconciler._result_lines.
@@ -1273,7 +1275,7 @@ class _ResultScanner:
             acc[1] += out
             acc[2] += tot
             acc[3] += cached
-        payload = b"".join(records) if jsonl else success_block(rows)
+        payload = bytes(records) if jsonl else success_block(rows)
         usage_rows = [[key, *acc] for key, acc in usage_acc.items()]
         return _ScanResult(ids, len(lines), failures, usage_rows, succeeded, payload)
 

@@ -15,7 +15,7 @@ from typing import IO, TYPE_CHECKING, Any
 from airflow.sdk import BaseHook
 from airflow.sdk.log import mask_secret
 
-from airflow_openai_batch.core.jsonl import iter_lines
+from airflow_openai_batch.core.jsonl import LineIterator, iter_raw_blocks, lines_from_raw_blocks
 from airflow_openai_batch.core.progress import describe_api_error, retry_after_seconds
 from airflow_openai_batch.limits import COMPLETION_WINDOW, MAX_LIST_PAGE_SIZE
 
@@ -205,14 +205,19 @@ class OpenAIBatchHook(BaseHook):
                 return self.client.files.create(file=(filename or path.name, stream), purpose=purpose)
         return self.client.files.create(file=(filename or "batch.jsonl", source), purpose=purpose)
 
-    def iter_file_lines(self, file_id: str) -> Iterator[bytes]:
-        """Yield a file's lines (raw bytes, no newline). The body is streamed into a local spool file
-        (memory stays flat) and downloaded again from the start when the connection drops, so a
-        download cut short is never read as the file."""
+    def iter_file_lines(self, file_id: str) -> LineIterator:
+        """A file's lines (raw bytes, no newline), as :func:`~airflow_openai_batch.core.jsonl.iter_lines`
+        yields them (so a consumer may take them as raw blocks). Nothing is downloaded until the first
+        line is read. The body is streamed into a local spool file (memory stays flat) and downloaded
+        again from the start when the connection drops, so a download cut short is never read as the
+        file."""
+        return lines_from_raw_blocks(self._iter_file_blocks(file_id))
+
+    def _iter_file_blocks(self, file_id: str) -> Iterator[bytes]:
         with tempfile.TemporaryFile(prefix="openai-batch-download-") as spool:
             self._download(file_id, spool)
             spool.seek(0)
-            yield from iter_lines(spool)
+            yield from iter_raw_blocks(spool)
 
     def _download(self, file_id: str, out: IO[bytes]) -> None:
         import httpx2

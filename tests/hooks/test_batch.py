@@ -94,6 +94,27 @@ def test_upload_create_get_list_cancel_stream_delete(emulator) -> None:
     assert hook.cancel_batch(live.id).status in ("cancelling", "cancelled")
 
 
+def test_file_lines_download_only_when_read_and_offer_raw_blocks(emulator) -> None:
+    hook = OpenAIBatchHook()
+    batch = _completed_batch(hook, emulator, n=6)
+    before = emulator.stats()["calls"].get("files.content", 0)
+    lines = hook.iter_file_lines(batch.output_file_id)
+    assert emulator.stats()["calls"].get("files.content", 0) == before  # nothing fetched yet
+    # The collect path reads whole blocks (no per-line objects): same bytes as the lines, newline-ended.
+    raw = lines.take_raw_blocks()
+    assert raw is not None
+    data = b"".join(raw)
+    assert emulator.stats()["calls"].get("files.content", 0) == before + 1
+    assert data.endswith(b"\n")
+    assert sorted(json.loads(line)["custom_id"] for line in data.splitlines()) == [
+        f"req-{i}" for i in range(6)
+    ]
+    # Once lines were taken, the blocks are no longer on offer (the two views cannot be mixed).
+    again = hook.iter_file_lines(batch.output_file_id)
+    assert next(again)
+    assert again.take_raw_blocks() is None
+
+
 def test_upload_streams_from_a_path_without_reading_it_whole(emulator, tmp_path, monkeypatch) -> None:
     path = tmp_path / "big.jsonl"
     path.write_bytes(_lines(20_000))
