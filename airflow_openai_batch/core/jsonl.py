@@ -191,6 +191,12 @@ _PIPE_BYTES = 1 << 20
 #: The GIL switch interval while a helper runs: the caller's main thread holds the GIL almost all the
 #: time, and the threads feeding the helper must get it quickly (the default 5 ms would starve it).
 _SWITCH_INTERVAL = 0.0005
+#: glibc malloc settings for the helper (ignored by other C libraries; a user's own values win). Each
+#: block's answer is built from a few hundred fresh kilobyte-sized objects and freed a moment later; by
+#: default glibc hands that memory back to the kernel and faults it in again for the next block, which
+#: costs the helper about a fifth of its time. Keeping up to 256 MB of freed memory avoids it; the
+#: helper's peak memory is unchanged (it holds a few blocks at a time).
+_HELPER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 _HELPER_CODE = "from airflow_openai_batch.core.jsonl import _helper_main; _helper_main()"
 
 
@@ -266,6 +272,8 @@ class BlockHelper:
         # The child must import this very package, wherever it was imported from here.
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        for name, value in _HELPER_MALLOC_ENV.items():
+            env.setdefault(name, value)
         self._proc = subprocess.Popen(
             [sys.executable, "-c", _HELPER_CODE],
             stdin=subprocess.PIPE,

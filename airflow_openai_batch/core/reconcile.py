@@ -484,6 +484,8 @@ class Reconciler:
         self._tallies: dict[str, BatchTally] = {}
         self._usage_by_model: dict[str, dict[str, int]] = {}
         self._anomalies = _Anomalies()
+        #: The current batch's input ids, asked only about results that are not in the index.
+        self._input_ids: _InputIds | Any = None
 
     # -- public -----------------------------------------------------------------------------------
 
@@ -512,6 +514,7 @@ class Reconciler:
         try:
             with gc_paused():
                 index, bad_lines, dup_lines, first_request = self._copy_input(files, tmp_path, tally)
+                self._input_ids = _InputIds(tmp_path, bad_lines)
                 self._learn_model_and_endpoint(tally, first_request)
                 with open(tmp_path, "rb") as reader:
                     fetch = _RequestFetcher(reader)
@@ -635,7 +638,8 @@ class Reconciler:
             # a batch at validation. (The rebuild finds the repeats already copied again, without their
             # line numbers: those known are kept.)
             known = {off: no for _, off, no in dup_lines}
-            index, dup_lines = self._reindex_copy(out, tmp_path, bad_lines)
+            out.flush()
+            index, dup_lines = _index_copy(tmp_path, bad_lines)
             dup_lines = [(cid, off, known.get(off, no)) for cid, off, no in dup_lines]
             return False
 
@@ -660,15 +664,17 @@ class Reconciler:
 
         def add_scanned(unit: _Unit, scanned: _InputScan | None) -> None:
             nonlocal line_no
-            lines = unit.get_lines()
-            if scanned is None or len(scanned.ids) != len(lines):
-                add_slab(lines, unit.data, fast=False)
+            # Units sent to the helper have their data; counting newlines spares a split into lines.
+            data = unit.get_data()
+            count = len(unit.lines) if unit.lines is not None else data.count(b"\n")
+            if scanned is None or len(scanned.ids) != count:
+                add_slab(unit.get_lines(), data, fast=False)
                 return
             base_no = line_no
-            line_no += len(lines)
-            if not add_ids(scanned.ids, scanned.lengths, unit.get_data(), len(lines)):
+            line_no += count
+            if not add_ids(scanned.ids, scanned.lengths, data, count):
                 line_no = base_no
-                add_slab(lines, unit.data, fast=False)
+                add_slab(unit.get_lines(), data, fast=False)
 
         with open(tmp_path, "wb", buffering=1 << 20) as out:
             pipeline: BlockPipeline | None = None
@@ -692,28 +698,6 @@ class Reconciler:
                 pipeline.finish()
         tally.total += count
         return index, bad_lines, dup_lines, first_request
-
-    @staticmethod
-    def _reindex_copy(
-        out: Any, tmp_path: Path, bad_lines: list[tuple[int, int]]
-    ) -> tuple[dict[str, int], list[tuple[str, int, int | None]]]:
-        """Index the input copy written so far from scratch, first occurrence first.
-
-        :return: ``(index, dup_lines)``; a duplicate's source line number is not known here (None).
-        """
-        out.flush()
-        bad_offsets = {off for _, off in bad_lines}
-        index: dict[str, int] = {}
-        dup_lines: list[tuple[str, int, int | None]] = []
-        offset = 0
-        with open(tmp_path, "rb") as copy:
-            for line in copy:
-                if offset not in bad_offsets:
-                    cid = _loads(line)["custom_id"]  # lines in the copy with a good custom_id only
-                    if index.setdefault(cid, offset) != offset:
-                        dup_lines.append((cid, offset, None))
-                offset += len(line)
-        return index, dup_lines
 
     @staticmethod
     def _index_lines(
@@ -812,16 +796,22 @@ class Reconciler:
         The scan assumed every custom_id is in the input and answered once: when one is not (unknown,
         answered twice), or the scanner left the block to the careful path (``scan`` is ``None``), the
         block goes line by line through :meth:`_result_lines`, which reports what is wrong.
+
+        ``index`` holds the requests not answered yet: an answered id is taken out of it.
         """
         if scan is not None and unit.lines is not None and scan.count != len(unit.lines):
             scan = None  # lines with a newline inside: the careful path sees them as they are
         if scan is not None:
             ids = scan.ids
-            # C-level: look every id up, check none is unknown, consumed or repeated in the block, then
-            # mark them all consumed (a later result for one of them is a duplicate).
-            taken = list(map(index.get, ids))
-            if None not in taken and (not taken or min(taken) >= 0) and len(set(ids)) == len(ids):
-                index.update(zip(ids, itertools.repeat(-1)))
+            # One C-level pass: take every id out of the index (answered ids leave it, so what is left at
+            # the end is what no result mentions). An id that is unknown, already answered or repeated in
+            # the block comes out as None: then everything taken goes back, and the block goes line by line.
+            taken = list(map(index.pop, ids, itertools.repeat(None)))
+            if None in taken:
+                for cid, off in zip(ids, taken, strict=True):
+                    if off is not None:
+                        index[cid] = off
+            else:
                 for i, status_code, code, message in scan.failures:
                     self._fail(tally, fetch, taken[i], ids[i], status_code, code, message)
                 if scan.succeeded:
@@ -864,7 +854,7 @@ class Reconciler:
         kind = endpoint_kind(tally.endpoint)
         content_of = _CONTENT_EXTRACTORS.get(kind)
         embeddings = kind == "embeddings"
-        index_get = index.get
+        index_pop = index.pop
         if kind == "responses":
             k_input, k_output, k_details = "input_tokens", "output_tokens", "input_tokens_details"
         else:
@@ -878,7 +868,7 @@ class Reconciler:
             try:
                 obj = _loads(line)
                 cid = obj["custom_id"]
-                off = index_get(cid)
+                off = index_pop(cid, None)  # answered: out of the index
             except (_JSONDecodeError, KeyError, TypeError, IndexError) as exc:
                 if not line.strip():
                     continue  # blank line (e.g. Azure's zero-byte error file, a trailing newline)
@@ -886,20 +876,18 @@ class Reconciler:
                 anomalies.add(tally, "unparseable_result_line", None, source, line_no, detail)
                 continue
             if off is None:
-                if type(cid) is str:
+                if type(cid) is not str:
+                    detail = f"custom_id is {type(cid).__name__}, not a string"
+                    anomalies.add(tally, "unparseable_result_line", None, source, line_no, detail)
+                elif cid in self._input_ids:
+                    anomalies.add(
+                        tally, "duplicate_result", cid, source, line_no, "an earlier result for it was kept"
+                    )
+                else:
                     anomalies.add(
                         tally, "unknown_custom_id", cid, source, line_no, "not in the batch's input"
                     )
-                else:
-                    detail = f"custom_id is {type(cid).__name__}, not a string"
-                    anomalies.add(tally, "unparseable_result_line", None, source, line_no, detail)
                 continue
-            if off < 0:
-                anomalies.add(
-                    tally, "duplicate_result", cid, source, line_no, "an earlier result for it was kept"
-                )
-                continue
-            index[cid] = -1  # consumed: a later result for this id is a duplicate
             # Subscripts rather than .get(): this runs once per request. A null or odd response raises and
             # takes the failure path, which sorts out what it is.
             try:
@@ -960,10 +948,10 @@ class Reconciler:
         """Fail every input request that got no result (and the input lines that cannot be joined)."""
         code = _ABSENT_CODE_BY_STATUS.get(tally.status, "missing")
         message = _ABSENT_MESSAGES[code].format(status=tally.status)
-        # Insertion order is file order, so the reads below walk the copy forwards.
+        # What is left in the index is what no result answered. Insertion order is file order, so the reads
+        # below walk the copy forwards.
         for cid, off in index.items():
-            if off >= 0:
-                self._fail(tally, fetch, off, cid, None, code, message)
+            self._fail(tally, fetch, off, cid, None, code, message)
         for cid, off, line_no in dup_lines:
             detail = "custom_id repeated: this line is failed, the first one is joined"
             self._anomalies.add(tally, "duplicate_input_custom_id", cid, "input", line_no, detail)
@@ -1317,6 +1305,46 @@ def _first_request(lines: list[bytes]) -> Any:
             except _JSONDecodeError:
                 return False
     return None
+
+
+def _index_copy(
+    tmp_path: Path, bad_lines: list[tuple[int, int]]
+) -> tuple[dict[str, int], list[tuple[str, int, int | None]]]:
+    """Index the input copy (as written so far) from scratch, first occurrence first.
+
+    :return: ``(index, dup_lines)``; a duplicate's source line number is not known here (None).
+    """
+    bad_offsets = {off for _, off in bad_lines}
+    index: dict[str, int] = {}
+    dup_lines: list[tuple[str, int, int | None]] = []
+    offset = 0
+    with open(tmp_path, "rb") as copy:
+        for line in copy:
+            if offset not in bad_offsets:
+                cid = _loads(line)["custom_id"]  # lines in the copy with a good custom_id only
+                if index.setdefault(cid, offset) != offset:
+                    dup_lines.append((cid, offset, None))
+            offset += len(line)
+    return index, dup_lines
+
+
+class _InputIds:
+    """Whether a custom_id is in the batch's input, for telling a repeated result from an unknown one.
+
+    Answered ids leave the index, so an id that is not there may have been answered before or never
+    asked: only a result that is not in the index asks this, which is rare, so the set of every input
+    id is built from the input copy on the first question rather than kept for every batch.
+    """
+
+    def __init__(self, tmp_path: Path, bad_lines: list[tuple[int, int]]) -> None:
+        self._tmp_path = tmp_path
+        self._bad_lines = bad_lines
+        self._ids: dict[str, int] | None = None
+
+    def __contains__(self, custom_id: str) -> bool:
+        if self._ids is None:
+            self._ids, _ = _index_copy(self._tmp_path, self._bad_lines)
+        return custom_id in self._ids
 
 
 #: Endpoint kinds whose convenience field is ``content``: the function that reads it from a body.

@@ -12,6 +12,8 @@ import pytest
 from airflow_openai_batch.core.reconcile import BatchResultFiles, Reconciler
 from airflow_openai_batch.core.writers import ResultWriter, read_records, write_manifest
 
+CHAT = "/v1/chat/completions"
+
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
@@ -283,3 +285,63 @@ def test_reconciler_into_writer_end_to_end(tmp_path: Path, output_format: str) -
     manifest = json.loads((tmp_path / "stage" / "manifest.json").read_text())
     assert manifest["failed_by_code"] == {"batch_expired": 2}
     assert manifest["usage_by_model"] == {"text-embedding-3-small": manifest["usage"]}
+
+
+@pytest.mark.parametrize("helper", ["1", "0"], ids=["helper-process", "one-process"])
+@pytest.mark.parametrize("output_format", ["jsonl", "parquet"])
+def test_block_path_reports_repeats_across_blocks_and_unknown_ids(
+    tmp_path: Path, output_format: str, helper: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large files go through the block path (and a helper process): answered ids leave the index there,
+    so a later repeat must still be told apart from an id the input never had."""
+    import io
+
+    from airflow_openai_batch.core.jsonl import iter_lines
+
+    monkeypatch.setenv("OPENAI_BATCH_HELPER_PROCESS", helper)
+    n = 30_000  # ~7 MB of input: past the size where the helper process starts
+    pad = "x" * 150
+    inputs = b"".join(
+        orjson.dumps(
+            {"custom_id": f"r{i}", "method": "POST", "url": CHAT, "body": {"model": "m", "pad": pad}}
+        )
+        + b"\n"
+        for i in range(n)
+    )
+
+    def ok(cid: str) -> bytes:
+        body = {"model": "m", "choices": [{"message": {"content": f"a-{cid}"}}], "usage": {"total_tokens": 1}}
+        return orjson.dumps({"custom_id": cid, "response": {"status_code": 200, "body": body}, "error": None})
+
+    answered = [f"r{i}" for i in range(n) if i % 10]  # every tenth request gets no result
+    lines = [ok(cid) for cid in answered]
+    lines.append(ok("r1"))  # answered again, many blocks after its first answer
+    lines.append(ok("nobody"))  # never asked
+    output = b"\n".join(lines) + b"\n"
+    errors = orjson.dumps({"custom_id": "r2", "response": None, "error": {"code": "x", "message": "y"}})
+
+    writer = ResultWriter(tmp_path / "stage", output_format)
+    rec = Reconciler(writer, tmp_path / "work")
+    rec.add_batch(
+        BatchResultFiles(
+            "b",
+            "completed",
+            iter_lines(io.BytesIO(inputs)),
+            iter_lines(io.BytesIO(output)),
+            iter_lines(io.BytesIO(errors + b"\n")),
+        )
+    )
+    writer.close()
+    summary = rec.summary()
+    assert summary.anomalies["counts"] == {"duplicate_result": 2, "unknown_custom_id": 1}
+    kinds = {(e["kind"], e["custom_id"], e["source"]) for e in summary.anomalies["examples"]}
+    assert kinds == {
+        ("duplicate_result", "r1", "output"),
+        ("duplicate_result", "r2", "error"),
+        ("unknown_custom_id", "nobody", "output"),
+    }
+    assert summary.succeeded == len(answered)
+    assert summary.failed_by_code == {"missing": n - len(answered)}
+    got = [r["custom_id"] for r in read_records(writer.paths()["successes"])]
+    assert sorted(got) == sorted(answered)
+    assert got.count("r1") == 1
