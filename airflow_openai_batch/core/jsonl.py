@@ -406,8 +406,13 @@ class BlockPipeline:
     :param decode: turns the helper's answer for a block into what ``work`` returns.
     :param apply: receives each block and its result, in the order the blocks were fed.
     :param prefix: bytes sent before each block (e.g. which work the helper should do).
-    :param inflight: blocks sent to the helper and not answered yet, at most.
-    :param max_pending: blocks worked on and not applied yet, at most (memory stays flat).
+    :param inflight: blocks sent to the helper and not answered yet, at most (at first: see
+        ``max_inflight``).
+    :param max_inflight: when larger than ``inflight``, the limit adapts between 1 and this so that
+        neither process waits for the other: it grows when the helper is found with nothing to do, and
+        shrinks when this process has to wait for an answer.
+    :param max_pending: blocks worked on and not applied yet, at most (memory stays flat); at least
+        one more than the limit of blocks in flight.
     :param timeout: seconds to wait for one answer before giving up on the helper.
     """
 
@@ -420,6 +425,7 @@ class BlockPipeline:
         *,
         prefix: bytes = b"",
         inflight: int = 3,
+        max_inflight: int | None = None,
         max_pending: int = 8,
         timeout: float = 300.0,
     ) -> None:
@@ -429,15 +435,24 @@ class BlockPipeline:
         self._apply = apply
         self._prefix = prefix
         self._inflight = inflight
-        self._max_pending = max_pending
+        self._max_inflight = max(inflight, max_inflight or inflight)
+        self._min_inflight = inflight if self._max_inflight == inflight else 1
+        self._max_pending = max(max_pending, self._max_inflight + 1)
         self._timeout = timeout
         self._pending: deque[list[Any]] = deque()  # [data, result], result _WAITING at the helper
         self._sent: deque[list[Any]] = deque()
+
+    @property
+    def inflight_limit(self) -> int:
+        """How many blocks may be at the helper now (adapts when ``max_inflight`` allows)."""
+        return self._inflight
 
     def feed(self, block: Any, data: bytes | None) -> None:
         """Queue ``block``; ``data`` is what the helper gets for it (``None``: do it here)."""
         entry: list[Any] = [block, _WAITING]
         helper = self.helper
+        if helper is not None and not self._sent and self._inflight < self._max_inflight:
+            self._inflight += 1  # every answer is in: the helper has been idle, give it more
         if data is not None and helper is not None and helper.alive and len(self._sent) < self._inflight:
             self._sent.append(entry)
             helper.send(data, entry, self._prefix)
@@ -458,6 +473,8 @@ class BlockPipeline:
             if head[1] is _WAITING:
                 if not (wait or everything):
                     return
+                if not everything and self._inflight > self._min_inflight:
+                    self._inflight -= 1  # this process waits for the helper: keep more work here
                 self._collect(wait=True)
                 continue
             pending.popleft()

@@ -31,6 +31,7 @@ import base64
 import contextlib
 import itertools
 import operator
+import os
 import re
 import sys
 import uuid
@@ -116,9 +117,11 @@ _UNSET = object()
 #: Result blocks are scanned by a helper process too once a batch's input passes this size.
 _RESULT_HELPER_MIN_BYTES = 4 << 20
 _RESULTS_FACTORY = "airflow_openai_batch.core.reconcile:_results_handler"
-#: Blocks sent to the helper and not answered yet; and blocks scanned, not yet applied, at most.
+#: Blocks sent to the helper and not answered yet (at first, and at most as the split adapts), and
+#: blocks scanned, not yet applied, at most.
 _RESULT_INFLIGHT = 3
-_RESULT_MAX_PENDING = 4
+_RESULT_MAX_INFLIGHT = 8
+_RESULT_MAX_PENDING = 9
 #: Seconds to wait for one answer of the helper before scanning its blocks here instead.
 _RESULT_HELPER_TIMEOUT = 300.0
 _APPEND_NEWLINE = orjson.OPT_APPEND_NEWLINE
@@ -690,6 +693,7 @@ class Reconciler:
                         add_scanned,
                         prefix=_OP_INPUT,
                         inflight=_RESULT_INFLIGHT,
+                        max_inflight=_RESULT_MAX_INFLIGHT,
                         max_pending=_RESULT_MAX_PENDING,
                         timeout=_RESULT_HELPER_TIMEOUT,
                     )
@@ -774,6 +778,7 @@ class Reconciler:
             apply,
             prefix=_OP_RESULTS,
             inflight=_RESULT_INFLIGHT,
+            max_inflight=_RESULT_MAX_INFLIGHT,
             max_pending=_RESULT_MAX_PENDING,
             timeout=_RESULT_HELPER_TIMEOUT,
         )
@@ -1285,15 +1290,28 @@ def _results_handler(config: bytes) -> Callable[[bytes], bytes]:
 
 
 class _RequestFetcher:
-    """Read one request line back from the local input copy by offset."""
+    """Read one request line back from the local input copy by offset.
+
+    One ``pread`` per line (no seek, no buffer refill): failures are fetched in file order but far apart,
+    so a buffered reader would read and drop a whole buffer for each one.
+    """
+
+    #: Bytes read at first; a longer line is read again with a larger size.
+    _FIRST_READ = 4096
 
     def __init__(self, reader: Any) -> None:
-        self._seek = reader.seek
-        self._readline = reader.readline
+        self._fd = reader.fileno()
 
     def __call__(self, offset: int) -> bytes:
-        self._seek(offset)
-        return self._readline()[:-1]
+        size = self._FIRST_READ
+        while True:
+            data = os.pread(self._fd, size, offset)
+            end = data.find(b"\n")
+            if end >= 0:
+                return data[:end]
+            if len(data) < size:
+                return data  # the end of the copy (every line in it ends with a newline, though)
+            size *= 4
 
 
 def _first_request(lines: list[bytes]) -> Any:

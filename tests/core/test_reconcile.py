@@ -771,3 +771,14 @@ def test_reconcile_python_heap_peak_is_well_below_the_data_size(tmp_path: Path) 
     data = _data_bytes(n, pad_words)
     assert data > 80_000_000
     assert peak < data / 4, f"peak {peak / 1e6:.0f} MB for {data / 1e6:.0f} MB of data"
+
+
+def test_long_request_lines_come_back_whole_for_the_retry_file(tmp_path: Path) -> None:
+    # Request lines far longer than one read of the input copy, next to short ones.
+    inputs = [
+        request(f"long-{i}", messages=[{"role": "user", "content": "w" * (9000 * i)}]) for i in range(4)
+    ]
+    inputs.insert(2, request("short"))
+    sink, summary = reconcile(tmp_path, inputs, [ok_line("long-1")], None)
+    assert summary.failed == 4
+    assert sorted(sink.request_lines) == sorted(line for line in inputs if b'"long-1"' not in line)
