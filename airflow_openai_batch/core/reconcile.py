@@ -120,8 +120,8 @@ _RESULTS_FACTORY = "airflow_openai_batch.core.reconcile:_results_handler"
 #: Blocks sent to the helper and not answered yet (at first, and at most as the split adapts), and
 #: blocks scanned, not yet applied, at most.
 _RESULT_INFLIGHT = 3
-_RESULT_MAX_INFLIGHT = 8
-_RESULT_MAX_PENDING = 9
+_RESULT_MAX_INFLIGHT = 5
+_RESULT_MAX_PENDING = 6
 #: Seconds to wait for one answer of the helper before scanning its blocks here instead.
 _RESULT_HELPER_TIMEOUT = 300.0
 _APPEND_NEWLINE = orjson.OPT_APPEND_NEWLINE
@@ -784,6 +784,10 @@ class Reconciler:
         )
         for unit in _units(lines, input_file=False):
             pipeline.feed(unit, unit.sendable())
+            if unit.lines is not None:
+                # Joined only to be sent (the send keeps its own reference until written): while the
+                # block waits for its answer, holding the lines is enough.
+                unit.data = None
         pipeline.finish()
 
     def _apply_scan(
