@@ -424,8 +424,9 @@ def success_block(records: Iterable[dict[str, Any]] | _SuccessColumns) -> bytes:
     return batch.serialize().to_pybytes()
 
 
-class _ParquetSuccesses:
-    """Success records buffered for one row group (:class:`_SuccessColumns`), then written as Parquet."""
+class _ParquetFile:
+    """One Parquet output written as ``<path>.partial`` in row groups of at most ``row_group_rows`` rows
+    or about ``row_group_bytes`` bytes; subclasses buffer the rows and say how to :meth:`flush` them."""
 
     def __init__(self, path: Path, schema: Any, row_group_rows: int, row_group_bytes: int) -> None:
         pa = _pyarrow()
@@ -436,8 +437,28 @@ class _ParquetSuccesses:
         self._writer = _TableWriter(pa, self.partial, schema)
         self._rows_limit = row_group_rows
         self._bytes_limit = row_group_bytes
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.flush()
+        self._writer.close()
+        os.replace(self.partial, self.path)
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._writer.close()
+        self.partial.unlink(missing_ok=True)
+
+
+class _ParquetSuccesses(_ParquetFile):
+    """Success records buffered for one row group (:class:`_SuccessColumns`), then written as Parquet."""
+
+    def __init__(self, path: Path, schema: Any, row_group_rows: int, row_group_bytes: int) -> None:
+        super().__init__(path, schema, row_group_rows, row_group_bytes)
         self.count = 0
-        self._columns = _SuccessColumns(pa, schema)
+        self._columns = _SuccessColumns(self._pa, schema)
         #: Record batches received whole (write_block), waiting to fill a row group.
         self._batches: list[Any] = []
         self._batch_rows = 0
@@ -481,16 +502,6 @@ class _ParquetSuccesses:
         if table is not None:
             self._writer.write_table(table)
 
-    def close(self) -> None:
-        self.flush()
-        self._writer.close()
-        os.replace(self.partial, self.path)
-
-    def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self._writer.close()
-        self.partial.unlink(missing_ok=True)
-
 
 def _int64_array(pa: Any, values: tuple[Any, ...]) -> Any:
     try:
@@ -500,18 +511,11 @@ def _int64_array(pa: Any, values: tuple[Any, ...]) -> Any:
         return pa.array([v if type(v) is int else None for v in values], type=pa.int64())
 
 
-class _ParquetFailures:
+class _ParquetFailures(_ParquetFile):
     """Failure records buffered as columns and written as Parquet row groups."""
 
     def __init__(self, path: Path, schema: Any, row_group_rows: int, row_group_bytes: int) -> None:
-        pa = _pyarrow()
-        self._pa = pa
-        self.path = path
-        self.partial = path.with_name(path.name + PARTIAL_SUFFIX)
-        self.schema = schema
-        self._writer = _TableWriter(pa, self.partial, schema)
-        self._rows = row_group_rows
-        self._bytes = row_group_bytes
+        super().__init__(path, schema, row_group_rows, row_group_bytes)
         self._columns: list[list[Any]] = [[] for _ in schema]
         self.buffered_bytes = 0
 
@@ -529,7 +533,7 @@ class _ParquetFailures:
             request = record.get("request")
             cols[5].append(None if request is None else orjson.dumps(request))
         self.buffered_bytes += len(request_line or b"") + 64
-        if len(cols[0]) >= self._rows or self.buffered_bytes >= self._bytes:
+        if len(cols[0]) >= self._rows_limit or self.buffered_bytes >= self._bytes_limit:
             self.flush()
 
     def flush(self) -> None:
@@ -548,16 +552,6 @@ class _ParquetFailures:
         self._writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
         self._columns = [[] for _ in self.schema]
         self.buffered_bytes = 0
-
-    def close(self) -> None:
-        self.flush()
-        self._writer.close()
-        os.replace(self.partial, self.path)
-
-    def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self._writer.close()
-        self.partial.unlink(missing_ok=True)
 
 
 class ResultWriter:

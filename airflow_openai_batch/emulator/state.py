@@ -758,20 +758,19 @@ class EmulatorState:
         self._unlink(spill_path)
         created = self.clock.unix(t)
         ttl = batch.output_expires_after or FILE_TTL
-        if sizes[False]:
-            record_out = self._store_file(
-                out_path, f"{batch.id}_output.jsonl", "batch_output", sizes[False], created, ttl
-            )
-            batch.output_file_id = record_out.id
-        else:
-            self._unlink(out_path)
-        if sizes[True]:
-            record_err = self._store_file(
-                err_path, f"{batch.id}_error.jsonl", "batch_output", sizes[True], created, ttl
-            )
-            batch.error_file_id = record_err.id
-        else:
-            self._unlink(err_path)
+        # A file only when it has lines: OpenAI leaves output_file_id / error_file_id null otherwise.
+        stored: dict[bool, str | None] = {}
+        for is_error, path, name in ((False, out_path, "output"), (True, err_path, "error")):
+            if sizes[is_error]:
+                record = self._store_file(
+                    path, f"{batch.id}_{name}.jsonl", "batch_output", sizes[is_error], created, ttl
+                )
+                stored[is_error] = record.id
+            else:
+                self._unlink(path)
+                stored[is_error] = None
+        batch.output_file_id = stored[False] or batch.output_file_id
+        batch.error_file_id = stored[True] or batch.error_file_id
 
     # ------------------------------------------------------------------ rendering
 
