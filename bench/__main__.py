@@ -277,7 +277,8 @@ def bench_polling(run: Runner, batches: int, baseline_sample: int, extended: boo
         result = run.child(f"polling-{name}", {"kind": "polling", "kwargs": {"work_dir": work, **kwargs}})
         run.raw[f"polling-{name}"] = result
         _progress(
-            f"  {result['batches']} batches, {result['calls_per_batch']:.1f} calls/batch, "
+            f"  {result['batches']} batches, {result['calls_per_batch']:.1f} calls/batch "
+            f"({result['retrieve_calls']} retrieve + {result['list_calls']} list), "
             f"{result['cpu_seconds']:.1f}s CPU ({time.perf_counter() - t0:.0f}s)"
         )
         if not result["all_final"]:
@@ -285,47 +286,53 @@ def bench_polling(run: Runner, batches: int, baseline_sample: int, extended: boo
         return result
 
     ours = scenario("ours_per_dag", scenario="ours_per_dag", batches=batches)
+    staggered = scenario("ours_per_dag_staggered", scenario="ours_per_dag_staggered", batches=batches)
     fixed = scenario("fixed", scenario="fixed", batches=batches, sample=baseline_sample)
     case = f"Polling, {batches:,} batches finishing over 24 h"
     fixed_name = "fixed 60 s retrieve loop" + (
         f" (1-in-{baseline_sample} sample)" if baseline_sample > 1 else ""
     )
-    rows.append(
-        Row(
-            case + ", 1 trigger per batch",
-            "API calls/batch",
-            ours["calls_per_batch"],
-            fixed_name,
-            fixed["calls_per_batch"],
-            target="<= 0.10x",
-            lower_is_better=True,
-            goal=lambda r: r <= 0.10,
+    for result, label in (
+        (ours, ", 1 trigger per batch"),
+        (staggered, f", 1 trigger per batch, starts spread over {staggered['start_spread'] / 3600:g} h"),
+    ):
+        rows.append(
+            Row(
+                case + label,
+                "API calls/batch",
+                result["calls_per_batch"],
+                fixed_name,
+                fixed["calls_per_batch"],
+                target="<= 0.10x",
+                lower_is_better=True,
+                goal=lambda r: r <= 0.10,
+                note=f"{result['retrieve_calls']:,} retrieve + {result['list_calls']:,} list calls",
+            )
         )
-    )
-    rows.append(
-        Row(
-            case + ", 1 trigger per batch",
-            "CPU s/batch-hour",
-            ours["cpu_seconds_per_batch_hour"],
-            fixed_name,
-            fixed["cpu_seconds_per_batch_hour"],
-            target="(info)",
-            lower_is_better=True,
+        rows.append(
+            Row(
+                case + label,
+                "CPU s/batch-hour",
+                result["cpu_seconds_per_batch_hour"],
+                fixed_name,
+                fixed["cpu_seconds_per_batch_hour"],
+                target="(info)",
+                lower_is_better=True,
+            )
         )
-    )
-    rows.append(
-        Row(
-            case + ", 1 trigger per batch",
-            "max s finish->seen",
-            ours["seen_delay_max"],
-            fixed_name,
-            fixed["seen_delay_max"],
-            target="<= 600 s (max_poll_interval)",
-            lower_is_better=True,
-            goal_value=lambda v: v <= ours["max_poll_interval"],
-            note=f"median {ours['seen_delay_median']:.0f} s vs {fixed['seen_delay_median']:.0f} s",
+        rows.append(
+            Row(
+                case + label,
+                "max s finish->seen",
+                result["seen_delay_max"],
+                fixed_name,
+                fixed["seen_delay_max"],
+                target="<= 600 s (max_poll_interval)",
+                lower_is_better=True,
+                goal_value=lambda v, limit=result["max_poll_interval"]: v <= limit,
+                note=f"median {result['seen_delay_median']:.0f} s vs {fixed['seen_delay_median']:.0f} s",
+            )
         )
-    )
     if extended:
         wide = scenario(
             "ours_per_dag_max1200", scenario="ours_per_dag", batches=batches, max_poll_interval=1200.0

@@ -13,10 +13,18 @@ batch, so batch ``i`` finishes at exactly ``t0 + lines / rate``.
 Scenarios:
 
 - ``ours_per_dag``: one :class:`OpenAIBatchTrigger` per batch, as 1,000 DAG runs each with its own
-  sensor would defer (the usual shape: a job of up to 50,000 requests is one batch);
+  sensor would defer (the usual shape: a job of up to 50,000 requests is one batch), all starting at t0;
+- ``ours_per_dag_staggered``: the same, but each trigger starts at a random moment within the first
+  ``start_spread`` seconds (seeded), as DAG runs that deferred at different times: the triggers share
+  their polls (the poll board) only because they align on the same grid, not because they started
+  together. A batch that finished before its trigger started counts as finished when the trigger
+  started (its finish->seen delay is measured from then);
 - ``ours_one_trigger``: one trigger waiting on all the batches (one sensor over 1,000 batch ids);
 - ``fixed``: the official provider's behaviour, a retrieve per batch every 60 s until it is final
   (one async client per batch, as each official trigger builds its own hook).
+
+Calls are ``batches.retrieve`` plus ``batches.list`` calls (the emulator counts each route); a batch
+counts as seen at the first moment a trigger was handed its final status, whichever call fetched it.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import http.client
 import itertools
 import json
 import os
+import random
 import resource
 import subprocess
 import sys
@@ -194,8 +203,15 @@ def run(
     max_poll_interval: float = 600.0,
     sample: int = 1,
     work_dir: str = "",
+    start_spread: float = 3600.0,
+    seed: int = 1,
 ) -> dict[str, Any]:
-    """Run one scenario end to end; returns its figures (see the module docstring)."""
+    """Run one scenario end to end; returns its figures (see the module docstring).
+
+    :param start_spread: ``ours_per_dag_staggered`` only: triggers start uniformly within this many
+        seconds after t0.
+    :param seed: ``ours_per_dag_staggered`` only: the seed of the start times.
+    """
     home = Path(work_dir) / f"airflow-{scenario}"
     home.mkdir(parents=True, exist_ok=True)
     os.environ["AIRFLOW_HOME"] = str(home)
@@ -212,14 +228,25 @@ def run(
         setup_seconds = time.perf_counter() - setup_t0
         t0 = float(emulator.stats()["now"])  # the frozen clock: every batch was created at t0
         finish = {batch_id: t0 + seconds for batch_id, seconds in created}
-        before = emulator.stats()["calls"]["batches.retrieve"]
-        result = asyncio.run(_simulate(scenario, emulator, finish, t0, poll_interval, max_poll_interval))
-        calls = emulator.stats()["calls"]["batches.retrieve"] - before
+        starts = {batch_id: t0 for batch_id in finish}
+        if scenario == "ours_per_dag_staggered":
+            rng = random.Random(seed)
+            starts = {batch_id: t0 + rng.uniform(0.0, start_spread) for batch_id in finish}
+        before = _poll_calls(emulator.stats())
+        result = asyncio.run(
+            _simulate(scenario, emulator, finish, starts, t0, poll_interval, max_poll_interval)
+        )
+        after = _poll_calls(emulator.stats())
     finally:
         emulator.stop()
+    retrieves = after["batches.retrieve"] - before["batches.retrieve"]
+    lists = after["batches.list"] - before["batches.list"]
+    calls = retrieves + lists
     batch_hours = sum(f - t0 for f in finish.values()) / 3600
-    seen_delays = [result["seen"][b] - f for b, f in finish.items()]
-    event_delays = [result["events"][b] - f for b, f in finish.items()]
+    # Measured from when the batch finished, or from when its trigger started if that was later.
+    due = {b: max(f, starts[b]) for b, f in finish.items()}
+    seen_delays = [result["seen"][b] - d for b, d in due.items()]
+    event_delays = [result["events"][b] - d for b, d in due.items()]
     waited = len(finish)
     return {
         "scenario": scenario,
@@ -228,7 +255,10 @@ def run(
         "window_hours": window / 3600,
         "poll_interval": poll_interval,
         "max_poll_interval": max_poll_interval,
-        "retrieve_calls": calls,
+        "start_spread": start_spread if scenario == "ours_per_dag_staggered" else 0.0,
+        "api_calls": calls,
+        "retrieve_calls": retrieves,
+        "list_calls": lists,
         "calls_per_batch": calls / waited,
         "cpu_seconds": result["cpu"],
         "batch_hours": batch_hours,
@@ -244,6 +274,11 @@ def run(
     }
 
 
+def _poll_calls(stats: dict[str, Any]) -> dict[str, int]:
+    """The polling calls so far: ``batches.retrieve`` and ``batches.list``, from the emulator's stats."""
+    return {route: int(stats["calls"].get(route, 0)) for route in ("batches.retrieve", "batches.list")}
+
+
 def _median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
@@ -254,6 +289,7 @@ async def _simulate(
     scenario: str,
     emulator: Emulator,
     finish: dict[str, float],
+    starts: dict[str, float],
     t0: float,
     poll_interval: float,
     max_poll_interval: float,
@@ -265,32 +301,37 @@ async def _simulate(
     ids = list(finish)
     waiters: list[Callable[[], Awaitable[None]]] = []
 
-    if scenario in ("ours_per_dag", "ours_one_trigger"):
-        from airflow_openai_batch.hooks.batch import OpenAIBatchHook
+    if scenario in ("ours_per_dag", "ours_per_dag_staggered", "ours_one_trigger"):
+        from airflow_openai_batch.triggers._poll_board import PollBoard
         from airflow_openai_batch.triggers.batch import OpenAIBatchTrigger
 
-        original = OpenAIBatchHook.aget_batch
+        original = PollBoard.fetch
 
-        async def observed(self: Any, batch_id: str) -> Any:
-            batch = await original(self, batch_id)
-            if batch.status in FINAL:
-                seen.setdefault(batch_id, clock.now)
-            return batch
+        async def observed(self: Any, batch_ids: Any) -> Any:
+            # Every state a trigger is handed passes here, whether a retrieve or a list page fetched it.
+            results = await original(self, batch_ids)
+            for batch_id, batch in results.items():
+                if not isinstance(batch, BaseException) and batch.status in FINAL:
+                    seen.setdefault(batch_id, clock.now)
+            return results
 
-        OpenAIBatchHook.aget_batch = observed  # type: ignore[method-assign]
-        groups = [[b] for b in ids] if scenario == "ours_per_dag" else [ids]
+        PollBoard.fetch = observed  # type: ignore[method-assign]
+        groups = [ids] if scenario == "ours_one_trigger" else [[b] for b in ids]
         for group in groups:
+            start = min(starts[b] for b in group)
             trigger = OpenAIBatchTrigger(
                 batch_ids=group,
                 poll_interval=poll_interval,
                 max_poll_interval=max_poll_interval,
-                deadline=t0 + 3 * 86_400,
-                started_at=t0,
+                deadline=start + 3 * 86_400,
+                started_at=start,
             )
             trigger._clock = clock.time
             trigger._sleep = clock.sleep
 
-            async def wait(trigger: OpenAIBatchTrigger = trigger) -> None:
+            async def wait(trigger: OpenAIBatchTrigger = trigger, start: float = start) -> None:
+                if start > clock.now:
+                    await clock.sleep(start - clock.now)  # the DAG run defers later
                 async for event in trigger.run():
                     for batch_id, summary in event.payload["batches"].items():
                         events[batch_id] = clock.now

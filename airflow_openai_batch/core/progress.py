@@ -23,6 +23,7 @@ __all__ = [
     "MAX_ERRORS_IN_SUMMARY",
     "NEAR_DONE_FRACTION",
     "AdaptivePollSchedule",
+    "align_to_grid",
     "backoff_delay",
     "batch_summary",
     "check_outcome",
@@ -342,6 +343,37 @@ class AdaptivePollSchedule:
         if deadline is not None and now is not None:
             return max(0.0, min(self.interval, deadline - now))
         return self.interval
+
+
+def align_to_grid(
+    now: float, wait: float, poll_interval: float, max_poll_interval: float
+) -> tuple[float, float | None]:
+    """Shorten a wait so the next poll falls on a grid in absolute (epoch) time; never lengthen it.
+
+    Waiters that started at different moments then poll at the same instants, so a process that runs
+    many of them can serve their polls together (see ``triggers/_poll_board.py``). The grid is
+    ``max_poll_interval`` for a wait that long, else ``poll_interval``: the poll is moved back to the last
+    grid point before it was due. When that would cut the wait below half, the half grid is tried (it
+    always keeps at least half); the next full-length wait then lands on the full grid, so a waiter pays
+    at most two shortened waits per change of interval and a finished batch is still seen no later than
+    the schedule promised.
+
+    :param now: the time now, epoch seconds.
+    :param wait: the wait the schedule asked for, seconds.
+    :param poll_interval: the fine grid, seconds.
+    :param max_poll_interval: the coarse grid, seconds.
+    :return: ``(wait, grid)``: the aligned wait (``<= wait``) and the grid it is aligned to, or the
+        unchanged wait and ``None`` when no grid keeps at least half of it.
+    """
+    if not wait > 0:
+        return wait, None
+    grid = max_poll_interval if wait >= max_poll_interval else poll_interval
+    for step in (grid, grid / 2):
+        shortened = math.floor((now + wait) / step) * step - now
+        if shortened >= wait / 2:
+            # min(): floating-point rounding may put the grid point a hair after the due time.
+            return min(wait, shortened), step
+    return wait, None
 
 
 # -- API faults ----------------------------------------------------------------------------------

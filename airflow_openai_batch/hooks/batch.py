@@ -384,6 +384,21 @@ class OpenAIBatchHook(BaseHook):
                 return
             yield batch
 
+    async def alist_batch_pages(self, *, page_size: int = MAX_LIST_PAGE_SIZE) -> AsyncIterator[list[Batch]]:
+        """Pages of batches, newest first, one ``batches.list`` call each, fetched only when asked for.
+
+        Page by page rather than batch by batch, so a caller can count its calls and stop between pages.
+
+        :param page_size: batches per page (1-100).
+        """
+        client = await self.aget_async_client()
+        page = await client.batches.list(limit=page_size)
+        while True:
+            yield list(page.data or ())
+            if not page.has_next_page():
+                return
+            page = await page.get_next_page()
+
     async def aclose(self) -> None:
         if self._async_client is not None:
             await self._async_client.close()

@@ -14,6 +14,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from airflow_openai_batch.core.progress import (
     CANCEL_ATTEMPTS,
     AdaptivePollSchedule,
+    align_to_grid,
     backoff_delay,
     batch_summary,
     classify_api_error,
@@ -25,14 +26,13 @@ from airflow_openai_batch.core.progress import (
 from airflow_openai_batch.core.resubmit import is_capacity_failure
 from airflow_openai_batch.hooks.batch import OpenAIBatchHook
 from airflow_openai_batch.statuses import DEFAULT_FAIL_ON_STATUSES, is_final
+from airflow_openai_batch.triggers import _poll_board
 
 __all__ = ["OpenAIBatchTrigger"]
 
 #: Event statuses the trigger emits (exactly one event per run). ``resubmit`` hands control back to the
 #: worker to re-create batches that failed on the enqueued-token limit, once capacity frees.
 EVENT_STATUSES: tuple[str, ...] = ("success", "error", "timeout", "resubmit")
-#: Concurrent retrieve calls per poll: enough for hundreds of batches, gentle on the rate limit.
-_MAX_CONCURRENT_CALLS = 8
 
 
 def _iso(epoch: float) -> str:
@@ -44,8 +44,13 @@ class OpenAIBatchTrigger(BaseTrigger):
 
     Yields exactly one event, ``{"status": "success" | "error" | "timeout", "batches": {id: summary},
     "message": str}``. ``success`` means every batch is final; whether a final status fails the task
-    (``fail_on_statuses``) is the sensor's decision. Only the async client is used (through the hook),
-    with the SDK's own retries off so that this trigger sees every fault and applies its own backoff.
+    (``fail_on_statuses``) is the sensor's decision. Only the async client is used, with the SDK's own
+    retries off so that this trigger sees every fault and applies its own backoff.
+
+    The polls go through the process's poll board for the connection (``triggers/_poll_board.py``):
+    triggers of one triggerer share one client, and polls due at the same moment are served together
+    (one ``batches.list`` page covers up to 100 batches). Waits are aligned on a grid in absolute time
+    (never lengthened) so that triggers started at different moments poll at the same moments.
 
     :param batch_ids: the batches to wait for.
     :param conn_id: the Airflow connection; the only connection detail that is serialized.
@@ -117,8 +122,11 @@ class OpenAIBatchTrigger(BaseTrigger):
         # simulated day of polling in milliseconds against the emulator's virtual clock.
         self._clock: Callable[[], float] = time.time
         self._sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep
-        #: Every wait between polls as ``(seconds, reason)``, for the log and for tests.
+        #: Every wait between polls as ``(seconds, reason)``, for the log and for tests. An adaptive wait
+        #: is recorded after alignment (shortened to the grid, never lengthened).
         self._waits: list[tuple[float, str]] = []
+        #: The poll board while the wait runs (shared with the other triggers of this event loop).
+        self._board: _poll_board.PollBoard | None = None
         self.known_final = {b: dict(s) for b, s in (known_final or {}).items() if b in self.batch_ids}
         #: Latest summary per batch, kept so on_kill() knows which batches are still live.
         self._summaries: dict[str, dict[str, Any]] = dict(self.known_final)
@@ -148,8 +156,16 @@ class OpenAIBatchTrigger(BaseTrigger):
 
     @cached_property
     def hook(self) -> OpenAIBatchHook:
+        """This trigger's own hook, for cancel calls (polls go through the shared poll board)."""
         # max_retries=0: the SDK's hidden retries would hide faults from the fault budget and ignore
         # Retry-After values above 120 s; this trigger retries by itself.
+        return OpenAIBatchHook(conn_id=self.conn_id, client_overrides={"max_retries": 0})
+
+    def _make_poll_hook(self) -> OpenAIBatchHook:
+        """The hook of a new poll board, when this trigger is the first on its connection (a test seam).
+
+        Retries off for the same reason as :attr:`hook`: every fault must reach the fault budgets.
+        """
         return OpenAIBatchHook(conn_id=self.conn_id, client_overrides={"max_retries": 0})
 
     # -- the wait --------------------------------------------------------------------------------
@@ -166,6 +182,20 @@ class OpenAIBatchTrigger(BaseTrigger):
         yield TriggerEvent(payload)
 
     async def _wait(self) -> dict[str, Any]:
+        board = self._board = _poll_board.join(self.conn_id, self._make_poll_hook)
+        try:
+            # The shared client before the first poll, so a bad connection ends the wait at once.
+            await board.ready()
+            return await self._poll(board)
+        finally:
+            await self._leave_board()
+
+    async def _leave_board(self) -> None:
+        board, self._board = self._board, None
+        if board is not None:
+            await board.leave(self.batch_ids)
+
+    async def _poll(self, board: _poll_board.PollBoard) -> dict[str, Any]:
         schedule = AdaptivePollSchedule(self.poll_interval, self.max_poll_interval)
         live = [b for b in self.batch_ids if not is_final(self._summaries.get(b, {}).get("status", ""))]
         faults: dict[str, int] = {}
@@ -177,26 +207,18 @@ class OpenAIBatchTrigger(BaseTrigger):
             format_duration(self.max_poll_interval),
             f", deadline {_iso(self.deadline)}" if self.deadline is not None else "",
         )
-        # One client before the concurrent calls, so they do not race to create several.
-        await self.hook.aget_async_client()
-        semaphore = asyncio.Semaphore(_MAX_CONCURRENT_CALLS)
         started_live = list(live)
-
-        async def retrieve(batch_id: str) -> Any:
-            async with semaphore:
-                try:
-                    return await self.hook.aget_batch(batch_id)
-                except Exception as err:
-                    return err
 
         while True:
             self.polls += 1
-            results = await asyncio.gather(*(retrieve(b) for b in live))
+            # The board answers every batch: its state, or the exception of the call that asked for it.
+            results = await board.fetch(live)
             now = self._clock()
             polled: dict[str, dict[str, Any]] = {}
             retry_after: float | None = None
             worst_fault = 0
-            for batch_id, result in zip(live, results, strict=True):
+            for batch_id in live:
+                result = results[batch_id]
                 if isinstance(result, BaseException):
                     description = describe_api_error(result)
                     if classify_api_error(result) == "fatal":
@@ -260,21 +282,32 @@ class OpenAIBatchTrigger(BaseTrigger):
 
             wait = schedule.next_interval() if polled else schedule.interval
             reason = "adaptive"
+            detail = ""
             if worst_fault:
                 # Slow down while the API is failing; never call again before the Retry-After it asked for.
                 wait = max(wait, backoff_delay(worst_fault, self.poll_interval, self.max_poll_interval))
                 reason = "backoff"
                 if retry_after is not None and retry_after >= wait:
                     wait, reason = retry_after, "retry-after"
+            else:
+                # On the grid, triggers that started at different moments poll together and share calls.
+                # Only shortened, so a finished batch is seen no later than the schedule promised.
+                asked = wait
+                wait, grid = align_to_grid(now, wait, self.poll_interval, self.max_poll_interval)
+                if grid is not None:
+                    detail = f", aligned to the {format_duration(grid)} grid"
+                    if wait < asked * 0.999:
+                        detail += f"; the schedule asked {format_duration(asked)}"
             if self.deadline is not None and self.deadline - now < wait:
-                wait, reason = max(0.0, self.deadline - now), "deadline"
+                wait, reason, detail = max(0.0, self.deadline - now), "deadline", ""
             self._waits.append((wait, reason))
             self.log.info(
-                "%d of %d batch(es) not final yet; next poll in %s (%s)",
+                "%d of %d batch(es) not final yet; next poll in %s (%s%s)",
                 len(live),
                 len(self.batch_ids),
                 format_duration(wait),
                 reason,
+                detail,
             )
             await self._sleep(wait)
 
@@ -388,6 +421,8 @@ class OpenAIBatchTrigger(BaseTrigger):
         self.log.info("Cancel requested for %d of %d batch(es)", len(cancelled), len(live))
 
     async def cleanup(self) -> None:
+        # The wait leaves the board itself; this covers a run() that was dropped without unwinding.
+        await self._leave_board()
         await self._close_client()
 
     async def _close_client(self) -> None:

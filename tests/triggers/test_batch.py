@@ -33,7 +33,8 @@ from airflow_openai_batch.exceptions import (
     OpenAIBatchOutcomeError,
 )
 from airflow_openai_batch.triggers.batch import OpenAIBatchTrigger
-from tests.conftest import TEST_API_KEY
+from tests.conftest import TEST_API_KEY, connection_uri_json
+from tests.triggers.virtual_clock import VirtualClock
 
 T0 = 1_750_000_000.0
 
@@ -128,6 +129,7 @@ def make_trigger(fake: FakeTime | None = None, hook: Any = None, **kwargs: Any) 
         trigger._sleep = fake.sleep
     if hook is not None:
         trigger.__dict__["hook"] = hook  # replaces the cached_property
+        trigger._make_poll_hook = lambda: hook  # the poll board's hook too (one board per test loop)
     return trigger
 
 
@@ -390,10 +392,12 @@ def test_deadline_passed_gives_timeout_and_cancels_live_batches():
     assert ("cancel", "b1") in hook.calls and ("cancel", "b2") not in hook.calls
     assert payload["batches"]["b1"]["status"] == "cancelling"
     assert "b1 (in_progress)" in payload["message"]
-    # Never sleeps past the deadline: 0.3 + 0.3 + 0.3 + 0.1.
+    # Never sleeps past the deadline: waits of at most 0.3 s (aligned on the 0.3 s grid, so the first one
+    # may be shorter), the last one cut to end exactly at the deadline.
     assert fake.now == pytest.approx(T0 + 1.0)
-    assert fake.sleeps[-1] == pytest.approx(0.1, abs=1e-6)
+    assert all(0 < s <= 0.3 + 1e-9 for s in fake.sleeps), fake.sleeps
     assert trigger._waits[-1][1] == "deadline"
+    assert fake.sleeps[-1] < 0.3
 
 
 def test_deadline_without_cancel_on_kill_leaves_batches_running():
@@ -638,30 +642,52 @@ def test_twenty_batches_complete_in_one_trigger(emulator):
     assert emulator.stats()["batches.retrieve"] < 20 * trigger.polls
 
 
-def test_survives_a_thirty_percent_fault_storm(emulator):
+def test_survives_a_thirty_percent_fault_storm(emulator, monkeypatch):
     emulator.configure(
         rate=100.0,
         validation_seconds=1.0,
         finalizing_seconds=1.0,
         fault_rate=0.3,
-        fault_routes=("batches.retrieve",),
+        fault_routes=("batches.retrieve", "batches.list"),
         fault_kinds=("429", "500", "drop"),
         retry_after=0.01,
     )
-    ids = create_batches(emulator, 10, lines=50)
-    fake = virtual_time(emulator)
-    # The default fault budget: a 30% storm must not need a special setting.
-    trigger = make_trigger(
-        fake, batch_ids=ids, poll_interval=0.05, max_poll_interval=0.5, deadline=fake.now + 3600
-    )
-    payload = first_event(trigger)
-    assert payload["status"] == "success", payload["message"]
-    assert all(s["status"] == "completed" for s in payload["batches"].values())
+    many = create_batches(emulator, 10, lines=50)
+    few = create_batches(emulator, 2, lines=50)
+    emulator.configure(time_scale=0.0)
+    clock = VirtualClock(emulator.stats()["now"], emulator.advance)
+    # Two triggers in one loop: ten batches are polled by list walks (one page for all), two by
+    # retrieves (on a second connection, so a poll board of their own). The default fault budget: a 30%
+    # storm must not need a special setting.
+    monkeypatch.setenv("AIRFLOW_CONN_OPENAI_OTHER", connection_uri_json(emulator.base_url))
+    triggers = [
+        clock.attach(
+            make_trigger(
+                None,
+                batch_ids=ids,
+                conn_id=conn_id,
+                poll_interval=0.05,
+                max_poll_interval=0.5,
+                deadline=clock.now + 3600,
+            )
+        )
+        for ids, conn_id in ((many, "openai_default"), (few, "openai_other"))
+    ]
+
+    async def scenario() -> list[dict[str, Any]]:
+        return await clock.run(*(_first_event(t) for t in triggers))
+
+    for payload in asyncio.run(scenario()):
+        assert payload["status"] == "success", payload["message"]
+        assert all(s["status"] == "completed" for s in payload["batches"].values())
     stats = emulator.stats()
-    # Every kind of fault was injected and survived, with the SDK's own retries off.
+    # Every kind of fault was injected and survived on both kinds of call, with the SDK's retries off.
     assert all(stats["faults_by_kind"].get(kind, 0) > 0 for kind in ("429", "500", "drop")), stats
-    assert stats["faults"]["batches.retrieve"] > 0.2 * stats["batches.retrieve"]
-    assert any(reason in ("backoff", "retry-after") for _, reason in trigger._waits)
+    polls = ("batches.retrieve", "batches.list")
+    assert all(stats["faults"][route] > 0 for route in polls), stats
+    assert sum(stats["faults"][r] for r in polls) > 0.2 * sum(stats[r] for r in polls)
+    for trigger in triggers:
+        assert any(reason in ("backoff", "retry-after") for _, reason in trigger._waits)
 
 
 def test_retry_after_from_the_emulator_is_honoured(emulator):
@@ -680,7 +706,9 @@ def test_retry_after_from_the_emulator_is_honoured(emulator):
         trigger = make_trigger(
             None, batch_ids=ids, poll_interval=0.01, max_poll_interval=0.02, fault_budget=2
         )
-        real_get = None
+        # The polls go through the poll board's hook: time the calls there.
+        poll_hook = trigger._make_poll_hook()
+        real_get = poll_hook.aget_batch
 
         async def timed_get(batch_id: str) -> Any:
             call_times.append(time.monotonic())
@@ -688,8 +716,8 @@ def test_retry_after_from_the_emulator_is_honoured(emulator):
                 emulator.configure(fault_rate=0.0)  # the storm ends before the third call
             return await real_get(batch_id)
 
-        real_get = trigger.hook.aget_batch
-        trigger.hook.aget_batch = timed_get  # type: ignore[method-assign]
+        poll_hook.aget_batch = timed_get  # type: ignore[method-assign]
+        trigger._make_poll_hook = lambda: poll_hook
         payload = await _first_event(trigger)
         waits.extend(w for w, _ in trigger._waits)
         return payload
