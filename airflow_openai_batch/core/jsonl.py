@@ -414,6 +414,10 @@ class BlockPipeline:
     :param max_pending: blocks worked on and not applied yet, at most (memory stays flat); at least
         one more than the limit of blocks in flight.
     :param timeout: seconds to wait for one answer before giving up on the helper.
+
+    Blocks can also be sent ahead, before they can be applied (:meth:`send_ahead`, e.g. result blocks
+    while the input they are joined with is still being read): their answers are kept, and applied once
+    :meth:`release` says how.
     """
 
     def __init__(
@@ -441,6 +445,8 @@ class BlockPipeline:
         self._timeout = timeout
         self._pending: deque[list[Any]] = deque()  # [data, result], result _WAITING at the helper
         self._sent: deque[list[Any]] = deque()
+        #: While True, blocks are only sent ahead and nothing is applied (see :meth:`send_ahead`).
+        self.held = False
 
     @property
     def inflight_limit(self) -> int:
@@ -461,13 +467,40 @@ class BlockPipeline:
         self._pending.append(entry)
         self._drain(wait=len(self._pending) > self._max_pending)
 
+    def send_ahead(self, block: Any, data: bytes | None, limit: int) -> bool:
+        """Send ``block`` to the helper now and keep its answer until :meth:`release`; ``False`` (nothing
+        done) when the helper cannot take it: none, gone, busy with its limit of blocks, or ``limit``
+        blocks already held."""
+        helper = self.helper
+        if (
+            data is None
+            or helper is None
+            or not helper.alive
+            or len(self._sent) >= self._max_inflight
+            or len(self._pending) >= limit
+        ):
+            return False
+        self.held = True
+        entry: list[Any] = [block, _WAITING]
+        self._sent.append(entry)
+        helper.send(data, entry, self._prefix)
+        self._pending.append(entry)
+        self._collect(wait=False)
+        return True
+
+    def release(self, apply: Any) -> None:
+        """Apply the blocks sent ahead (and every later one) with ``apply`` from now on."""
+        self._apply = apply
+        self.held = False
+        self._drain(wait=False)
+
     def finish(self) -> None:
         """Apply every block fed (waiting for the helper as needed)."""
         self._drain(wait=True, everything=True)
 
     def _drain(self, *, wait: bool, everything: bool = False) -> None:
         pending = self._pending
-        while pending:
+        while pending and not self.held:
             self._collect(wait=False)
             head = pending[0]
             if head[1] is _WAITING:

@@ -16,8 +16,10 @@ Into a sink that takes whole blocks (:class:`~airflow_openai_batch.core.writers.
 handled in blocks of about half a megabyte: each result block is scanned (parsed, its records built and
 serialized) without the index, by this process or, for large batches, by a helper process
 (:class:`~airflow_openai_batch.core.jsonl.BlockHelper`), then applied here in file order: the join, the
-failures, the writes. A block the scan cannot vouch for (an odd line, an unknown or repeated id) goes line
-by line through the same path as any other sink, which reports what is wrong.
+failures, the writes. Since a scan needs no index, the helper starts on the output file's first blocks
+while this process is still copying the input. A block the scan cannot vouch for (an odd line, an
+unknown or repeated id) goes line by line through the same path as any other sink, which reports what
+is wrong.
 
 Anomalies in the result files (a ``custom_id`` reported twice, a ``custom_id`` the input never had, a
 line that does not parse, such as a truncated last line) are counted and sampled in the summary; they
@@ -124,10 +126,10 @@ _RESULT_MAX_INFLIGHT = 5
 _RESULT_MAX_PENDING = 6
 #: Seconds to wait for one answer of the helper before scanning its blocks here instead.
 _RESULT_HELPER_TIMEOUT = 300.0
+#: Output blocks sent to the helper while the input is still being copied, at most (each held with its
+#: answer until the join can start: a few megabytes).
+_RESULT_AHEAD_BLOCKS = 8
 _APPEND_NEWLINE = orjson.OPT_APPEND_NEWLINE
-#: What the helper is asked to do with a block: index input lines, or scan result lines.
-_OP_INPUT = b"I"
-_OP_RESULTS = b"R"
 
 _USAGE_KEYS: tuple[str, ...] = ("input_tokens", "output_tokens", "total_tokens", "cached_input_tokens")
 
@@ -487,6 +489,8 @@ class Reconciler:
         self._tallies: dict[str, BatchTally] = {}
         self._usage_by_model: dict[str, dict[str, int]] = {}
         self._anomalies = _Anomalies()
+        #: How result blocks are scanned, set when the helper process starts (see _maybe_start_helper).
+        self._scanner: Any = None
         #: The current batch's input ids, asked only about results that are not in the index.
         self._input_ids: _InputIds | Any = None
 
@@ -514,15 +518,20 @@ class Reconciler:
         self._helper_wanted = self._block_format() is not None and (
             files.output_lines is not None or files.error_lines is not None
         )
+        # The output's first blocks go to the helper while the input is still being copied: scanning them
+        # needs no index, so the helper works from the start instead of waiting for the join.
+        ahead = _ResultsAhead(files.output_lines) if files.output_lines is not None else None
         try:
             with gc_paused():
-                index, bad_lines, dup_lines, first_request = self._copy_input(files, tmp_path, tally)
+                index, bad_lines, dup_lines, first_request = self._copy_input(
+                    files, tmp_path, tally, between_slabs=ahead and (lambda: self._send_ahead(ahead))
+                )
                 self._input_ids = _InputIds(tmp_path, bad_lines)
                 self._learn_model_and_endpoint(tally, first_request)
                 with open(tmp_path, "rb") as reader:
                     fetch = _RequestFetcher(reader)
                     if files.output_lines is not None:
-                        self._read_results(files.output_lines, "output", index, fetch, tally)
+                        self._read_results(files.output_lines, "output", index, fetch, tally, ahead)
                     if files.error_lines is not None:
                         self._read_results(files.error_lines, "error", index, fetch, tally)
                     self._write_absent(index, bad_lines, dup_lines, fetch, tally)
@@ -596,9 +605,47 @@ class Reconciler:
             }
         )
         self._helper = BlockHelper.start(_RESULTS_FACTORY, config)
+        # What the result blocks are scanned with, known now (the tally learns the same after the copy).
+        self._scanner = _ResultScanner.from_config(config)
+
+    def _results_pipeline(
+        self, helper: BlockHelper | None, scanner: _ResultScanner, apply: Any
+    ) -> BlockPipeline:
+        """A pipeline that scans result blocks here or in ``helper`` and applies them in order."""
+
+        def work(unit: _Unit) -> _ScanResult | None:
+            lines = unit.get_lines()
+            return scanner.scan(lines) if all(type(line) is bytes for line in lines) else None
+
+        return BlockPipeline(
+            helper,
+            work,
+            _ScanResult.decode,
+            apply,
+            inflight=_RESULT_INFLIGHT,
+            max_inflight=_RESULT_MAX_INFLIGHT,
+            max_pending=_RESULT_MAX_PENDING,
+            timeout=_RESULT_HELPER_TIMEOUT,
+        )
+
+    def _send_ahead(self, ahead: _ResultsAhead) -> None:
+        """Between input slabs: send the output's next blocks to the helper while it has room."""
+        if self._helper is None or ahead.finished:
+            return
+        if ahead.pipeline is None:
+            ahead.pipeline = self._results_pipeline(self._helper, self._scanner, None)
+        while True:
+            unit = ahead.peek()
+            if unit is None or not ahead.pipeline.send_ahead(unit, unit.sendable(), _RESULT_AHEAD_BLOCKS):
+                return
+            ahead.taken()
 
     def _copy_input(
-        self, files: BatchResultFiles, tmp_path: Path, tally: BatchTally
+        self,
+        files: BatchResultFiles,
+        tmp_path: Path,
+        tally: BatchTally,
+        between_slabs: Callable[[], None] | None = None,
     ) -> tuple[dict[str, int], list[tuple[int, int]], list[tuple[str, int, int | None]], Any]:
         """Copy the input lines to ``tmp_path`` and index them.
 
@@ -607,8 +654,10 @@ class Reconciler:
         is indexed by one regex scan and a few C-level calls: no per-line Python, no parse of request
         bodies. Any other slab (blank lines, another key order, escapes in an id, duplicates, broken
         lines) goes through :meth:`_index_lines`, line by line. Straight from
-        :func:`~airflow_openai_batch.core.jsonl.iter_lines`, the slabs are the raw blocks read, and the
-        regex scan of large inputs is shared with the helper process (:func:`_scan_input`).
+        :func:`~airflow_openai_batch.core.jsonl.iter_lines`, the slabs are the raw blocks read.
+
+        :param between_slabs: called after each slab (the helper process, once started, is meanwhile
+            given result blocks to scan ahead).
 
         :return: ``(index, bad_lines, dup_lines, first_request)``: ``index`` maps custom_id -> offset of
             its line in ``tmp_path``; ``bad_lines`` are ``(line_no, offset)`` of lines without a usable
@@ -665,41 +714,11 @@ class Reconciler:
             written, offset = self._index_lines(slab, base_no, offset, out, index, bad_lines, dup_lines)
             count += written
 
-        def add_scanned(unit: _Unit, scanned: _InputScan | None) -> None:
-            nonlocal line_no
-            # Units sent to the helper have their data; counting newlines spares a split into lines.
-            data = unit.get_data()
-            count = len(unit.lines) if unit.lines is not None else data.count(b"\n")
-            if scanned is None or len(scanned.ids) != count:
-                add_slab(unit.get_lines(), data, fast=False)
-                return
-            base_no = line_no
-            line_no += count
-            if not add_ids(scanned.ids, scanned.lengths, data, count):
-                line_no = base_no
-                add_slab(unit.get_lines(), data, fast=False)
-
         with open(tmp_path, "wb", buffering=1 << 20) as out:
-            pipeline: BlockPipeline | None = None
             for unit in _units(files.input_lines, input_file=True):
-                if pipeline is None:
-                    if first_request is None or self._helper is None:
-                        add_slab(unit.get_lines(), unit.data)
-                        continue
-                    pipeline = BlockPipeline(
-                        self._helper,
-                        lambda unit: _scan_input(unit.get_lines()),
-                        _InputScan.decode,
-                        add_scanned,
-                        prefix=_OP_INPUT,
-                        inflight=_RESULT_INFLIGHT,
-                        max_inflight=_RESULT_MAX_INFLIGHT,
-                        max_pending=_RESULT_MAX_PENDING,
-                        timeout=_RESULT_HELPER_TIMEOUT,
-                    )
-                pipeline.feed(unit, unit.sendable())
-            if pipeline is not None:
-                pipeline.finish()
+                add_slab(unit.get_lines(), unit.data)
+                if between_slabs is not None:
+                    between_slabs()
         tally.total += count
         return index, bad_lines, dup_lines, first_request
 
@@ -749,6 +768,7 @@ class Reconciler:
         index: dict[str, int],
         fetch: _RequestFetcher,
         tally: BatchTally,
+        ahead: _ResultsAhead | None = None,
     ) -> None:
         """Stream one result file: write a record per first result of each known custom_id.
 
@@ -756,33 +776,33 @@ class Reconciler:
         blocks (:class:`~airflow_openai_batch.core.writers.ResultWriter`), the file is read as raw blocks:
         each is scanned by :class:`_ResultScanner` (here or in the helper process) and applied in order
         by :meth:`_apply_scan`. Otherwise, and for any block the scanner leaves to it, line by line.
+
+        :param ahead: the file's blocks already sent to the helper while the input was copied, if any.
         """
         fmt = self._block_format()
-        if fmt is None:
+        units: Iterable[_Unit]
+        if ahead is not None and ahead.pipeline is not None:
+            units = ahead.rest()
+        elif fmt is None:
+            # Lines the read-ahead may have taken (none when the sink takes no blocks: it never started).
             self._result_lines(lines, source, index, fetch, tally, 0)
             return
-        scanner = _ResultScanner(tally.batch_id, tally.model or "unknown", endpoint_kind(tally.endpoint), fmt)
+        else:
+            units = ahead.rest() if ahead is not None else _units(lines, input_file=False)
         applied = [0]  # lines applied so far (blank ones included, for 1-based line numbers)
 
         def apply(unit: _Unit, scan: _ScanResult | None) -> None:
             applied[0] = self._apply_scan(unit, scan, source, index, fetch, tally, applied[0])
 
-        def work(unit: _Unit) -> _ScanResult | None:
-            lines = unit.get_lines()
-            return scanner.scan(lines) if all(type(line) is bytes for line in lines) else None
-
-        pipeline = BlockPipeline(
-            self._helper,
-            work,
-            _ScanResult.decode,
-            apply,
-            prefix=_OP_RESULTS,
-            inflight=_RESULT_INFLIGHT,
-            max_inflight=_RESULT_MAX_INFLIGHT,
-            max_pending=_RESULT_MAX_PENDING,
-            timeout=_RESULT_HELPER_TIMEOUT,
-        )
-        for unit in _units(lines, input_file=False):
+        if ahead is not None and ahead.pipeline is not None:
+            pipeline = ahead.pipeline
+            pipeline.release(apply)
+        else:
+            scanner = _ResultScanner(
+                tally.batch_id, tally.model or "unknown", endpoint_kind(tally.endpoint), str(fmt)
+            )
+            pipeline = self._results_pipeline(self._helper, scanner, apply)
+        for unit in units:
             pipeline.feed(unit, unit.sendable())
             if unit.lines is not None:
                 # Joined only to be sent (the send keeps its own reference until written): while the
@@ -1097,18 +1117,6 @@ class _InputScan:
         self.ids = ids
         self.lengths = lengths
 
-    def encode(self) -> bytes:
-        return orjson.dumps(self.ids) + b"\n" + array.array("I", self.lengths).tobytes()
-
-    @classmethod
-    def decode(cls, answer: bytes) -> _InputScan | None:
-        if not answer:
-            return None
-        cut = answer.index(b"\n")
-        lengths = array.array("I")
-        lengths.frombytes(memoryview(answer)[cut + 1 :])
-        return cls(orjson.loads(memoryview(answer)[:cut]), lengths)
-
 
 def _scan_input(lines: list[bytes]) -> _InputScan | None:
     """The ids of input lines that all start with ``{"custom_id":"<id>"`` (else ``None``).
@@ -1187,6 +1195,12 @@ class _ResultScanner:
         self.batch_model = batch_model
         self.kind = kind
         self.output_format = output_format
+
+    @classmethod
+    def from_config(cls, config: bytes) -> _ResultScanner:
+        """A scanner from the JSON settings the helper process is started with."""
+        settings = orjson.loads(config)
+        return cls(settings["batch_id"], settings["model"], settings["kind"], settings["format"])
 
     def scan(self, lines: list[bytes]) -> _ScanResult | None:
         loads = _loads
@@ -1278,19 +1292,47 @@ class _ResultScanner:
 
 
 def _results_handler(config: bytes) -> Callable[[bytes], bytes]:
-    """In the helper process (see :class:`~airflow_openai_batch.core.jsonl.BlockHelper`): scan blocks,
-    of the input (:func:`_scan_input`) or of a result file (:class:`_ResultScanner`)."""
-    settings = orjson.loads(config)
-    scanner = _ResultScanner(settings["batch_id"], settings["model"], settings["kind"], settings["format"])
+    """In the helper process (see :class:`~airflow_openai_batch.core.jsonl.BlockHelper`): scan blocks of
+    a result file (:class:`_ResultScanner`)."""
+    scanner = _ResultScanner.from_config(config)
 
-    def handle(frame: bytes) -> bytes:
-        op, data = frame[:1], frame[1:]
-        lines = lines_of(data)
-        result: _InputScan | _ScanResult | None
-        result = _scan_input(lines) if op == _OP_INPUT else scanner.scan(lines)
+    def handle(data: bytes) -> bytes:
+        result = scanner.scan(lines_of(data))
         return b"" if result is None else result.encode()
 
     return handle
+
+
+class _ResultsAhead:
+    """A result file's blocks, some of them sent to the helper before the join can start.
+
+    :param lines: the file's lines (read only once the first block is asked for).
+    """
+
+    def __init__(self, lines: Iterable[bytes]) -> None:
+        self._units = _units(lines, input_file=False)
+        self._next: _Unit | None = None
+        self.finished = False
+        #: The pipeline the blocks were sent through (``None`` while none was).
+        self.pipeline: BlockPipeline | None = None
+
+    def peek(self) -> _Unit | None:
+        """The next block, kept until :meth:`taken`; ``None`` at the end of the file."""
+        if self._next is None and not self.finished:
+            self._next = next(self._units, None)
+            self.finished = self._next is None
+        return self._next
+
+    def taken(self) -> None:
+        self._next = None
+
+    def rest(self) -> Iterator[_Unit]:
+        """The blocks not taken yet."""
+        if self._next is not None:
+            unit, self._next = self._next, None
+            yield unit
+        if not self.finished:
+            yield from self._units
 
 
 class _RequestFetcher:

@@ -107,3 +107,31 @@ def test_the_helper_keeps_freed_memory_unless_the_user_said_otherwise(
     finally:
         helper.close()
     assert answers == [str(256 << 20).encode(), b"65536"]
+
+
+def test_blocks_sent_ahead_wait_for_release_then_come_first() -> None:
+    applied: list[bytes] = []
+    helper = _start("upper")
+    try:
+        pipeline = BlockPipeline(helper, bytes.upper, bytes, None, inflight=2, max_inflight=4)
+        ahead = [b"a0", b"a1", b"a2"]
+        assert all(pipeline.send_ahead(block, block, limit=3) for block in ahead)
+        assert not pipeline.send_ahead(b"a3", b"a3", limit=3)  # the limit of blocks held
+        assert applied == []
+        pipeline.release(lambda block, result: applied.append(result))
+        for block in (b"b0", b"b1"):
+            pipeline.feed(block, block)
+        pipeline.finish()
+    finally:
+        helper.close()
+    assert applied == [b"A0", b"A1", b"A2", b"B0", b"B1"]
+
+
+def test_nothing_is_sent_ahead_without_a_helper() -> None:
+    pipeline = BlockPipeline(None, bytes.upper, bytes, None)
+    assert not pipeline.send_ahead(b"x", b"x", limit=8)
+    applied: list[bytes] = []
+    pipeline.release(lambda block, result: applied.append(result))
+    pipeline.feed(b"x", b"x")
+    pipeline.finish()
+    assert applied == [b"X"]

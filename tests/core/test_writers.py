@@ -287,17 +287,27 @@ def test_reconciler_into_writer_end_to_end(tmp_path: Path, output_format: str) -
     assert manifest["usage_by_model"] == {"text-embedding-3-small": manifest["usage"]}
 
 
+@pytest.mark.parametrize("where", ["late", "early"])
 @pytest.mark.parametrize("helper", ["1", "0"], ids=["helper-process", "one-process"])
 @pytest.mark.parametrize("output_format", ["jsonl", "parquet"])
 def test_block_path_reports_repeats_across_blocks_and_unknown_ids(
-    tmp_path: Path, output_format: str, helper: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, output_format: str, helper: str, where: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Large files go through the block path (and a helper process): answered ids leave the index there,
-    so a later repeat must still be told apart from an id the input never had."""
+    so a later repeat must still be told apart from an id the input never had. "early" puts the odd lines
+    in the first output block, which the helper scans while the input is still being copied."""
     import io
 
-    from airflow_openai_batch.core.jsonl import iter_lines
+    from airflow_openai_batch.core.jsonl import BlockPipeline, iter_lines
 
+    sent_ahead: list[bool] = []
+    real_send_ahead = BlockPipeline.send_ahead
+
+    def observed(self, block, data, limit):  # type: ignore[no-untyped-def]
+        sent_ahead.append(real_send_ahead(self, block, data, limit))
+        return sent_ahead[-1]
+
+    monkeypatch.setattr(BlockPipeline, "send_ahead", observed)
     monkeypatch.setenv("OPENAI_BATCH_HELPER_PROCESS", helper)
     n = 30_000  # ~7 MB of input: past the size where the helper process starts
     pad = "x" * 150
@@ -315,8 +325,8 @@ def test_block_path_reports_repeats_across_blocks_and_unknown_ids(
 
     answered = [f"r{i}" for i in range(n) if i % 10]  # every tenth request gets no result
     lines = [ok(cid) for cid in answered]
-    lines.append(ok("r1"))  # answered again, many blocks after its first answer
-    lines.append(ok("nobody"))  # never asked
+    odd = [ok("r1"), ok("nobody")]  # r1 answered again; an id never asked
+    lines = odd[:1] + lines + odd[1:] if where == "early" else lines + odd
     output = b"\n".join(lines) + b"\n"
     errors = orjson.dumps({"custom_id": "r2", "response": None, "error": {"code": "x", "message": "y"}})
 
@@ -333,8 +343,10 @@ def test_block_path_reports_repeats_across_blocks_and_unknown_ids(
     )
     writer.close()
     summary = rec.summary()
+    assert any(sent_ahead) == (helper == "1")  # the helper got output blocks while the input was read
     assert summary.anomalies["counts"] == {"duplicate_result": 2, "unknown_custom_id": 1}
     kinds = {(e["kind"], e["custom_id"], e["source"]) for e in summary.anomalies["examples"]}
+    # "early": the first r1 is the odd line, and the one in its place later is the repeat.
     assert kinds == {
         ("duplicate_result", "r1", "output"),
         ("duplicate_result", "r2", "error"),
