@@ -116,8 +116,9 @@ _SLAB_MAX_LINES = 8192
 _line_head = operator.itemgetter(slice(0, 256))
 _BOM = b"\xef\xbb\xbf"
 _UNSET = object()
-#: Result blocks are scanned by a helper process too once a batch's input passes this size.
-_RESULT_HELPER_MIN_BYTES = 4 << 20
+#: Result blocks are scanned by a helper process too once a batch's input passes this size (one block
+#: read: the helper then has its interpreter up by the time the output is read).
+_RESULT_HELPER_MIN_BYTES = 1 << 20
 _RESULTS_FACTORY = "airflow_openai_batch.core.reconcile:_results_handler"
 #: Blocks sent to the helper and not answered yet (at first, and at most as the split adapts), and
 #: blocks scanned, not yet applied, at most.
@@ -1167,9 +1168,11 @@ class _ScanResult:
         self.succeeded = succeeded
         self.payload = payload
 
-    def encode(self) -> bytes:
+    def encode(self) -> tuple[bytes, Any]:
+        """The answer in two parts (see :func:`~airflow_openai_batch.core.jsonl._helper_main`), so the
+        payload, most of it, is not copied into one bytes object."""
         meta = orjson.dumps([self.ids, self.count, self.failures, self.usage, self.succeeded])
-        return meta + b"\n" + self.payload
+        return meta + b"\n", self.payload
 
     @classmethod
     def decode(cls, answer: bytes) -> _ScanResult | None:
@@ -1286,7 +1289,8 @@ class _ResultScanner:
             acc[1] += out
             acc[2] += tot
             acc[3] += cached
-        payload = bytes(records) if jsonl else success_block(rows)
+        # Kept as made (a bytearray, an Arrow buffer): written out as they are, not copied.
+        payload = records if jsonl else success_block(rows)
         usage_rows = [[key, *acc] for key, acc in usage_acc.items()]
         return _ScanResult(ids, len(lines), failures, usage_rows, succeeded, payload)
 
@@ -1296,7 +1300,7 @@ def _results_handler(config: bytes) -> Callable[[bytes], bytes]:
     a result file (:class:`_ResultScanner`)."""
     scanner = _ResultScanner.from_config(config)
 
-    def handle(data: bytes) -> bytes:
+    def handle(data: bytes) -> bytes | tuple[bytes, Any]:
         result = scanner.scan(lines_of(data))
         return b"" if result is None else result.encode()
 
