@@ -357,3 +357,53 @@ def test_block_path_reports_repeats_across_blocks_and_unknown_ids(
     got = [r["custom_id"] for r in read_records(writer.paths()["successes"])]
     assert sorted(got) == sorted(answered)
     assert got.count("r1") == 1
+
+
+def test_scanned_parquet_rows_read_usage_like_written_records() -> None:
+    """The scanner's fast path (counts read once for the sums) fills the usage column exactly as a record
+    written one by one would: input_tokens before prompt_tokens, nulls where a count is missing."""
+    from airflow_openai_batch.core.reconcile import _ResultScanner
+    from airflow_openai_batch.core.writers import successes_schema
+
+    usages = [
+        {
+            "prompt_tokens": 7,
+            "completion_tokens": 2,
+            "total_tokens": 9,
+            "prompt_tokens_details": {"cached_tokens": 1},
+        },
+        {
+            "prompt_tokens": 7,
+            "input_tokens": 8,
+            "completion_tokens": 2,
+            "total_tokens": 9,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        },
+        {"prompt_tokens": 5, "total_tokens": 5},
+        None,
+    ]
+    lines = [
+        orjson.dumps(
+            {
+                "custom_id": f"c{i}",
+                "response": {
+                    "status_code": 200,
+                    "body": {"choices": [{"message": {"content": "x"}}], "usage": u},
+                },
+                "error": None,
+            }
+        )
+        for i, u in enumerate(usages)
+    ]
+    scan = _ResultScanner("b", "m", "chat", "parquet").scan(lines)
+    assert scan is not None and scan.succeeded == 4
+    rows = pa.ipc.read_record_batch(pa.py_buffer(scan.payload), successes_schema()).to_pylist()
+    assert [r["usage"] for r in rows] == [
+        {"input_tokens": 7, "output_tokens": 2, "total_tokens": 9},
+        {"input_tokens": 8, "output_tokens": 2, "total_tokens": 9},
+        {"input_tokens": 5, "output_tokens": None, "total_tokens": 5},
+        None,
+    ]
+    # The sums count every success's usage, normalized (a missing count is 0).
+    assert scan.usage == [["m", 7 + 7 + 5, 2 + 2, 9 + 9 + 5, 1]]
+    assert [r["content"] for r in rows] == ["x"] * 4 and rows[0]["embedding"] is None
