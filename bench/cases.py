@@ -197,10 +197,10 @@ def preload(case: str, kwargs: dict[str, Any]) -> None:
         import airflow_openai_batch.core.reconcile
         import airflow_openai_batch.core.writers  # noqa: F401
     if kwargs.get("output_format") == "parquet":
-        import pyarrow
-        import pyarrow.parquet  # noqa: F401
-
         if case == "collect_ours":
+            # pyarrow loaded the way the collect operator loads it (writers._pyarrow picks its allocator).
             from airflow_openai_batch.core.writers import successes_schema
 
             successes_schema()
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import os
 import queue
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -54,7 +55,18 @@ _FILE_BUFFER = 1 << 20
 _APPEND_NEWLINE = orjson.OPT_APPEND_NEWLINE
 
 
+#: Arrow's allocator for a process where this module loads pyarrow first (see :func:`_pyarrow`).
+ARROW_POOL_ENV = "ARROW_DEFAULT_MEMORY_POOL"
+
+
 def _pyarrow() -> Any:
+    if "pyarrow" not in sys.modules and sys.platform.startswith("linux"):
+        # Arrow picks its default allocator once, from this variable, when it loads. Its default,
+        # mimalloc, kept ~40 MB more at peak than jemalloc and was ~5% slower for a 200k-result Parquet
+        # collect (writer thread, reader and helper each allocating and freeing a row group at a time).
+        # Only a default: a value the user set wins, and a process that loaded pyarrow already keeps its
+        # allocator. (Linux wheels ship jemalloc; elsewhere Arrow would warn that it is missing.)
+        os.environ.setdefault(ARROW_POOL_ENV, "jemalloc")
     try:
         import pyarrow
         import pyarrow.parquet  # makes pyarrow.parquet reachable as an attribute
