@@ -572,9 +572,14 @@ def test_schedule_near_done_without_rate_polls_at_base():
 
 
 def create_batches(server: Any, count: int, lines: int = 3) -> list[str]:
+    return create_sized_batches(server, [lines] * count)
+
+
+def create_sized_batches(server: Any, sizes: list[int]) -> list[str]:
+    """One chat batch per entry of ``sizes``, holding that many requests; their ids, oldest first."""
     client = server.client()
     ids = []
-    for n in range(count):
+    for n, size in enumerate(sizes):
         body = b"".join(
             json.dumps(
                 {
@@ -585,7 +590,7 @@ def create_batches(server: Any, count: int, lines: int = 3) -> list[str]:
                 }
             ).encode()
             + b"\n"
-            for i in range(lines)
+            for i in range(size)
         )
         upload = client.files.create(file=("in.jsonl", body), purpose="batch")
         batch = client.batches.create(

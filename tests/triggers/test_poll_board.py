@@ -7,7 +7,6 @@ virtual clock (:class:`~tests.triggers.virtual_clock.VirtualClock`), as deferred
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 from typing import Any
 
@@ -16,33 +15,15 @@ import pytest
 from airflow_openai_batch.core.progress import AdaptivePollSchedule, align_to_grid, batch_summary
 from airflow_openai_batch.triggers import _poll_board
 from airflow_openai_batch.triggers.batch import OpenAIBatchTrigger
-from tests.triggers.test_batch import T0, ScriptedHook, _first_event, make_batch, make_trigger
+from tests.triggers.test_batch import (
+    T0,
+    ScriptedHook,
+    _first_event,
+    make_batch,
+    make_trigger,
+)
+from tests.triggers.test_batch import create_sized_batches as create_batches
 from tests.triggers.virtual_clock import VirtualClock
-
-
-def create_batches(server: Any, lines: list[int]) -> list[str]:
-    """One batch per entry of ``lines``, holding that many requests; their ids, oldest first."""
-    client = server.client()
-    ids = []
-    for n, count in enumerate(lines):
-        body = b"".join(
-            json.dumps(
-                {
-                    "custom_id": f"req-{n}-{i}",
-                    "method": "POST",
-                    "url": "/v1/chat/completions",
-                    "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-                }
-            ).encode()
-            + b"\n"
-            for i in range(count)
-        )
-        upload = client.files.create(file=("in.jsonl", body), purpose="batch")
-        batch = client.batches.create(
-            input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
-        )
-        ids.append(batch.id)
-    return ids
 
 
 def frozen_clock(server: Any) -> VirtualClock:
