@@ -1,7 +1,8 @@
 """Polling cost: many batches waiting in one triggerer-like event loop against the emulator.
 
 The emulator runs in its own process with a frozen clock (``--time-scale 0``); every wait of every
-waiter goes through a virtual-time scheduler (:class:`VirtualTime`, plugged into the trigger's
+waiter goes through a simulated-time scheduler
+(:class:`~airflow_openai_batch.emulator.simulated_time.SimulatedTime`, plugged into the trigger's
 ``_clock`` / ``_sleep`` seams) that, once every waiter is asleep, moves the emulator's clock to the
 earliest wake-up and wakes those waiters. A simulated day runs in seconds, and this process's CPU time is
 the waiters' own cost (HTTP client, parsing, scheduling, logging), the emulator's work being elsewhere.
@@ -30,10 +31,7 @@ counts as seen at the first moment a trigger was handed its final status, whiche
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import heapq
 import http.client
-import itertools
 import json
 import os
 import random
@@ -44,6 +42,8 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+from airflow_openai_batch.emulator.simulated_time import SimulatedTime
 
 FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 
@@ -101,69 +101,6 @@ class Emulator:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-
-
-class VirtualTime:
-    """A discrete-event clock for coroutines: ``sleep`` parks a waiter until the virtual time is due.
-
-    :param start: the virtual time now (epoch seconds).
-    :param advance: moves the emulator's clock by the given seconds (called with every waiter asleep).
-    """
-
-    def __init__(self, start: float, advance: Callable[[float], Any]) -> None:
-        self.now = start
-        self._advance = advance
-        self._heap: list[tuple[float, int, asyncio.Future[None]]] = []
-        self._seq = itertools.count()
-        self.running = 0
-        self._idle = asyncio.Event()
-        self.steps = 0
-
-    def time(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._heap, (self.now + max(0.0, float(seconds)), next(self._seq), future))
-        self._park()
-        await future
-
-    def _park(self) -> None:
-        self.running -= 1
-        if self.running == 0:
-            self._idle.set()
-
-    async def run(self, waiters: list[Callable[[], Awaitable[None]]]) -> None:
-        """Run the waiters to completion, moving time forward whenever all of them sleep."""
-
-        async def wrapped(waiter: Callable[[], Awaitable[None]]) -> None:
-            try:
-                await waiter()
-            finally:
-                self._park()
-
-        self.running = len(waiters)
-        tasks = [asyncio.ensure_future(wrapped(w)) for w in waiters]
-        while True:
-            # A timeout: a waiter blocked on something else than this clock; look again.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), timeout=1.0)
-            self._idle.clear()
-            if all(task.done() for task in tasks):
-                break
-            if self.running or not self._heap:
-                continue
-            due = self._heap[0][0]
-            if due > self.now:
-                self._advance(due - self.now)
-                self.now = due
-            self.steps += 1
-            while self._heap and self._heap[0][0] <= self.now:
-                _, _, future = heapq.heappop(self._heap)
-                self.running += 1
-                future.set_result(None)
-        for task in tasks:
-            task.result()  # re-raise a waiter's exception
 
 
 def create_batches(
@@ -294,7 +231,7 @@ async def _simulate(
     poll_interval: float,
     max_poll_interval: float,
 ) -> dict[str, Any]:
-    clock = VirtualTime(t0, emulator.advance)
+    clock = SimulatedTime(t0, emulator.advance)
     seen: dict[str, float] = {}
     events: dict[str, float] = {}
     statuses: dict[str, str] = {}
@@ -368,7 +305,7 @@ async def _simulate(
 
     cpu0 = _cpu_seconds()
     wall0 = time.perf_counter()
-    await clock.run(waiters)
+    await clock.run(*(waiter() for waiter in waiters))
     return {
         "cpu": _cpu_seconds() - cpu0,
         "wall": time.perf_counter() - wall0,

@@ -27,6 +27,7 @@ from airflow_openai_batch.core.progress import (
     progress_line,
     retry_after_seconds,
 )
+from airflow_openai_batch.emulator.simulated_time import SimulatedTime
 from airflow_openai_batch.exceptions import (
     OpenAIBatchCancelledError,
     OpenAIBatchFailedError,
@@ -34,7 +35,6 @@ from airflow_openai_batch.exceptions import (
 )
 from airflow_openai_batch.triggers.batch import OpenAIBatchTrigger
 from tests.conftest import TEST_API_KEY, connection_uri_json
-from tests.triggers.virtual_clock import VirtualClock
 
 T0 = 1_750_000_000.0
 
@@ -660,7 +660,7 @@ def test_survives_a_thirty_percent_fault_storm(emulator, monkeypatch):
     many = create_batches(emulator, 10, lines=50)
     few = create_batches(emulator, 2, lines=50)
     emulator.configure(time_scale=0.0)
-    clock = VirtualClock(emulator.stats()["now"], emulator.advance)
+    clock = SimulatedTime(emulator.stats()["now"], emulator.advance)
     # Two triggers in one loop: ten batches are polled by list walks (one page for all), two by
     # retrieves (on a second connection, so a poll board of their own). The default fault budget: a 30%
     # storm must not need a special setting.

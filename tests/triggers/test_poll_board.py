@@ -1,7 +1,8 @@
 """The poll board: triggers in one event loop share their polls (list walks), and align their waits.
 
 Against the emulator over loopback with the real openai SDK. Many triggers run in one loop on one
-virtual clock (:class:`~tests.triggers.virtual_clock.VirtualClock`), as deferred tasks do in a triggerer.
+simulated clock (:class:`~airflow_openai_batch.emulator.simulated_time.SimulatedTime`), as deferred
+tasks do in a triggerer.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from airflow_openai_batch.core.progress import AdaptivePollSchedule, align_to_grid, batch_summary
+from airflow_openai_batch.emulator.simulated_time import SimulatedTime
 from airflow_openai_batch.triggers import _poll_board
 from airflow_openai_batch.triggers.batch import OpenAIBatchTrigger
 from tests.triggers.test_batch import (
@@ -23,16 +25,15 @@ from tests.triggers.test_batch import (
     make_trigger,
 )
 from tests.triggers.test_batch import create_sized_batches as create_batches
-from tests.triggers.virtual_clock import VirtualClock
 
 
-def frozen_clock(server: Any) -> VirtualClock:
+def frozen_clock(server: Any) -> SimulatedTime:
     """Freeze the emulator's clock and return a virtual clock that moves it."""
     server.configure(time_scale=0.0)
-    return VirtualClock(server.stats()["now"], server.advance)
+    return SimulatedTime(server.stats()["now"], server.advance)
 
 
-def per_batch_triggers(clock: VirtualClock, ids: list[str], **kwargs: Any) -> list[OpenAIBatchTrigger]:
+def per_batch_triggers(clock: SimulatedTime, ids: list[str], **kwargs: Any) -> list[OpenAIBatchTrigger]:
     kwargs.setdefault("poll_interval", 10.0)
     kwargs.setdefault("max_poll_interval", 60.0)
     kwargs.setdefault("deadline", clock.now + 86_400)
@@ -309,7 +310,7 @@ def test_alignment_never_makes_a_wait_longer_than_the_schedules(monkeypatch):
         make_batch("b", "completed", total=100, completed=100),
     ]
     hook = ScriptedHook({"b": list(states)})
-    clock = VirtualClock(T0 + 123.4)  # an odd phase: every first wait needs shortening
+    clock = SimulatedTime(T0 + 123.4)  # an odd phase: every first wait needs shortening
     trigger = clock.attach(
         make_trigger(None, hook, batch_ids=["b"], poll_interval=60.0, max_poll_interval=600)
     )

@@ -1,4 +1,7 @@
-"""A virtual clock shared by many triggers in one event loop, as they would run in one triggerer.
+"""Simulated time for triggers against the emulator: a day of polling in seconds, in one event loop.
+
+For tests and benchmarks of waits (this project's, or a DAG's own deferrable tasks): many triggers run
+in one event loop, as they would in one triggerer, with the emulator's clock frozen (``time_scale=0``).
 
 Each trigger's ``_clock`` / ``_sleep`` seams point at the clock. Once every trigger is asleep (none is
 computing or waiting on an API call), the clock jumps to the earliest wake-up, moves the emulator's
@@ -17,9 +20,12 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-class VirtualClock:
-    """:param start: the virtual time now (epoch seconds).
-    :param advance: moves the emulator's clock forward by the given seconds (called with everyone asleep).
+class SimulatedTime:
+    """A clock that jumps to the next wake-up once every waiter sleeps.
+
+    :param start: the simulated time now (epoch seconds).
+    :param advance: moves the emulator's clock forward by the given seconds (called with everyone asleep),
+        e.g. ``EmulatorServer.advance``.
     """
 
     def __init__(self, start: float, advance: Callable[[float], Any] | None = None) -> None:
@@ -29,6 +35,8 @@ class VirtualClock:
         self._seq = itertools.count()
         self._running = 0
         self._idle: asyncio.Event | None = None
+        #: Jumps made so far (each wakes every waiter due at that instant).
+        self.steps = 0
 
     def time(self) -> float:
         return self.now
@@ -76,6 +84,7 @@ class VirtualClock:
                 if self._advance is not None:
                     self._advance(due - self.now)
                 self.now = due
+            self.steps += 1
             while self._heap and self._heap[0][0] <= self.now:
                 _, _, future = heapq.heappop(self._heap)
                 self._running += 1
