@@ -324,11 +324,10 @@ class BlockHelper:
         except (OSError, ValueError, subprocess.SubprocessError):
             return None
 
-    def send(self, data: bytes, tag: Any, prefix: bytes = b"") -> None:
-        """Queue a block (sent as ``prefix + data``); its answer comes back in order on :attr:`answers`,
-        ``tag`` on :attr:`waiting`."""
+    def send(self, data: bytes, tag: Any) -> None:
+        """Queue a block; its answer comes back in order on :attr:`answers`, ``tag`` on :attr:`waiting`."""
         self.waiting.append(tag)
-        self._outbox.put((prefix, data))
+        self._outbox.put((b"", data))
 
     def _send_loop(self) -> None:
         stdin = self._proc.stdin
@@ -418,7 +417,6 @@ class BlockPipeline:
     :param work: does a block's work here (what the helper does with the block's bytes).
     :param decode: turns the helper's answer for a block into what ``work`` returns.
     :param apply: receives each block and its result, in the order the blocks were fed.
-    :param prefix: bytes sent before each block (e.g. which work the helper should do).
     :param inflight: blocks sent to the helper and not answered yet, at most (at first: see
         ``max_inflight``).
     :param max_inflight: when larger than ``inflight``, the limit adapts between 1 and this so that
@@ -440,7 +438,6 @@ class BlockPipeline:
         decode: Any,
         apply: Any,
         *,
-        prefix: bytes = b"",
         inflight: int = 3,
         max_inflight: int | None = None,
         max_pending: int = 8,
@@ -450,7 +447,6 @@ class BlockPipeline:
         self._work = work
         self._decode = decode
         self._apply = apply
-        self._prefix = prefix
         self._inflight = inflight
         self._max_inflight = max(inflight, max_inflight or inflight)
         self._min_inflight = inflight if self._max_inflight == inflight else 1
@@ -474,7 +470,7 @@ class BlockPipeline:
             self._inflight += 1  # every answer is in: the helper has been idle, give it more
         if data is not None and helper is not None and helper.alive and len(self._sent) < self._inflight:
             self._sent.append(entry)
-            helper.send(data, entry, self._prefix)
+            helper.send(data, entry)
         else:
             entry[1] = self._work(block)
         self._pending.append(entry)
@@ -496,7 +492,7 @@ class BlockPipeline:
         self.held = True
         entry: list[Any] = [block, _WAITING]
         self._sent.append(entry)
-        helper.send(data, entry, self._prefix)
+        helper.send(data, entry)
         self._pending.append(entry)
         self._collect(wait=False)
         return True
