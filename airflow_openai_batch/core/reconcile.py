@@ -493,7 +493,7 @@ class Reconciler:
         #: How result blocks are scanned, set when the helper process starts (see _maybe_start_helper).
         self._scanner: Any = None
         #: The current batch's input ids, asked only about results that are not in the index.
-        self._input_ids: _InputIds | Any = None
+        self._input_ids: Any = None
 
     # -- public -----------------------------------------------------------------------------------
 
@@ -525,7 +525,10 @@ class Reconciler:
         try:
             with gc_paused():
                 index, bad_lines, dup_lines, first_request = self._copy_input(
-                    files, tmp_path, tally, between_slabs=ahead and (lambda: self._send_ahead(ahead))
+                    files,
+                    tmp_path,
+                    tally,
+                    between_slabs=None if ahead is None else (lambda: self._send_ahead(ahead)),
                 )
                 self._input_ids = _InputIds(tmp_path, bad_lines)
                 self._learn_model_and_endpoint(tally, first_request)
