@@ -175,6 +175,30 @@ def test_async_methods_for_the_trigger(emulator) -> None:
     assert got.status == "completed" and listed == [batch.id]
 
 
+def test_batch_pages_are_fetched_one_call_at_a_time_newest_first(emulator) -> None:
+    hook = OpenAIBatchHook()
+    file_id = hook.upload_file(io.BytesIO(_lines(1))).id
+    created = [hook.create_batch(input_file_id=file_id, endpoint="/v1/chat/completions").id for _ in range(5)]
+
+    async def run():
+        ahook = OpenAIBatchHook()
+        calls = []
+        pages = []
+        async for page in ahook.alist_batch_pages(page_size=2):
+            calls.append(emulator.stats()["calls"].get("batches.list", 0))
+            pages.append([b.id for b in page])
+            if len(pages) == 2:
+                break  # the caller stops between pages: no further call is made
+        await ahook.aclose()
+        return pages, calls
+
+    before = emulator.stats()["calls"].get("batches.list", 0)
+    pages, calls = asyncio.run(run())
+    assert pages == [created[::-1][0:2], created[::-1][2:4]]
+    assert calls == [before + 1, before + 2]
+    assert emulator.stats()["calls"]["batches.list"] == before + 2
+
+
 def test_test_connection_reports_success_and_failure(emulator, monkeypatch) -> None:
     assert OpenAIBatchHook().test_connection() == (True, "Connection to the OpenAI Batch API works.")
     monkeypatch.setenv(
