@@ -10,7 +10,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from airflow_openai_batch.get_provider_info import get_provider_info
-from airflow_openai_batch.version import __version__
 
 if TYPE_CHECKING:
     from airflow_openai_batch.exceptions import OpenAIBatchInputError
@@ -19,8 +18,12 @@ if TYPE_CHECKING:
     from airflow_openai_batch.operators.submit import OpenAIBatchSubmitOperator
     from airflow_openai_batch.sensors.batch import OpenAIBatchSensor
     from airflow_openai_batch.triggers.batch import OpenAIBatchTrigger
+    from airflow_openai_batch.version import __version__
 
+# Lazy as well: the version is read from the installed metadata (tens of milliseconds), which a helper
+# process importing one core module must not pay for.
 _LAZY = {
+    "__version__": "airflow_openai_batch.version",
     "OpenAIBatchHook": "airflow_openai_batch.hooks.batch",
     "OpenAIBatchSubmitOperator": "airflow_openai_batch.operators.submit",
     "OpenAIBatchSensor": "airflow_openai_batch.sensors.batch",

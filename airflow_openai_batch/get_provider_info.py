@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow_openai_batch.version import __version__
-
 _INTEGRATION = "OpenAI Batch"
 
 
 def get_provider_info() -> dict[str, Any]:
+    # Imported here: reading the version from the installed metadata takes tens of milliseconds, which
+    # importing the package (or a helper process importing one core module) should not pay.
+    from airflow_openai_batch.version import __version__
+
     return {
         "package-name": "airflow-openai-batch",
         "name": "OpenAI Batch",

@@ -200,7 +200,14 @@ def bench_collect(run: Runner, results: int) -> list[Row]:
     bare = run.best("collect-bare", _case("collect_bare", folder=str(folder), work_dir=out))
     for fmt in ("jsonl", "parquet"):
         ours = run.best(
-            f"collect-ours-{fmt}", _case("collect_ours", folder=str(folder), work_dir=out, output_format=fmt)
+            f"collect-ours-{fmt}",
+            _case(
+                "collect_ours",
+                folder=str(folder),
+                work_dir=out,
+                output_format=fmt,
+                expected_results=results,
+            ),
         )
         naive = run.best(
             f"collect-naive-{fmt}",

@@ -75,8 +75,13 @@ def _streamed(stream: Any) -> Any:
     return lines_from_raw_blocks(blocks())
 
 
-def collect_ours(folder: str, work_dir: str, output_format: str) -> dict[str, Any]:
-    """What the collect operator does once the files stream in: reconcile by custom_id, write results."""
+def collect_ours(
+    folder: str, work_dir: str, output_format: str, expected_results: int | None = None
+) -> dict[str, Any]:
+    """What the collect operator does once the files stream in: reconcile by custom_id, write results.
+
+    :param expected_results: the batch's request count, as the operator knows it from the batch.
+    """
     from airflow_openai_batch.core.reconcile import BatchResultFiles, Reconciler
     from airflow_openai_batch.core.writers import ResultWriter
 
@@ -90,7 +95,14 @@ def collect_ours(folder: str, work_dir: str, output_format: str) -> dict[str, An
     ):
         reconciler = Reconciler(writer, out / "work")
         reconciler.add_batch(
-            BatchResultFiles("batch_bench", "completed", _streamed(inp), _streamed(outp), _streamed(err))
+            BatchResultFiles(
+                "batch_bench",
+                "completed",
+                _streamed(inp),
+                _streamed(outp),
+                _streamed(err),
+                expected_results=expected_results,
+            )
         )
     summary = reconciler.summary()
     shutil.rmtree(out, ignore_errors=True)

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from itertools import chain
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -204,7 +204,11 @@ _HELPER_MALLOC_ENV = {
     # choose, so the helper does.
     "ARROW_DEFAULT_MEMORY_POOL": "jemalloc",
 }
-_HELPER_CODE = "from airflow_openai_batch.core.jsonl import _helper_main; _helper_main()"
+# Once the caller closes the pipe, the helper leaves at once: everything it owes was written and flushed,
+# and a normal interpreter exit (freeing every module, Arrow's included) keeps the caller waiting ~50 ms.
+_HELPER_CODE = (
+    "import os; from airflow_openai_batch.core.jsonl import _helper_main; _helper_main(); os._exit(0)"
+)
 
 
 def _read_frame(stream: Any) -> bytes | None:
@@ -222,17 +226,23 @@ def _read_frame(stream: Any) -> bytes | None:
 def _helper_main() -> None:
     """Entry point of a helper process: answer each frame read from stdin on stdout, in order.
 
-    The first frame is ``<module>:<factory>\\n<config>``; ``factory(config)`` returns the function that
-    turns each following frame into its answer: bytes, or a sequence of bytes-like parts sent as one
-    answer.
+    The command line names ``<module>:<factory>`` and modules to import ahead: all are imported before
+    anything is read, so a helper started early is ready when its first block comes. The first frame
+    is the config: ``factory(config)`` returns the function that turns each following frame into its
+    answer: bytes, or a sequence of bytes-like parts sent as one answer.
     """
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    first = _read_frame(stdin)
-    if first is None:
+    _serve(sys.argv[1], sys.argv[2:], sys.stdin.buffer, sys.stdout.buffer)
+
+
+def _serve(target: str, preload: Iterable[str], stdin: Any, stdout: Any) -> None:
+    module, _, name = target.partition(":")
+    factory = getattr(importlib.import_module(module), name)
+    for extra in preload:
+        importlib.import_module(extra)
+    config = _read_frame(stdin)
+    if config is None:
         return
-    target, _, config = first.partition(b"\n")
-    module, _, name = target.decode().partition(":")
-    handle = getattr(importlib.import_module(module), name)(config)
+    handle = factory(config)
     # What the handlers build are trees freed by reference counting: the cyclic collector only costs.
     gc.disable()
     while True:
@@ -277,10 +287,12 @@ class BlockHelper:
 
     :param factory: ``"module:function"``; the helper calls ``function(config)`` once and the returned
         callable with each block.
-    :param config: bytes handed to the factory.
+    :param config: bytes handed to the factory; ``None`` to send them later with :meth:`configure`
+        (the process starts, and imports, meanwhile).
+    :param preload: more modules for the helper to import before the config comes.
     """
 
-    def __init__(self, factory: str, config: bytes) -> None:
+    def __init__(self, factory: str, config: bytes | None, preload: Iterable[str] = ()) -> None:
         env = dict(os.environ)
         # The child must import this very package, wherever it was imported from here.
         root = str(Path(__file__).resolve().parents[2])
@@ -288,7 +300,7 @@ class BlockHelper:
         for name, value in _HELPER_MALLOC_ENV.items():
             env.setdefault(name, value)
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", _HELPER_CODE],
+            [sys.executable, "-c", _HELPER_CODE, factory, *preload],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -297,7 +309,7 @@ class BlockHelper:
         )
         for pipe in (self._proc.stdin, self._proc.stdout):
             _enlarge_pipe(pipe)
-        self._outbox: queue.SimpleQueue[tuple[bytes, bytes] | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self.answers: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         #: What the caller attached to each block sent and not answered yet, oldest first.
         self.waiting: deque[Any] = deque()
@@ -310,35 +322,46 @@ class BlockHelper:
         ]
         for thread in self._threads:
             thread.start()
-        self._outbox.put((factory.encode() + b"\n", config))
+        #: Whether the config was sent (blocks may follow).
+        self.configured = False
+        if config is not None:
+            self.configure(config)
 
     @classmethod
-    def start(cls, factory: str, config: bytes) -> BlockHelper | None:
+    def start(cls, factory: str, config: bytes | None, preload: Iterable[str] = ()) -> BlockHelper | None:
         """A running helper, or ``None`` if helpers are disabled (:data:`HELPER_ENV`) or cannot start."""
         if os.environ.get(HELPER_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
             return None
         if not sys.executable:
             return None
         try:
-            return cls(factory, config)
+            return cls(factory, config, preload)
         except (OSError, ValueError, subprocess.SubprocessError):
             return None
 
+    def configure(self, config: bytes) -> None:
+        """Send the factory's config (once, before any block)."""
+        if self.configured:
+            raise RuntimeError("the helper was configured already")
+        self.configured = True
+        self._outbox.put(config)
+
     def send(self, data: bytes, tag: Any) -> None:
         """Queue a block; its answer comes back in order on :attr:`answers`, ``tag`` on :attr:`waiting`."""
+        if not self.configured:
+            raise RuntimeError("configure() the helper before sending blocks")
         self.waiting.append(tag)
-        self._outbox.put((b"", data))
+        self._outbox.put(data)
 
     def _send_loop(self) -> None:
         stdin = self._proc.stdin
         assert stdin is not None
         try:
             while True:
-                item = self._outbox.get()
-                if item is None:
+                data = self._outbox.get()
+                if data is None:
                     break
-                prefix, data = item
-                for part in (_FRAME.pack(len(prefix) + len(data)) + prefix, data):
+                for part in (_FRAME.pack(len(data)), data):
                     view = memoryview(part)
                     while view:
                         view = view[stdin.write(view) :]
@@ -481,6 +504,8 @@ class BlockPipeline:
         done) when the helper cannot take it: none, gone, busy with its limit of blocks, or ``limit``
         blocks already held."""
         helper = self.helper
+        # Answers in since the last call free their places at the helper.
+        self._collect(wait=False)
         if (
             data is None
             or helper is None
@@ -494,7 +519,6 @@ class BlockPipeline:
         self._sent.append(entry)
         helper.send(data, entry)
         self._pending.append(entry)
-        self._collect(wait=False)
         return True
 
     def release(self, apply: Any) -> None:

@@ -10,7 +10,8 @@ soon as it is known:
 
 Result files are streamed and never held in memory. The only per-request state is an index
 ``custom_id -> byte offset`` into a local copy of the input file, which is what lets a failure carry the
-original request line (for the retry file) without keeping request bodies in memory.
+original request line (for the retry file) without keeping request bodies in memory, and the set of ids
+not answered yet.
 
 Into a sink that takes whole blocks (:class:`~airflow_openai_batch.core.writers.ResultWriter`), files are
 handled in blocks of about half a megabyte: each result block is scanned (parsed, its records built and
@@ -116,9 +117,12 @@ _SLAB_MAX_LINES = 8192
 _line_head = operator.itemgetter(slice(0, 256))
 _BOM = b"\xef\xbb\xbf"
 _UNSET = object()
-#: Result blocks are scanned by a helper process too once a batch's input passes this size. Starting
-#: the helper (an interpreter, its imports) costs ~0.1-0.2 CPU-s: smaller batches are faster without it.
-_RESULT_HELPER_MIN_BYTES = 4 << 20
+#: From how many requests a batch's result blocks are scanned by a helper process too, per output format:
+#: ``(requests, input bytes)``, the first when the batch's request count is known, the second (the input
+#: copied so far) when it is not. Starting the helper (an interpreter, its imports) costs ~0.1 CPU-s, and
+#: into Parquet the Arrow writer thread already takes part of the second core: measured on 2 cores, the
+#: helper pays for itself from ~50k requests into JSONL and ~100k into Parquet.
+_RESULT_HELPER_MIN: dict[str, tuple[int, int]] = {"jsonl": (50_000, 12 << 20), "parquet": (100_000, 24 << 20)}
 _RESULTS_FACTORY = "airflow_openai_batch.core.reconcile:_results_handler"
 #: Blocks sent to the helper and not answered yet (at first, and at most as the split adapts), and
 #: blocks scanned, not yet applied, at most.
@@ -129,7 +133,7 @@ _RESULT_MAX_PENDING = 6
 _RESULT_HELPER_TIMEOUT = 300.0
 #: Output blocks sent to the helper while the input is still being copied, at most (each held with its
 #: answer until the join can start: a few megabytes).
-_RESULT_AHEAD_BLOCKS = 8
+_RESULT_AHEAD_BLOCKS = 5
 _APPEND_NEWLINE = orjson.OPT_APPEND_NEWLINE
 
 _USAGE_KEYS: tuple[str, ...] = ("input_tokens", "output_tokens", "total_tokens", "cached_input_tokens")
@@ -322,6 +326,9 @@ class BatchResultFiles:
         (``output_file_id`` null, or ``""`` on Azure).
     :param error_lines: the error file's lines, or ``None`` when the batch has no error file.
     :param model: the batch's model; when ``None`` it is read from the first input line's ``body.model``.
+    :param expected_results: how many requests the batch holds, when known (its ``request_counts.total``):
+        decides before anything is read whether a helper process is worth starting. Only a hint: every
+        line is reconciled whatever it says.
     """
 
     batch_id: str
@@ -330,6 +337,7 @@ class BatchResultFiles:
     output_lines: Iterable[bytes] | None
     error_lines: Iterable[bytes] | None
     model: str | None = None
+    expected_results: int | None = None
 
 
 def _empty_usage() -> dict[str, int]:
@@ -503,8 +511,6 @@ class Reconciler:
         self._anomalies = _Anomalies()
         #: How result blocks are scanned, set when the helper process starts (see _maybe_start_helper).
         self._scanner: Any = None
-        #: The current batch's input ids, asked only about results that are not in the index.
-        self._input_ids: Any = None
 
     # -- public -----------------------------------------------------------------------------------
 
@@ -525,11 +531,19 @@ class Reconciler:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         tmp_path = self.work_dir / f".input-{uuid.uuid4().hex}.jsonl"
         # A helper process scans result blocks too when the batch is large and the sink takes whole
-        # blocks (see _ResultScanner); it is started while the input is copied, so it is ready in time.
+        # blocks (see _ResultScanner). Known to be large, it starts now and imports while the input is
+        # copied, so it is ready for the first result block; of unknown size, once the input proves large.
         self._helper = None
         self._helper_wanted = self._block_format() is not None and (
             files.output_lines is not None or files.error_lines is not None
         )
+        expected = files.expected_results
+        if self._helper_wanted and isinstance(expected, int):
+            self._helper_wanted = False
+            if expected >= _RESULT_HELPER_MIN[str(self._block_format())][0]:
+                self._helper = BlockHelper.start(
+                    _RESULTS_FACTORY, None, preload=_results_preload(self._block_format())
+                )
         # The output's first blocks go to the helper while the input is still being copied: scanning them
         # needs no index, so the helper works from the start instead of waiting for the join.
         ahead = _ResultsAhead(files.output_lines) if files.output_lines is not None else None
@@ -541,15 +555,15 @@ class Reconciler:
                     tally,
                     between_slabs=None if ahead is None else (lambda: self._send_ahead(ahead)),
                 )
-                self._input_ids = _InputIds(tmp_path, bad_lines)
+                requests = _Requests(index)
                 self._learn_model_and_endpoint(tally, first_request)
                 with open(tmp_path, "rb") as reader:
                     fetch = _RequestFetcher(reader)
                     if files.output_lines is not None:
-                        self._read_results(files.output_lines, "output", index, fetch, tally, ahead)
+                        self._read_results(files.output_lines, "output", requests, fetch, tally, ahead)
                     if files.error_lines is not None:
-                        self._read_results(files.error_lines, "error", index, fetch, tally)
-                    self._write_absent(index, bad_lines, dup_lines, fetch, tally)
+                        self._read_results(files.error_lines, "error", requests, fetch, tally)
+                    self._write_absent(requests, bad_lines, dup_lines, fetch, tally)
         except BaseException:
             if self._helper is not None:
                 self._helper.close(kill=True)
@@ -605,10 +619,22 @@ class Reconciler:
         return fmt
 
     def _maybe_start_helper(self, copied: int, tally: BatchTally, first_request: Any) -> None:
-        """Start the helper once the input proves large (its results will be at least as large)."""
-        if not self._helper_wanted or copied < _RESULT_HELPER_MIN_BYTES or first_request is None:
+        """Configure the helper started early, or start one once the input proves large (its results
+        will be at least as large). Either needs the first request: it tells the model and endpoint."""
+        if first_request is None:
             return
-        self._helper_wanted = False
+        helper = self._helper
+        if helper is None:
+            if not self._helper_wanted or copied < _RESULT_HELPER_MIN[str(self._block_format())][1]:
+                return
+            self._helper_wanted = False
+            helper = self._helper = BlockHelper.start(
+                _RESULTS_FACTORY, None, preload=_results_preload(self._block_format())
+            )
+            if helper is None:
+                return
+        elif helper.configured:
+            return
         probe = BatchTally(batch_id=tally.batch_id, status=tally.status, model=tally.model)
         self._learn_model_and_endpoint(probe, first_request)
         config = orjson.dumps(
@@ -619,9 +645,14 @@ class Reconciler:
                 "format": self._block_format(),
             }
         )
-        self._helper = BlockHelper.start(_RESULTS_FACTORY, config)
+        helper.configure(config)
         # What the result blocks are scanned with, known now (the tally learns the same after the copy).
         self._scanner = _ResultScanner.from_config(config)
+
+    def _ready_helper(self) -> BlockHelper | None:
+        """The helper, if one runs and may be sent blocks."""
+        helper = self._helper
+        return helper if helper is not None and helper.configured else None
 
     def _results_pipeline(
         self, helper: BlockHelper | None, scanner: _ResultScanner, apply: Any
@@ -645,10 +676,11 @@ class Reconciler:
 
     def _send_ahead(self, ahead: _ResultsAhead) -> None:
         """Between input slabs: send the output's next blocks to the helper while it has room."""
-        if self._helper is None or ahead.finished:
+        helper = self._ready_helper()
+        if helper is None or ahead.finished:
             return
         if ahead.pipeline is None:
-            ahead.pipeline = self._results_pipeline(self._helper, self._scanner, None)
+            ahead.pipeline = self._results_pipeline(helper, self._scanner, None)
         while True:
             unit = ahead.peek()
             if unit is None or not ahead.pipeline.send_ahead(unit, unit.sendable(), _RESULT_AHEAD_BLOCKS):
@@ -716,7 +748,7 @@ class Reconciler:
                 first_request = _first_request(slab)
             base_no = line_no
             line_no += len(slab)
-            if self._helper_wanted:
+            if self._helper_wanted or (self._helper is not None and not self._helper.configured):
                 self._maybe_start_helper(offset, tally, first_request)
             if fast and all(slab):
                 if data is None:
@@ -780,7 +812,7 @@ class Reconciler:
         self,
         lines: Iterable[bytes],
         source: str,
-        index: dict[str, int],
+        requests: _Requests,
         fetch: _RequestFetcher,
         tally: BatchTally,
         ahead: _ResultsAhead | None = None,
@@ -800,14 +832,14 @@ class Reconciler:
             units = ahead.rest()
         elif fmt is None:
             # Lines the read-ahead may have taken (none when the sink takes no blocks: it never started).
-            self._result_lines(lines, source, index, fetch, tally, 0)
+            self._result_lines(lines, source, requests, fetch, tally, 0)
             return
         else:
             units = ahead.rest() if ahead is not None else _units(lines, input_file=False)
         applied = [0]  # lines applied so far (blank ones included, for 1-based line numbers)
 
         def apply(unit: _Unit, scan: _ScanResult | None) -> None:
-            applied[0] = self._apply_scan(unit, scan, source, index, fetch, tally, applied[0])
+            applied[0] = self._apply_scan(unit, scan, source, requests, fetch, tally, applied[0])
 
         if ahead is not None and ahead.pipeline is not None:
             pipeline = ahead.pipeline
@@ -816,7 +848,7 @@ class Reconciler:
             scanner = _ResultScanner(
                 tally.batch_id, tally.model or "unknown", endpoint_kind(tally.endpoint), str(fmt)
             )
-            pipeline = self._results_pipeline(self._helper, scanner, apply)
+            pipeline = self._results_pipeline(self._ready_helper(), scanner, apply)
         for unit in units:
             pipeline.feed(unit, unit.sendable())
             if unit.lines is not None:
@@ -830,7 +862,7 @@ class Reconciler:
         unit: _Unit,
         scan: _ScanResult | None,
         source: str,
-        index: dict[str, int],
+        requests: _Requests,
         fetch: _RequestFetcher,
         tally: BatchTally,
         line_no: int,
@@ -840,30 +872,28 @@ class Reconciler:
         The scan assumed every custom_id is in the input and answered once: when one is not (unknown,
         answered twice), or the scanner left the block to the careful path (``scan`` is ``None``), the
         block goes line by line through :meth:`_result_lines`, which reports what is wrong.
-
-        ``index`` holds the requests not answered yet: an answered id is taken out of it.
         """
         if scan is not None and unit.lines is not None and scan.count != len(unit.lines):
             scan = None  # lines with a newline inside: the careful path sees them as they are
         if scan is not None:
             ids = scan.ids
-            # One C-level pass: take every id out of the index (answered ids leave it, so what is left at
-            # the end is what no result mentions). An id that is unknown, already answered or repeated in
-            # the block comes out as None: then everything taken goes back, and the block goes line by line.
-            taken = list(map(index.pop, ids, itertools.repeat(None)))
-            if None in taken:
-                for cid, off in zip(ids, taken, strict=True):
-                    if off is not None:
-                        index[cid] = off
-            else:
+            # Set operations, each one C-level pass (about four times faster than a dict lookup per id):
+            # every id of the block is unanswered so far and appears once in it, or the block goes line by
+            # line.
+            block = set(ids)
+            unanswered = requests.unanswered
+            if len(block) == len(ids) and block <= unanswered:
+                unanswered -= block
+                offsets = requests.offsets
                 for i, status_code, code, message in scan.failures:
-                    self._fail(tally, fetch, taken[i], ids[i], status_code, code, message)
+                    cid = ids[i]
+                    self._fail(tally, fetch, offsets[cid], cid, status_code, code, message)
                 if scan.succeeded:
                     self.sink.write_success_block(scan.payload, scan.succeeded)  # type: ignore[attr-defined]
                     tally.succeeded += scan.succeeded
                 self._merge_usage(tally, {row[0]: row[1:] for row in scan.usage})
                 return line_no + scan.count
-        return self._result_lines(unit.get_lines(), source, index, fetch, tally, line_no)
+        return self._result_lines(unit.get_lines(), source, requests, fetch, tally, line_no)
 
     def _merge_usage(self, tally: BatchTally, usage_acc: dict[str, Any]) -> None:
         t_usage = tally.usage
@@ -881,7 +911,7 @@ class Reconciler:
         self,
         lines: Iterable[bytes],
         source: str,
-        index: dict[str, int],
+        requests: _Requests,
         fetch: _RequestFetcher,
         tally: BatchTally,
         line_no: int,
@@ -898,7 +928,8 @@ class Reconciler:
         kind = endpoint_kind(tally.endpoint)
         content_of = _CONTENT_EXTRACTORS.get(kind)
         embeddings = kind == "embeddings"
-        index_pop = index.pop
+        offsets = requests.offsets
+        answered = requests.unanswered.remove
         k_input, k_output, k_details = _usage_keys(kind)
         usage_acc: dict[str, list[int]] = {}
         last_model: Any = _UNSET  # not None: a body without "model" must still pick its accumulator
@@ -909,18 +940,19 @@ class Reconciler:
             try:
                 obj = _loads(line)
                 cid = obj["custom_id"]
-                off = index_pop(cid, None)  # answered: out of the index
             except (_JSONDecodeError, KeyError, TypeError, IndexError) as exc:
                 if not line.strip():
                     continue  # blank line (e.g. Azure's zero-byte error file, a trailing newline)
                 detail = f"{type(exc).__name__}: {exc}"[:200]
                 anomalies.add(tally, "unparseable_result_line", None, source, line_no, detail)
                 continue
-            if off is None:
+            try:
+                answered(cid)
+            except (KeyError, TypeError):  # not waiting for an answer (or not even hashable)
                 if type(cid) is not str:
                     detail = f"custom_id is {type(cid).__name__}, not a string"
                     anomalies.add(tally, "unparseable_result_line", None, source, line_no, detail)
-                elif cid in self._input_ids:
+                elif cid in offsets:
                     anomalies.add(
                         tally, "duplicate_result", cid, source, line_no, "an earlier result for it was kept"
                     )
@@ -940,7 +972,7 @@ class Reconciler:
                 ok = False
             if not ok:
                 status_code, code, message = _error_fields(obj, response)
-                self._fail(tally, fetch, off, cid, status_code, code, message)
+                self._fail(tally, fetch, offsets[cid], cid, status_code, code, message)
                 continue
             body = response.get("body")
             usage = body.get("usage") if type(body) is dict else None
@@ -980,7 +1012,7 @@ class Reconciler:
 
     def _write_absent(
         self,
-        index: dict[str, int],
+        requests: _Requests,
         bad_lines: list[tuple[int, int]],
         dup_lines: list[tuple[str, int, int | None]],
         fetch: _RequestFetcher,
@@ -989,10 +1021,12 @@ class Reconciler:
         """Fail every input request that got no result (and the input lines that cannot be joined)."""
         code = _ABSENT_CODE_BY_STATUS.get(tally.status, "missing")
         message = _ABSENT_MESSAGES[code].format(status=tally.status)
-        # What is left in the index is what no result answered. Insertion order is file order, so the reads
-        # below walk the copy forwards.
-        for cid, off in index.items():
-            self._fail(tally, fetch, off, cid, None, code, message)
+        # The index is in file order, so the reads below walk the copy forwards.
+        unanswered = requests.unanswered
+        if unanswered:
+            for cid, off in requests.offsets.items():
+                if cid in unanswered:
+                    self._fail(tally, fetch, off, cid, None, code, message)
         for cid, off, line_no in dup_lines:
             detail = "custom_id repeated: this line is failed, the first one is joined"
             self._anomalies.add(tally, "duplicate_input_custom_id", cid, "input", line_no, detail)
@@ -1303,6 +1337,11 @@ class _ResultScanner:
         return _ScanResult(ids, len(lines), failures, usage_rows, succeeded, payload)
 
 
+def _results_preload(output_format: str | None) -> tuple[str, ...]:
+    """What the helper imports before its config comes: all it needs for ``output_format`` blocks."""
+    return ("airflow_openai_batch.core.writers", "pyarrow") if output_format == "parquet" else ()
+
+
 def _results_handler(config: bytes) -> Callable[[bytes], bytes]:
     """In the helper process (see :class:`~airflow_openai_batch.core.jsonl.BlockHelper`): scan blocks of
     a result file (:class:`_ResultScanner`)."""
@@ -1404,23 +1443,20 @@ def _index_copy(
     return index, dup_lines
 
 
-class _InputIds:
-    """Whether a custom_id is in the batch's input, for telling a repeated result from an unknown one.
+class _Requests:
+    """A batch's input requests as the join sees them.
 
-    Answered ids leave the index, so an id that is not there may have been answered before or never
-    asked: only a result that is not in the index asks this, which is rare, so the set of every input
-    id is built from the input copy on the first question rather than kept for every batch.
+    :param offsets: custom_id -> offset of its line in the input copy, in file order.
     """
 
-    def __init__(self, tmp_path: Path, bad_lines: list[tuple[int, int]]) -> None:
-        self._tmp_path = tmp_path
-        self._bad_lines = bad_lines
-        self._ids: dict[str, int] | None = None
+    __slots__ = ("offsets", "unanswered")
 
-    def __contains__(self, custom_id: str) -> bool:
-        if self._ids is None:
-            self._ids, _ = _index_copy(self._tmp_path, self._bad_lines)
-        return custom_id in self._ids
+    def __init__(self, offsets: dict[str, int]) -> None:
+        self.offsets = offsets
+        #: The ids no result has answered yet. A set rather than taking ids out of ``offsets``: checking
+        #: and removing a block's ids is a few C-level set operations, several times faster than one dict
+        #: lookup per id, and ``offsets`` stays whole to tell a repeated result from an unknown one.
+        self.unanswered = set(offsets)
 
 
 #: Endpoint kinds whose convenience field is ``content``: the function that reads it from a body.

@@ -69,12 +69,20 @@ def _pyarrow() -> Any:
         os.environ.setdefault(ARROW_POOL_ENV, "jemalloc")
     try:
         import pyarrow
-        import pyarrow.parquet  # makes pyarrow.parquet reachable as an attribute
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise ImportError(
             "output_format='parquet' needs pyarrow: pip install 'airflow-openai-batch[parquet]'"
         ) from exc
     return pyarrow
+
+
+def _parquet() -> Any:
+    """``pyarrow.parquet``, imported only where files are written or read (a helper process building
+    Arrow blocks does without it)."""
+    _pyarrow()
+    import pyarrow.parquet
+
+    return pyarrow.parquet
 
 
 @functools.cache
@@ -141,7 +149,7 @@ def _parquet_writer(pa: Any, path: Path, schema: Any) -> Any:
     # zstd: several times smaller than snappy on JSON text and no slower to write. Dictionary encoding and
     # min/max statistics only where they help (ids, codes): on unique JSON bodies they are pure cost.
     small = [f.name for f in schema if f.name in ("batch_id", "status_code", "error_code")]
-    return pa.parquet.ParquetWriter(
+    return _parquet().ParquetWriter(
         str(path),
         schema,
         memory_pool=_memory_pool(),
@@ -780,8 +788,7 @@ def read_records(path: Path | str, batch_size: int = 10_000) -> Iterator[dict[st
 
 
 def _read_parquet(path: Path, batch_size: int) -> Iterator[dict[str, Any]]:
-    pa = _pyarrow()
-    parquet_file = pa.parquet.ParquetFile(str(path))
+    parquet_file = _parquet().ParquetFile(str(path))
     for batch in parquet_file.iter_batches(batch_size=batch_size):
         for row in batch.to_pylist():
             for key in ("body", "request"):

@@ -176,6 +176,7 @@ class OpenAIBatchCollectOperator(BaseOperator):
             output_lines=self.hook.iter_file_lines(output_id) if output_id else None,
             error_lines=self.hook.iter_file_lines(error_id) if error_id else None,
             model=getattr(batch, "model", None),
+            expected_results=getattr(getattr(batch, "request_counts", None), "total", None),
         )
 
     def _summary(self, reconciler: Reconciler) -> dict[str, Any]:

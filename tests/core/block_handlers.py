@@ -36,3 +36,10 @@ def dies_at(config: bytes) -> Callable[[bytes], bytes]:
 def environment(config: bytes) -> Callable[[bytes], bytes]:
     """Answer with the value of the environment variable named by the block."""
     return lambda block: os.environ.get(block.decode(), "").encode()
+
+
+def imported(config: bytes) -> Callable[[bytes], bytes]:
+    """Answer ``b"yes"`` if the module named by the block was imported in the helper, else ``b"no"``."""
+    import sys
+
+    return lambda block: b"yes" if block.decode() in sys.modules else b"no"

@@ -135,3 +135,41 @@ def test_nothing_is_sent_ahead_without_a_helper() -> None:
     pipeline.feed(b"x", b"x")
     pipeline.finish()
     assert applied == [b"X"]
+
+
+def test_answers_in_free_places_for_more_blocks_sent_ahead() -> None:
+    """Blocks sent ahead are limited by the places at the helper, and an answer in frees one."""
+    helper = _start("upper")
+    try:
+        pipeline = BlockPipeline(helper, bytes.upper, bytes, None, inflight=2)
+        assert pipeline.send_ahead(b"a0", b"a0", limit=6)
+        assert pipeline.send_ahead(b"a1", b"a1", limit=6)
+        # Both places are taken until the answers are in: wait for both (taken and put back, in order).
+        answers = [helper.answers.get(), helper.answers.get()]
+        for answer in answers:
+            helper.answers.put(answer)
+        assert pipeline.send_ahead(b"a2", b"a2", limit=6)  # the answers in freed the places
+        assert pipeline.send_ahead(b"a3", b"a3", limit=6)
+        applied: list[bytes] = []
+        pipeline.release(lambda block, result: applied.append(result))
+        pipeline.finish()
+    finally:
+        helper.close()
+    assert applied == [b"A0", b"A1", b"A2", b"A3"]
+
+
+def test_a_helper_started_early_imports_ahead_and_waits_for_its_config() -> None:
+    helper = BlockHelper.start(f"{HANDLERS}:imported", None, preload=["colorsys"])
+    assert helper is not None
+    try:
+        assert not helper.configured
+        with pytest.raises(RuntimeError, match="configure"):
+            helper.send(b"colorsys", None)
+        helper.configure(b"")
+        with pytest.raises(RuntimeError, match="configured already"):
+            helper.configure(b"")
+        applied, done_here, _ = _run(helper, [b"colorsys", b"tests.core.block_handlers", b"wave"])
+    finally:
+        helper.close()
+    assert done_here == []
+    assert [answer for _, answer in applied] == [b"yes", b"yes", b"no"]

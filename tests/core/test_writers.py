@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
+from airflow_openai_batch.core import reconcile
 from airflow_openai_batch.core.reconcile import BatchResultFiles, Reconciler
 from airflow_openai_batch.core.writers import ResultWriter, read_records, write_manifest
 
@@ -287,6 +288,61 @@ def test_reconciler_into_writer_end_to_end(tmp_path: Path, output_format: str) -
     assert manifest["usage_by_model"] == {"text-embedding-3-small": manifest["usage"]}
 
 
+@pytest.mark.parametrize("expected", [None, 999, 1000], ids=["unknown", "below", "at-threshold"])
+def test_the_batch_request_count_decides_the_helper_before_anything_is_read(
+    tmp_path: Path, expected: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request count at or past the threshold starts the helper before the first input line is read (it
+    imports meanwhile); one below it means no helper at all, however large the input; without one, the
+    input's size decides, once that much is copied."""
+    from airflow_openai_batch.core.jsonl import BlockHelper, iter_lines
+
+    monkeypatch.setenv("OPENAI_BATCH_HELPER_PROCESS", "1")
+    monkeypatch.setattr(reconcile, "_RESULT_HELPER_MIN", {"jsonl": (1000, 64 << 10)})
+    events: list[str] = []
+    real_start = BlockHelper.start.__func__  # type: ignore[attr-defined]
+
+    def observed_start(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
+        events.append("helper")
+        return real_start(cls, *args, **kwargs)
+
+    monkeypatch.setattr(BlockHelper, "start", classmethod(observed_start))
+    n = 3000  # ~600 KB of input, ~10 times the size threshold
+    pad = "x" * 150
+    inputs = [
+        orjson.dumps({"custom_id": f"r{i}", "method": "POST", "url": CHAT, "body": {"model": "m", "p": pad}})
+        for i in range(n)
+    ]
+
+    def input_lines():  # type: ignore[no-untyped-def]
+        events.append("input")
+        yield from inputs
+
+    body = {"model": "m", "choices": [{"message": {"content": "a"}}], "usage": {"total_tokens": 1}}
+    output = b"".join(
+        orjson.dumps({"custom_id": f"r{i}", "response": {"status_code": 200, "body": body}, "error": None})
+        + b"\n"
+        for i in range(n)
+    )
+    import io
+
+    writer = ResultWriter(tmp_path / "stage", "jsonl")
+    rec = Reconciler(writer, tmp_path / "work")
+    files = BatchResultFiles(
+        "b", "completed", input_lines(), iter_lines(io.BytesIO(output)), None, expected_results=expected
+    )
+    tally = rec.add_batch(files)
+    writer.close()
+    assert (tally.total, tally.succeeded) == (n, n)
+    assert sum(1 for _ in read_records(tmp_path / "stage" / "successes.jsonl")) == n
+    if expected is None:
+        assert events == ["input", "helper"]
+    elif expected < 1000:
+        assert events == ["input"]
+    else:
+        assert events == ["helper", "input"]
+
+
 @pytest.mark.parametrize("where", ["late", "early"])
 @pytest.mark.parametrize("helper", ["1", "0"], ids=["helper-process", "one-process"])
 @pytest.mark.parametrize("output_format", ["jsonl", "parquet"])
@@ -309,7 +365,9 @@ def test_block_path_reports_repeats_across_blocks_and_unknown_ids(
 
     monkeypatch.setattr(BlockPipeline, "send_ahead", observed)
     monkeypatch.setenv("OPENAI_BATCH_HELPER_PROCESS", helper)
-    n = 30_000  # ~7 MB of input: past the size where the helper process starts
+    # The helper starts from 1 MB of input here (its usual size would make a slow test).
+    monkeypatch.setattr(reconcile, "_RESULT_HELPER_MIN", {"jsonl": (1, 1 << 20), "parquet": (1, 1 << 20)})
+    n = 30_000  # ~7 MB of input
     pad = "x" * 150
     inputs = b"".join(
         orjson.dumps(
