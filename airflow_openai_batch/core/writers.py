@@ -307,8 +307,8 @@ class _SuccessColumns:
         self._reset()
 
     def _reset(self) -> None:
-        # (custom_id, batch_id, status_code, content, input, output, total, usage_is_null,
-        #  body_end_offset, embedding_end_offset, embedding_is_null)
+        # (custom_id, batch_id, status_code, content, input, output, total, has_usage,
+        #  body_end_offset, embedding_end_offset, has_embedding)
         self.rows: list[tuple[Any, ...]] = []
         self.bodies = bytearray()
         self.emb_values = array.array("f")
@@ -369,10 +369,10 @@ class _SuccessColumns:
                 inp,
                 out,
                 total,
-                False,
+                True,
                 len(bodies),
                 len(values),
-                emb is None,
+                emb is not None,
             )
         else:
             row = (
@@ -383,10 +383,10 @@ class _SuccessColumns:
                 None,
                 None,
                 None,
-                True,
+                False,
                 len(bodies),
                 len(values),
-                emb is None,
+                emb is not None,
             )
         self.rows.append(row)
         self.buffered_bytes += size
@@ -408,17 +408,24 @@ class _SuccessColumns:
             pa.array((0, *columns[8]), type=pa.int32(), memory_pool=pool).buffers()[1],
             pa.py_buffer(bodies),
         )
-        # The mask makes a missing vector a null list, not an empty one.
-        embedding = pa.ListArray.from_arrays(
-            pa.array((0, *columns[9]), type=pa.int32(), memory_pool=pool),
-            pa.array(values, type=pa.float32(), memory_pool=pool),
-            mask=pa.array(columns[10], type=pa.bool_(), memory_pool=pool),
-            pool=pool,
-        ).cast(self.schema.field("embedding").type, memory_pool=pool)
-        usage = pa.StructArray.from_arrays(
-            [_int64_array(pa, columns[4]), _int64_array(pa, columns[5]), _int64_array(pa, columns[6])],
-            fields=list(self.schema.field("usage").type),
-            mask=pa.array(columns[7], type=pa.bool_(), memory_pool=pool),
+        # The nested columns are assembled from their buffers, the validity bitmaps being the has_usage and
+        # has_embedding flags as Arrow booleans (bit-packed the same way): a missing vector is a null list,
+        # not an empty one. (The from_arrays constructors would invert a mask with pyarrow.compute, whose
+        # import alone costs a helper process ~0.1 s.)
+        embedding = pa.Array.from_buffers(
+            self.schema.field("embedding").type,
+            n,
+            [
+                _bitmap(pa, columns[10]),
+                pa.array((0, *columns[9]), type=pa.int32(), memory_pool=pool).buffers()[1],
+            ],
+            children=[pa.array(values, type=pa.float32(), memory_pool=pool)],
+        )
+        usage = pa.Array.from_buffers(
+            self.schema.field("usage").type,
+            n,
+            [_bitmap(pa, columns[7])],
+            children=[_int64_array(pa, columns[i]) for i in (4, 5, 6)],
         )
         return pa.Table.from_arrays(
             [
@@ -544,6 +551,11 @@ class _ParquetSuccesses(_ParquetFile):
         table = self._columns.take_table()
         if table is not None:
             self._writer.write_table(table)
+
+
+def _bitmap(pa: Any, flags: tuple[bool, ...]) -> Any:
+    """An Arrow validity bitmap: bit i set where ``flags[i]`` is true."""
+    return pa.array(flags, type=pa.bool_(), memory_pool=_memory_pool()).buffers()[1]
 
 
 def _int64_array(pa: Any, values: tuple[Any, ...]) -> Any:

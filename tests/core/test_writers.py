@@ -465,3 +465,22 @@ def test_scanned_parquet_rows_read_usage_like_written_records() -> None:
     # The sums count every success's usage, normalized (a missing count is 0).
     assert scan.usage == [["m", 7 + 7 + 5, 2 + 2, 9 + 9 + 5, 1]]
     assert [r["content"] for r in rows] == ["x"] * 4 and rows[0]["embedding"] is None
+
+
+def test_success_blocks_are_built_without_loading_pyarrow_compute() -> None:
+    """A helper process builds Parquet blocks: importing pyarrow.compute (what masks and casts load) or
+    pyarrow.parquet would cost it ~0.1 s at every start, before its first answer."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from airflow_openai_batch.core.writers import success_block, success_columns
+rows = success_columns()
+rows.add_row("a", "b", 200, {"x": 1}, {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}, "hi", None)
+rows.add_row("c", "b", 200, {"x": 2}, None, None, [0.5, 1.5])
+assert len(success_block(rows)) > 0
+print(sorted(m for m in ("pyarrow.compute", "pyarrow.parquet") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
