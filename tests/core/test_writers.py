@@ -477,7 +477,8 @@ def test_success_blocks_are_built_without_loading_pyarrow_compute() -> None:
 import sys
 from airflow_openai_batch.core.writers import success_block, success_columns
 rows = success_columns()
-rows.add_row("a", "b", 200, {"x": 1}, {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}, "hi", None)
+usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+rows.add_row("a", "b", 200, {"x": 1}, usage, "hi", None)
 rows.add_row("c", "b", 200, {"x": 2}, None, None, [0.5, 1.5])
 assert len(success_block(rows)) > 0
 print(sorted(m for m in ("pyarrow.compute", "pyarrow.parquet") if m in sys.modules))
