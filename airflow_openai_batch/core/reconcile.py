@@ -309,7 +309,11 @@ class RecordSink(Protocol):
     def write_success(self, record: dict[str, Any]) -> None: ...
 
     def write_failure(self, record: dict[str, Any], request_line: bytes) -> None:
-        """:param request_line: the request exactly as in the input file (no newline), for retries."""
+        """:param request_line: the request exactly as in the input file (no newline), for retries.
+
+        The record's ``request`` is that line parsed, unless the sink has a ``needs_parsed_requests()``
+        that says ``False``: then it is ``None`` (the line says it all).
+        """
         ...
 
     def close(self) -> None: ...
@@ -511,6 +515,8 @@ class Reconciler:
         self._anomalies = _Anomalies()
         #: How result blocks are scanned, set when the helper process starts (see _maybe_start_helper).
         self._scanner: Any = None
+        #: Whether failure records carry the parsed request (see RecordSink.write_failure).
+        self._parse_requests = True
 
     # -- public -----------------------------------------------------------------------------------
 
@@ -530,6 +536,9 @@ class Reconciler:
         tally = BatchTally(batch_id=files.batch_id, status=status, model=files.model)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         tmp_path = self.work_dir / f".input-{uuid.uuid4().hex}.jsonl"
+        # A sink that keeps the request line as it is (Parquet) does without the parsed request.
+        needs_requests = getattr(self.sink, "needs_parsed_requests", None)
+        self._parse_requests = not callable(needs_requests) or bool(needs_requests())
         # A helper process scans result blocks too when the batch is large and the sink takes whole
         # blocks (see _ResultScanner). Known to be large, it starts now and imports while the input is
         # copied, so it is ready for the first result block; of unknown size, once the input proves large.
@@ -1056,10 +1065,11 @@ class Reconciler:
         message: str,
     ) -> None:
         request_line = fetch(offset)
-        try:
-            request = _loads(request_line)
-        except _JSONDecodeError:
-            request = None  # only for input lines that never were valid JSON
+        request = None
+        if self._parse_requests:
+            # None only for input lines that never were valid JSON.
+            with contextlib.suppress(_JSONDecodeError):
+                request = _loads(request_line)
         record = {
             "custom_id": custom_id,
             "batch_id": tally.batch_id,

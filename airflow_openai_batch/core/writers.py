@@ -708,6 +708,11 @@ class ResultWriter:
         """
         self._successes.add_block(payload, count)
 
+    def needs_parsed_requests(self) -> bool:
+        """Whether failure records must carry the parsed ``request``: not into Parquet, which stores the
+        request line as it is (unless ``write_failure`` was replaced on the instance, e.g. wrapped)."""
+        return self.write_failure != self._parquet_failure  # type: ignore[comparison-overlap]
+
     @property
     def succeeded(self) -> int:
         """Success records written so far."""

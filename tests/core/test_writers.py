@@ -485,3 +485,32 @@ print(sorted(m for m in ("pyarrow.compute", "pyarrow.parquet") if m in sys.modul
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_failure_records_carry_the_parsed_request_only_where_a_sink_needs_it(tmp_path: Path) -> None:
+    """Into Parquet the request line is stored as it is, so it is not parsed; a wrapped write_failure (or
+    JSONL) still gets it parsed. Either way the files hold the request."""
+    import io
+
+    from airflow_openai_batch.core.jsonl import iter_lines
+
+    request = {"custom_id": "r1", "method": "POST", "url": CHAT, "body": {"model": "m", "n": 1}}
+    line = orjson.dumps(request) + b"\n"
+    wrapped_saw: list[Any] = []
+    for fmt, wrap in (("parquet", False), ("parquet", True), ("jsonl", False)):
+        writer = ResultWriter(tmp_path / f"{fmt}-{wrap}", fmt)
+        if wrap:
+            real = writer.write_failure
+
+            def observed(record: dict[str, Any], request_line: bytes, real: Any = real) -> None:
+                wrapped_saw.append(record["request"])
+                real(record, request_line)
+
+            writer.write_failure = observed  # type: ignore[method-assign]
+        assert writer.needs_parsed_requests() == (fmt == "jsonl" or wrap)
+        rec = Reconciler(writer, tmp_path / "work")
+        rec.add_batch(BatchResultFiles("b", "expired", iter_lines(io.BytesIO(line)), None, None))
+        writer.close()
+        assert [f["request"] for f in read_records(writer.paths()["failures"])] == [request]
+        assert writer.paths()["retry_requests"].read_bytes() == line
+    assert wrapped_saw == [request]
