@@ -235,6 +235,7 @@ def _helper_main() -> None:
 
 
 def _serve(target: str, preload: Iterable[str], stdin: Any, stdout: Any) -> None:
+    """The loop of :func:`_helper_main`, on the given streams."""
     module, _, name = target.partition(":")
     factory = getattr(importlib.import_module(module), name)
     for extra in preload:

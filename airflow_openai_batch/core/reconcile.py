@@ -517,6 +517,9 @@ class Reconciler:
         self._scanner: Any = None
         #: Whether failure records carry the parsed request (see RecordSink.write_failure).
         self._parse_requests = True
+        #: The batch's helper process, if one runs; whether one is to start once the input proves large.
+        self._helper: BlockHelper | None = None
+        self._helper_wanted = False
 
     # -- public -----------------------------------------------------------------------------------
 
@@ -539,20 +542,7 @@ class Reconciler:
         # A sink that keeps the request line as it is (Parquet) does without the parsed request.
         needs_requests = getattr(self.sink, "needs_parsed_requests", None)
         self._parse_requests = not callable(needs_requests) or bool(needs_requests())
-        # A helper process scans result blocks too when the batch is large and the sink takes whole
-        # blocks (see _ResultScanner). Known to be large, it starts now and imports while the input is
-        # copied, so it is ready for the first result block; of unknown size, once the input proves large.
-        self._helper = None
-        self._helper_wanted = self._block_format() is not None and (
-            files.output_lines is not None or files.error_lines is not None
-        )
-        expected = files.expected_results
-        if self._helper_wanted and isinstance(expected, int):
-            self._helper_wanted = False
-            if expected >= _RESULT_HELPER_MIN[str(self._block_format())][0]:
-                self._helper = BlockHelper.start(
-                    _RESULTS_FACTORY, None, preload=_results_preload(self._block_format())
-                )
+        self._plan_helper(files)
         # The output's first blocks go to the helper while the input is still being copied: scanning them
         # needs no index, so the helper works from the start instead of waiting for the join.
         ahead = _ResultsAhead(files.output_lines) if files.output_lines is not None else None
@@ -627,6 +617,25 @@ class Reconciler:
             return None
         return fmt
 
+    def _plan_helper(self, files: BatchResultFiles) -> None:
+        """Whether a helper process scans this batch's result blocks too (see :class:`_ResultScanner`): only
+        into a sink that takes whole blocks, and only for a large batch. Known to be large by its request
+        count, the helper starts now and imports while the input is copied, so it is ready for the first
+        result block; of unknown size, once the input proves large (:meth:`_maybe_start_helper`)."""
+        self._helper = None
+        fmt = self._block_format()
+        self._helper_wanted = fmt is not None and (
+            files.output_lines is not None or files.error_lines is not None
+        )
+        expected = files.expected_results
+        if self._helper_wanted and isinstance(expected, int):
+            self._helper_wanted = False
+            if expected >= _RESULT_HELPER_MIN[str(fmt)][0]:
+                self._helper = self._start_helper()
+
+    def _start_helper(self) -> BlockHelper | None:
+        return BlockHelper.start(_RESULTS_FACTORY, None, preload=_results_preload(self._block_format()))
+
     def _maybe_start_helper(self, copied: int, tally: BatchTally, first_request: Any) -> None:
         """Configure the helper started early, or start one once the input proves large (its results
         will be at least as large). Either needs the first request: it tells the model and endpoint."""
@@ -637,9 +646,7 @@ class Reconciler:
             if not self._helper_wanted or copied < _RESULT_HELPER_MIN[str(self._block_format())][1]:
                 return
             self._helper_wanted = False
-            helper = self._helper = BlockHelper.start(
-                _RESULTS_FACTORY, None, preload=_results_preload(self._block_format())
-            )
+            helper = self._helper = self._start_helper()
             if helper is None:
                 return
         elif helper.configured:
