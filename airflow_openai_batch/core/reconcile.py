@@ -14,7 +14,7 @@ original request line (for the retry file) without keeping request bodies in mem
 not answered yet.
 
 Into a sink that takes whole blocks (:class:`~airflow_openai_batch.core.writers.ResultWriter`), files are
-handled in blocks of about half a megabyte: each result block is scanned (parsed, its records built and
+handled in blocks of about a megabyte: each result block is scanned (parsed, its records built and
 serialized) without the index, by this process or, for large batches, by a helper process
 (:class:`~airflow_openai_batch.core.jsonl.BlockHelper`), then applied here in file order: the join, the
 failures, the writes. Since a scan needs no index, the helper starts on the output file's first blocks
