@@ -131,6 +131,24 @@ def _peak_rss(case: str, ours_mb: float, baseline: str, value: float, limit_mb: 
     )
 
 
+def _polling_calls(
+    case: str, calls: float, baseline: str, value: float, note: str, *, targeted: bool = True
+) -> Row:
+    """API calls per batch against the fixed-interval loop's: the issue's "<= 0.10x" target (or for
+    information only, ``targeted=False``)."""
+    return Row(
+        case,
+        "API calls/batch",
+        calls,
+        baseline,
+        value,
+        target="<= 0.10x" if targeted else "(info)",
+        lower_is_better=True,
+        goal=(lambda r: r <= 0.10) if targeted else None,
+        note=note,
+    )
+
+
 def bench_prep(run: Runner, sizes: list[tuple[str, int]], large: int | None) -> list[Row]:
     rows: list[Row] = []
     data = run.tmp / "data"
@@ -273,16 +291,12 @@ def bench_polling(run: Runner, batches: int, baseline_sample: int, extended: boo
         (staggered, f", 1 trigger per batch, starts spread over {staggered['start_spread'] / 3600:g} h"),
     ):
         rows.append(
-            Row(
+            _polling_calls(
                 case + label,
-                "API calls/batch",
                 result["calls_per_batch"],
                 fixed_name,
                 fixed["calls_per_batch"],
-                target="<= 0.10x",
-                lower_is_better=True,
-                goal=lambda r: r <= 0.10,
-                note=f"{result['retrieve_calls']:,} retrieve + {result['list_calls']:,} list calls",
+                f"{result['retrieve_calls']:,} retrieve + {result['list_calls']:,} list calls",
             )
         )
         rows.append(
@@ -314,31 +328,25 @@ def bench_polling(run: Runner, batches: int, baseline_sample: int, extended: boo
             "ours_per_dag_max1200", scenario="ours_per_dag", batches=batches, max_poll_interval=1200.0
         )
         rows.append(
-            Row(
+            _polling_calls(
                 case + ", max_poll_interval=1200",
-                "API calls/batch",
                 wide["calls_per_batch"],
                 fixed_name,
                 fixed["calls_per_batch"],
-                target="<= 0.10x",
-                lower_is_better=True,
-                goal=lambda r: r <= 0.10,
-                note=f"max finish->seen {wide['seen_delay_max']:.0f} s",
+                f"max finish->seen {wide['seen_delay_max']:.0f} s",
             )
         )
         one = scenario(
             "ours_one_trigger", scenario="ours_one_trigger", batches=batches, sample=baseline_sample
         )
         rows.append(
-            Row(
+            _polling_calls(
                 case + f", 1 trigger for all (sample {one['batches']})",
-                "API calls/batch",
                 one["calls_per_batch"],
                 fixed_name,
                 fixed["calls_per_batch"],
-                target="(info)",
-                lower_is_better=True,
-                note=f"max finish->seen {one['seen_delay_max']:.0f} s",
+                f"max finish->seen {one['seen_delay_max']:.0f} s",
+                targeted=False,
             )
         )
     return rows
