@@ -8,6 +8,7 @@ The API routes answer under ``/v1`` (OpenAI), without prefix, and under Azure Op
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -110,13 +111,15 @@ def fault_response(kind: str, retry_after: float) -> Response:
     return DroppedResponse()
 
 
-def _auth_style(request: Request) -> str | None:
+def _credential(request: Request) -> tuple[str, str] | None:
+    """``(style, secret)`` of the key or token the request carries: ``bearer`` or ``api-key``."""
     authorization = request.headers.get("authorization", "")
     scheme, _, key = authorization.partition(" ")
     if scheme.lower() == "bearer" and key.strip():
-        return "bearer"
-    if request.headers.get("api-key", "").strip():
-        return "api-key"
+        return "bearer", key.strip()
+    api_key = request.headers.get("api-key", "").strip()
+    if api_key:
+        return "api-key", api_key
     return None
 
 
@@ -132,8 +135,13 @@ def api_route(route_name: str) -> Callable[[Handler], Callable[[Request], Awaita
         @functools.wraps(handler)
         async def endpoint(request: Request) -> Response:
             state: EmulatorState = request.app.state.emulator
-            auth = _auth_style(request)
-            state.record_call(route_name, request.query_params.get("api-version"), auth, _is_azure(request))
+            credential = _credential(request)
+            auth = credential[0] if credential else None
+            # Only a digest is kept: tests compare it with the credential they expect to arrive.
+            digest = hashlib.sha256(credential[1].encode()).hexdigest() if credential else None
+            state.record_call(
+                route_name, request.query_params.get("api-version"), auth, _is_azure(request), digest
+            )
             if auth is None:
                 return error_response(
                     ApiError(

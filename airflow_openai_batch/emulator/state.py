@@ -212,6 +212,7 @@ def _new_stats() -> dict[str, Any]:
         "api_versions": Counter(),
         "last_api_version": None,
         "last_auth": None,
+        "last_credential_sha256": None,
         "azure_calls": 0,
     }
 
@@ -290,13 +291,21 @@ class EmulatorState:
             if self._own_data_dir:
                 shutil.rmtree(self.data_dir, ignore_errors=True)
 
-    def record_call(self, route: str, api_version: str | None, auth: str | None, azure: bool) -> None:
+    def record_call(
+        self,
+        route: str,
+        api_version: str | None,
+        auth: str | None,
+        azure: bool,
+        credential_sha256: str | None = None,
+    ) -> None:
         with self.lock:
             stats = self._stats
             stats["calls"][route] += 1
             if auth:
                 stats["auth"][auth] += 1
                 stats["last_auth"] = auth
+                stats["last_credential_sha256"] = credential_sha256
             if api_version:
                 stats["api_versions"][api_version] += 1
                 stats["last_api_version"] = api_version
@@ -321,6 +330,7 @@ class EmulatorState:
                     "batches_by_status": dict(Counter(b.status for b in self.batches.values())),
                     "auth": dict(stats["auth"]),
                     "last_auth": stats["last_auth"],
+                    "last_credential_sha256": stats["last_credential_sha256"],
                     "api_versions": dict(stats["api_versions"]),
                     "last_api_version": stats["last_api_version"],
                     "azure_calls": stats["azure_calls"],

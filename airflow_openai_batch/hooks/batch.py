@@ -7,10 +7,10 @@ import functools
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from airflow.sdk import BaseHook
 from airflow.sdk.log import mask_secret
@@ -30,6 +30,108 @@ _DOWNLOAD_CHUNK_BYTES = 1 << 20
 _DOWNLOAD_ATTEMPTS = 5
 #: Longest Retry-After a rate-limited create waits for in-process; longer ones raise.
 _MAX_CREATE_RETRY_AFTER = 60.0
+#: The Microsoft Entra ID scope of Azure OpenAI (Cognitive Services) access tokens.
+AZURE_TOKEN_SCOPE = "https://cognitiveservices.azure.com/.default"
+#: Environment variables the Azure client reads a key or token from when it is given none.
+_AZURE_ENV_CREDENTIALS = ("AZURE_OPENAI_API_KEY", "AZURE_OPENAI_AD_TOKEN")
+
+
+class AzureCredentialFactory(Protocol):
+    """Makes the credential a keyless Azure connection logs in with.
+
+    With ``asynchronous=False`` it returns an ``azure.core.credentials.TokenCredential`` (sync
+    ``get_token``), with ``asynchronous=True`` an ``azure.core.credentials_async.AsyncTokenCredential``
+    (for the trigger's async client). The default is :func:`default_azure_credential`.
+    """
+
+    def __call__(self, *, asynchronous: bool) -> Any: ...
+
+
+def _azure_identity_missing(err: ImportError) -> ImportError:
+    return ImportError(
+        "Keyless Azure OpenAI login (connection extra azure_ad_token_provider, or Azure without a key) "
+        "needs the azure-identity package: pip install 'airflow-openai-batch[azure]'"
+    )
+
+
+def default_azure_credential(*, asynchronous: bool) -> Any:
+    """``azure-identity``'s ``DefaultAzureCredential`` (environment, workload or managed identity,
+    Azure CLI...), the async one from ``azure.identity.aio`` for an async client."""
+    try:
+        if asynchronous:
+            from azure.identity.aio import DefaultAzureCredential
+        else:
+            from azure.identity import DefaultAzureCredential
+    except ImportError as err:
+        raise _azure_identity_missing(err) from err
+    return DefaultAzureCredential()
+
+
+def azure_token_provider(credential: Any, *, asynchronous: bool) -> Callable[[], Any]:
+    """A bearer-token provider for the Azure clients' ``azure_ad_token_provider``, from ``credential``.
+
+    ``azure-identity`` caches and refreshes the token. Each new token is registered with Airflow's
+    secrets masker, so it is redacted should anything ever log it.
+    """
+    try:
+        if asynchronous:
+            from azure.identity.aio import get_bearer_token_provider as get_async_provider
+        else:
+            from azure.identity import get_bearer_token_provider
+    except ImportError as err:
+        raise _azure_identity_missing(err) from err
+    masked: set[str] = set()
+
+    def mask(token: str) -> str:
+        if token not in masked:
+            masked.clear()  # only the current token needs remembering
+            masked.add(token)
+            mask_secret(token)
+        return token
+
+    if asynchronous:
+        fetch_async: Callable[[], Awaitable[str]] = get_async_provider(credential, AZURE_TOKEN_SCOPE)
+
+        async def provide_async() -> str:
+            return mask(await fetch_async())
+
+        return provide_async
+    fetch = get_bearer_token_provider(credential, AZURE_TOKEN_SCOPE)
+    return lambda: mask(fetch())
+
+
+def _is_true(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes", "on")
+    return value is True
+
+
+def uses_azure_token(conn: Connection) -> bool:
+    """Whether the connection logs in to Azure OpenAI without a key (Microsoft Entra ID token).
+
+    True with the extra ``azure_ad_token_provider: true``, or when Azure is selected (``api_version``)
+    and no key is given (no password, no extra ``api_key``, no ``AZURE_OPENAI_API_KEY`` /
+    ``AZURE_OPENAI_AD_TOKEN`` / ``OPENAI_API_KEY`` in the environment).
+
+    :raises ValueError: the extra is set on a connection that is not Azure, or beside a key.
+    """
+    extra = conn.extra_dejson or {}
+    has_key = bool(conn.password or extra.get("api_key"))
+    if _is_true(extra.get("azure_ad_token_provider")):
+        if not extra.get("api_version"):
+            raise ValueError(
+                f"Connection {conn.conn_id!r}: azure_ad_token_provider needs Azure OpenAI, selected by the "
+                "extra api_version (with host as the Azure endpoint)"
+            )
+        if has_key:
+            raise ValueError(
+                f"Connection {conn.conn_id!r} has both a key and azure_ad_token_provider: true; "
+                "remove one (a key and a token cannot both be sent)"
+            )
+        return True
+    if not extra.get("api_version") or has_key:
+        return False
+    return not any(os.environ.get(name) for name in (*_AZURE_ENV_CREDENTIALS, "OPENAI_API_KEY"))
 
 
 def build_client_kwargs(conn: Connection) -> tuple[bool, dict[str, Any]]:
@@ -38,10 +140,14 @@ def build_client_kwargs(conn: Connection) -> tuple[bool, dict[str, Any]]:
     The single place a connection is interpreted, shared by the sync and async clients.
     password = API key; host = base URL (Azure endpoint when ``api_version`` is set);
     extra: ``organization``, ``project``, ``timeout``, ``max_retries``, ``default_headers``,
-    ``api_version`` and ``openai_client_kwargs`` (passed through last, so it wins).
+    ``api_version``, ``azure_ad_token_provider`` (keyless Azure: see :func:`uses_azure_token`) and
+    ``openai_client_kwargs`` (passed through last, so it wins).
     """
     extra = conn.extra_dejson or {}
-    api_key = conn.password or extra.get("api_key") or os.environ.get("OPENAI_API_KEY")
+    if uses_azure_token(conn):
+        api_key = None  # the client is given a token provider instead (see make_client)
+    else:
+        api_key = conn.password or extra.get("api_key") or os.environ.get("OPENAI_API_KEY")
     if api_key:
         mask_secret(api_key)
     kwargs: dict[str, Any] = {"api_key": api_key}
@@ -69,16 +175,27 @@ def build_client_kwargs(conn: Connection) -> tuple[bool, dict[str, Any]]:
 
 
 def make_client(
-    conn: Connection, *, asynchronous: bool = False, overrides: Mapping[str, Any] | None = None
+    conn: Connection,
+    *,
+    asynchronous: bool = False,
+    overrides: Mapping[str, Any] | None = None,
+    azure_credential: Any = None,
 ) -> OpenAI | AsyncOpenAI:
     """The one client factory: OpenAI/AsyncOpenAI, or the Azure twins when ``api_version`` is set.
 
     :param overrides: client kwargs that win over the connection (e.g. ``max_retries=0`` for a caller
         that retries by itself).
+    :param azure_credential: for a keyless Azure connection, the credential to take tokens from (sync or
+        async to match ``asynchronous``); default: a new ``DefaultAzureCredential``.
     """
     import openai
 
     is_azure, kwargs = build_client_kwargs(conn)
+    if is_azure and uses_azure_token(conn):
+        if azure_credential is None:
+            azure_credential = default_azure_credential(asynchronous=asynchronous)
+        kwargs.pop("api_key", None)
+        kwargs["azure_ad_token_provider"] = azure_token_provider(azure_credential, asynchronous=asynchronous)
     kwargs.update(overrides or {})
     if is_azure:
         cls = openai.AsyncAzureOpenAI if asynchronous else openai.AzureOpenAI
@@ -92,15 +209,25 @@ def _key_redacting(cls: type) -> type:
     """``cls`` whose API errors never carry its API key, even when a server echoes the key back."""
 
     class KeyRedacting(cls):  # type: ignore[misc,valid-type]
+        # The SDK's documented hook for building API errors; overridden because there is no public way
+        # to keep a credential a server echoes back out of the error text.
         def _make_status_error(self, err_msg: str, *, body: object, response: Any) -> Any:
-            key = self.api_key
-            if key:
-                err_msg = err_msg.replace(key, "***")
-                body = _redact(body, key)
+            for secret in (self.api_key, *_request_credentials(response)):
+                if secret:
+                    err_msg = err_msg.replace(secret, "***")
+                    body = _redact(body, secret)
             return super()._make_status_error(err_msg, body=body, response=response)
 
     KeyRedacting.__name__ = KeyRedacting.__qualname__ = cls.__name__
     return KeyRedacting
+
+
+def _request_credentials(response: Any) -> tuple[str, ...]:
+    """The key or bearer token the failed request carried (an Azure token is not the client's api_key)."""
+    headers = response.request.headers
+    bearer = headers.get("authorization", "")
+    token = bearer[7:].strip() if bearer[:7].lower() == "bearer " else ""
+    return (token, headers.get("api-key", ""))
 
 
 def _redact(value: Any, secret: str) -> Any:
@@ -135,6 +262,8 @@ class OpenAIBatchHook(BaseHook):
     :param conn_id: Airflow connection of type ``openai_batch`` (connections made for the official
         ``openai`` provider work too). password = API key, host = base URL, extra as in the README.
     :param client_overrides: openai client kwargs that win over the connection's (e.g. ``max_retries``).
+    :param azure_credential_factory: makes the credential of a keyless Azure connection (default:
+        ``DefaultAzureCredential``); a seam for tests and for custom Entra ID logins.
     """
 
     conn_name_attr = "conn_id"
@@ -146,12 +275,15 @@ class OpenAIBatchHook(BaseHook):
         self,
         conn_id: str = default_conn_name,
         client_overrides: Mapping[str, Any] | None = None,
+        azure_credential_factory: AzureCredentialFactory = default_azure_credential,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.conn_id = conn_id
         self.client_overrides = dict(client_overrides or {})
+        self.azure_credential_factory = azure_credential_factory
         self._async_client: AsyncOpenAI | None = None
+        self._async_credential: Any = None
         self._async_client_lock = asyncio.Lock()
 
     # -- clients ---------------------------------------------------------------------------------
@@ -162,7 +294,11 @@ class OpenAIBatchHook(BaseHook):
 
     @cached_property
     def client(self) -> OpenAI:
-        return make_client(self.connection, overrides=self.client_overrides)  # type: ignore[return-value]
+        conn = self.connection
+        credential = self.azure_credential_factory(asynchronous=False) if uses_azure_token(conn) else None
+        return make_client(  # type: ignore[return-value]
+            conn, overrides=self.client_overrides, azure_credential=credential
+        )
 
     def get_conn(self) -> OpenAI:
         return self.client
@@ -177,8 +313,14 @@ class OpenAIBatchHook(BaseHook):
         async with self._async_client_lock:
             if self._async_client is None:
                 conn = await self.aget_connection(self.conn_id)
+                if uses_azure_token(conn):
+                    # Kept to be closed with the client: the async credential holds its own session.
+                    self._async_credential = self.azure_credential_factory(asynchronous=True)
                 self._async_client = make_client(  # type: ignore[assignment]
-                    conn, asynchronous=True, overrides=self.client_overrides
+                    conn,
+                    asynchronous=True,
+                    overrides=self.client_overrides,
+                    azure_credential=self._async_credential,
                 )
         return self._async_client  # type: ignore[return-value]
 
@@ -403,6 +545,9 @@ class OpenAIBatchHook(BaseHook):
         if self._async_client is not None:
             await self._async_client.close()
             self._async_client = None
+        if self._async_credential is not None:
+            await self._async_credential.close()
+            self._async_credential = None
 
     # -- UI --------------------------------------------------------------------------------------
 
