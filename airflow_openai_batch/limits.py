@@ -18,6 +18,13 @@ MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
 #: batches.list page size bounds.
 MAX_LIST_PAGE_SIZE = 100
+#: Bounds of a file's ``expires_after.seconds`` (input files at upload, output files at batch create).
+MIN_FILE_EXPIRES_AFTER = 3_600
+MAX_FILE_EXPIRES_AFTER = 2_592_000
+#: Requests an organisation may have enqueued per embeddings model (besides the enqueued-token cap);
+#: batches beyond it fail with "Enqueued request limit reached". Submit cuts at it when asked to, the
+#: sensor re-creates batches that failed for it, as for the token cap.
+MAX_ENQUEUED_EMBEDDING_REQUESTS = 1_000_000
 
 COMPLETION_WINDOW = "24h"
 

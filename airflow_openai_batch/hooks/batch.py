@@ -332,20 +332,35 @@ class OpenAIBatchHook(BaseHook):
         *,
         filename: str | None = None,
         purpose: str = "batch",
+        expires_after: int | None = None,
     ) -> FileObject:
         """Upload a batch input file, streaming it from disk or a file object (never read whole).
 
         :param source: a local path or a binary file object positioned at the start.
         :param filename: the name OpenAI shows; defaults to the path's name.
         :param purpose: the file purpose, ``batch`` for batch input.
+        :param expires_after: seconds after upload when OpenAI deletes the file (``expires_after`` with
+            anchor ``created_at``; OpenAI accepts 3600-2592000); ``None`` keeps OpenAI's default (30 days
+            for batch files).
         """
+        extra: dict[str, Any] = {}
+        if expires_after is not None:
+            extra["expires_after"] = {"anchor": "created_at", "seconds": int(expires_after)}
         if isinstance(source, (str, os.PathLike)):
             path = Path(source)
             with path.open("rb") as stream:
                 # A (name, file object) tuple makes the SDK stream the body; a bare path would be
                 # read fully into memory by the SDK.
-                return self.client.files.create(file=(filename or path.name, stream), purpose=purpose)
-        return self.client.files.create(file=(filename or "batch.jsonl", source), purpose=purpose)
+                return self.client.files.create(
+                    file=(filename or path.name, stream),
+                    purpose=purpose,
+                    **extra,
+                )
+        return self.client.files.create(
+            file=(filename or "batch.jsonl", source),
+            purpose=purpose,
+            **extra,
+        )
 
     def iter_file_lines(self, file_id: str) -> LineIterator:
         """A file's lines (raw bytes, no newline), as :func:`~airflow_openai_batch.core.jsonl.iter_lines`

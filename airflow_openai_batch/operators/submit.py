@@ -33,10 +33,12 @@ from airflow_openai_batch.hooks.batch import OpenAIBatchHook
 from airflow_openai_batch.limits import (
     COMPLETION_WINDOW,
     MAX_BYTES_PER_BATCH,
+    MAX_FILE_EXPIRES_AFTER,
     MAX_METADATA_KEY_CHARS,
     MAX_METADATA_PAIRS,
     MAX_METADATA_VALUE_CHARS,
     MAX_REQUESTS_PER_BATCH,
+    MIN_FILE_EXPIRES_AFTER,
 )
 from airflow_openai_batch.links import OpenAIBatchesPageLink, OpenAIBatchLink, persist_batch_links
 from airflow_openai_batch.operators._workdir import task_work_dir
@@ -110,6 +112,32 @@ def validate_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
     return metadata
 
 
+def validate_input_expires_after(value: Any) -> int | None:
+    """``input_expires_after`` as whole seconds, or ``None``; outside OpenAI's range is an input error."""
+    if value is None or value == "":
+        return None
+    try:
+        seconds = int(value)
+    except (TypeError, ValueError):
+        seconds = None
+    if (
+        seconds is None
+        or isinstance(value, bool)
+        or not (MIN_FILE_EXPIRES_AFTER <= seconds <= MAX_FILE_EXPIRES_AFTER)
+    ):
+        raise OpenAIBatchInputError(
+            [
+                InputProblem(
+                    None,
+                    "input_expires_after",
+                    f"{value!r} is not a number of seconds from {MIN_FILE_EXPIRES_AFTER:,} (1 hour) to "
+                    f"{MAX_FILE_EXPIRES_AFTER:,} (30 days)",
+                )
+            ]
+        )
+    return seconds
+
+
 @contextmanager
 def open_requests_file(source: Any) -> Any:
     """Open a JSONL source for binary streaming: local path, file://, s3://, gs://, or ObjectStoragePath."""
@@ -147,6 +175,9 @@ class OpenAIBatchSubmitOperator(BaseOperator):
     :param max_requests_per_batch: cut batches at this many requests (OpenAI: 50,000).
     :param max_bytes_per_batch: cut batches at this many bytes of input file (OpenAI: 200 MB).
     :param output_expires_after: seconds after which OpenAI deletes the output files.
+    :param input_expires_after: seconds after upload when OpenAI deletes the input files (3,600 to
+        2,592,000; default OpenAI's 30 days). Re-created batches and retry rounds read the input file
+        again, so it must outlive the last retry round.
     :param max_enqueued_tokens: cut batches so none holds more estimated prompt tokens than this.
     :param conn_id: the ``openai_batch`` connection.
     :return: the batch ids, in chunk order. A chunk whose create call was refused for enqueued-token
@@ -161,6 +192,7 @@ class OpenAIBatchSubmitOperator(BaseOperator):
         "max_requests_per_batch",
         "max_bytes_per_batch",
         "max_enqueued_tokens",
+        "input_expires_after",
     )
     template_fields_renderers = {"metadata": "json", "requests": "json"}
     operator_extra_links = (OpenAIBatchLink(), OpenAIBatchesPageLink())
@@ -178,6 +210,7 @@ class OpenAIBatchSubmitOperator(BaseOperator):
         max_bytes_per_batch: int = MAX_BYTES_PER_BATCH,
         output_expires_after: int | None = None,
         max_enqueued_tokens: int | None = None,
+        input_expires_after: int | None = None,
         conn_id: str = OpenAIBatchHook.default_conn_name,
         **kwargs: Any,
     ) -> None:
@@ -191,6 +224,7 @@ class OpenAIBatchSubmitOperator(BaseOperator):
         self.max_bytes_per_batch = max_bytes_per_batch
         self.output_expires_after = output_expires_after
         self.max_enqueued_tokens = max_enqueued_tokens
+        self.input_expires_after = input_expires_after
         self.conn_id = conn_id
 
     @cached_property
@@ -200,6 +234,7 @@ class OpenAIBatchSubmitOperator(BaseOperator):
     def execute(self, context: Context) -> list[str]:
         endpoint = normalize_endpoint(self.endpoint)
         user_metadata = validate_metadata(self.metadata)
+        self.input_expires_after = validate_input_expires_after(self.input_expires_after)
         with task_work_dir(context, "submit") as work_dir:
             prepared = self._prepare(endpoint, work_dir)
             self.log.info(
@@ -284,7 +319,9 @@ class _ChunkSubmitter:
             )
             self._remember(key, found.id)
             return found.id
-        file_id = self.hook.upload_file(chunk.path, filename=f"{key}.jsonl").id
+        file_id = self.hook.upload_file(
+            chunk.path, filename=f"{key}.jsonl", expires_after=self.operator.input_expires_after
+        ).id
         try:
             batch = self._create(key, chunk, file_id)
         except Exception as err:
