@@ -24,6 +24,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import Receive, Scope, Send
 
 from .config import EmulatorConfig
+from .responses import RETIRED_ENDPOINTS, canonical_endpoint
 from .state import MAX_UPLOAD_BYTES, UPLOAD_PURPOSES, ApiError, EmulatorState, allowed_endpoints
 from .upload import UploadError, receive_upload
 from .validation import scan_input
@@ -376,6 +377,9 @@ async def batches_create(request: Request, state: EmulatorState) -> Response:
             )
     endpoint = data["endpoint"]
     allowed = allowed_endpoints(_is_azure(request))
+    retired = RETIRED_ENDPOINTS.get(canonical_endpoint(str(endpoint)))
+    if retired is not None:
+        raise ApiError(400, retired, param="endpoint", code="invalid_value")
     if endpoint not in allowed:
         raise ApiError(
             400,

@@ -9,6 +9,9 @@ Token accounting (documented because client-side estimates are compared against 
   (strings; a token-id array counts one token per id). Chat adds OpenAI's message framing: 3 tokens
   per message and 3 to prime the reply (as OpenAI's own token-counting guide does for the gpt-4o
   family). Names, tool definitions and other fields are not counted.
+* images (GPT image models): the prompt as above plus :data:`IMAGE_INPUT_TOKENS` per input image of an
+  edit; output :data:`IMAGE_OUTPUT_TOKENS` per image by ``quality``, times ``n``. Other image models
+  (DALL-E, retired) report no usage.
 * output tokens are deterministic, pseudo-random in [8, 40) per (seed, custom_id), capped by
   ``max_tokens`` / ``max_completion_tokens`` / ``max_output_tokens`` (then ``finish_reason`` is
   ``length``), times ``n`` choices; reasoning models (``o1``/``o3``/``o4``/``gpt-5``...) add
@@ -28,6 +31,8 @@ from typing import Any
 
 import orjson
 
+from .images import ENCODERS
+
 ENDPOINT_CHAT = "/v1/chat/completions"
 ENDPOINT_RESPONSES = "/v1/responses"
 ENDPOINT_COMPLETIONS = "/v1/completions"
@@ -35,7 +40,7 @@ ENDPOINT_EMBEDDINGS = "/v1/embeddings"
 ENDPOINT_MODERATIONS = "/v1/moderations"
 ENDPOINT_IMAGES_GENERATIONS = "/v1/images/generations"
 ENDPOINT_IMAGES_EDITS = "/v1/images/edits"
-ENDPOINT_VIDEOS = "/v1/videos"
+IMAGE_ENDPOINTS = frozenset({ENDPOINT_IMAGES_GENERATIONS, ENDPOINT_IMAGES_EDITS})
 
 #: The endpoints ``batches.create`` accepts (OpenAI's list).
 BATCH_ENDPOINTS: tuple[str, ...] = (
@@ -46,20 +51,29 @@ BATCH_ENDPOINTS: tuple[str, ...] = (
     ENDPOINT_MODERATIONS,
     ENDPOINT_IMAGES_GENERATIONS,
     ENDPOINT_IMAGES_EDITS,
-    ENDPOINT_VIDEOS,
 )
 
-#: Endpoints whose request body must name a model (the others have a server-side default).
+#: Endpoints the Batch API no longer accepts, with the reason it gives.
+RETIRED_ENDPOINTS: dict[str, str] = {
+    "/v1/videos": "The Videos API shut down on September 24, 2026. Batch creation no longer accepts "
+    "'/v1/videos'.",
+}
+
+#: Endpoints whose request body must name a model (the others have a server-side default). The image
+#: endpoints' old default (dall-e-2) is retired: OpenAI asks for an explicit GPT image model.
 MODEL_REQUIRED: frozenset[str] = frozenset(
-    {ENDPOINT_CHAT, ENDPOINT_RESPONSES, ENDPOINT_COMPLETIONS, ENDPOINT_EMBEDDINGS}
+    {ENDPOINT_CHAT, ENDPOINT_RESPONSES, ENDPOINT_COMPLETIONS, ENDPOINT_EMBEDDINGS, *IMAGE_ENDPOINTS}
 )
 
 DEFAULT_MODELS: dict[str, str] = {
     ENDPOINT_MODERATIONS: "omni-moderation-latest",
-    ENDPOINT_IMAGES_GENERATIONS: "dall-e-2",
-    ENDPOINT_IMAGES_EDITS: "dall-e-2",
-    ENDPOINT_VIDEOS: "sora-2",
 }
+
+#: Output tokens of one generated image by ``quality`` (OpenAI's figures for a 1024x1024 image).
+IMAGE_OUTPUT_TOKENS: dict[str, int] = {"low": 272, "medium": 1056, "high": 4160}
+#: Input tokens of one input image of an edit (a flat figure: the emulator never looks at the image).
+IMAGE_INPUT_TOKENS = 65
+_GPT_IMAGE_MODEL = re.compile(r"^(gpt-image|chatgpt-image)")
 
 _REASONING_MODEL = re.compile(r"^(o\d|gpt-5)")
 
@@ -78,15 +92,6 @@ MODERATION_CATEGORIES: dict[str, list[str]] = {
     "violence": ["text"],
     "violence/graphic": ["text"],
 }
-
-# A 1x1 transparent PNG, so image batches return a real (tiny) image.
-_PNG_1X1 = base64.b64encode(
-    bytes.fromhex(
-        "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
-        "1f15c4890000000d49444154789c6300010000050001"
-        "0d0a2db40000000049454e44ae426082"
-    )
-).decode()
 
 
 def canonical_endpoint(endpoint: str) -> str:
@@ -228,6 +233,8 @@ def line_usage(endpoint: str, body: dict[str, Any], custom_id: str, seed: int) -
     prompt = estimate_prompt_tokens(endpoint, body)
     if endpoint in (ENDPOINT_EMBEDDINGS, ENDPOINT_MODERATIONS):
         return LineUsage(prompt, 0, 0)
+    if endpoint in IMAGE_ENDPOINTS:
+        return _image_usage(body, prompt)
     visible = 8 + stable_hash(seed, custom_id, "out") % 32
     cap = None
     for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
@@ -581,33 +588,71 @@ def _moderations_body(body, custom_id, seed, usage: LineUsage, created: int) -> 
     }
 
 
+def _image_count(body: dict[str, Any]) -> int:
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 10 else 1
+
+
+def _input_image_count(body: dict[str, Any]) -> int:
+    """Input images of an edit (in a batch line they are given by URL or file id, one or a list)."""
+    images = body.get("images", body.get("image"))
+    if isinstance(images, list):
+        return len(images)
+    return 1 if images else 0
+
+
+def _image_usage(body: dict[str, Any], prompt: int) -> LineUsage:
+    model = body.get("model")
+    if not (isinstance(model, str) and _GPT_IMAGE_MODEL.match(model)):
+        return LineUsage(0, 0, 0)  # DALL-E models were priced per image and reported no tokens
+    quality = body.get("quality")
+    per_image = IMAGE_OUTPUT_TOKENS.get(
+        quality if isinstance(quality, str) else "", IMAGE_OUTPUT_TOKENS["medium"]
+    )
+    image_input = IMAGE_INPUT_TOKENS * _input_image_count(body)  # only edits have input images
+    return LineUsage(prompt + image_input, per_image * _image_count(body), 0)
+
+
+def _image_colour(seed: int, custom_id: str, index: int) -> tuple[int, int, int, int]:
+    red, green, blue = stable_hash(seed, custom_id, index, "colour").to_bytes(8, "big")[:3]
+    return red, green, blue, 255
+
+
 def _images_body(body, custom_id, seed, usage: LineUsage, created: int) -> dict[str, Any]:
-    n = body.get("n") if isinstance(body.get("n"), int) and 1 <= body["n"] <= 10 else 1
-    return {
-        "created": created,
-        "data": [{"b64_json": _PNG_1X1, "revised_prompt": body.get("prompt")} for _ in range(n)],
-        "usage": {
+    """An ImagesResponse: ``n`` tiny images (see :mod:`.images`) as ``b64_json``, or as ``url`` when a
+    legacy model was asked for ``response_format: url``; GPT image models add usage and output_format."""
+    model = body.get("model")
+    gpt_image = isinstance(model, str) and bool(_GPT_IMAGE_MODEL.match(model))
+    output_format = body.get("output_format") if gpt_image else "png"
+    if output_format not in ENCODERS:
+        output_format = "png"
+    as_url = body.get("response_format") == "url" and not gpt_image  # GPT image models: always base64
+    data: list[dict[str, Any]] = []
+    for index in range(_image_count(body)):
+        if as_url:
+            name = stable_hex(24, seed, custom_id, index, "image")
+            item: dict[str, Any] = {"url": f"https://images.emulator.invalid/{name}.png"}
+        else:
+            image = ENCODERS[output_format](_image_colour(seed, custom_id, index))
+            item = {"b64_json": base64.b64encode(image).decode()}
+        if model == "dall-e-3":
+            item["revised_prompt"] = body.get("prompt")
+        data.append(item)
+    out: dict[str, Any] = {"created": created, "data": data}
+    if gpt_image:
+        image_tokens = IMAGE_INPUT_TOKENS * _input_image_count(body)
+        out["output_format"] = output_format
+        out["usage"] = {
             "input_tokens": usage.input_tokens,
-            "input_tokens_details": {"text_tokens": usage.input_tokens, "image_tokens": 0},
+            "input_tokens_details": {
+                "text_tokens": usage.input_tokens - image_tokens,
+                "image_tokens": image_tokens,
+            },
             "output_tokens": usage.output_tokens,
+            "output_tokens_details": {"image_tokens": usage.output_tokens, "text_tokens": 0},
             "total_tokens": usage.total_tokens,
-        },
-    }
-
-
-def _videos_body(body, custom_id, seed, usage: LineUsage, created: int) -> dict[str, Any]:
-    return {
-        "id": "video_" + stable_hex(32, seed, custom_id, "video"),
-        "object": "video",
-        "created_at": created,
-        "completed_at": created,
-        "status": "completed",
-        "model": body.get("model") or DEFAULT_MODELS[ENDPOINT_VIDEOS],
-        "progress": 100,
-        "seconds": str(body.get("seconds", "4")),
-        "size": body.get("size", "720x1280"),
-        "prompt": body.get("prompt"),
-    }
+        }
+    return out
 
 
 _BUILDERS = {
@@ -618,7 +663,6 @@ _BUILDERS = {
     ENDPOINT_MODERATIONS: _moderations_body,
     ENDPOINT_IMAGES_GENERATIONS: _images_body,
     ENDPOINT_IMAGES_EDITS: _images_body,
-    ENDPOINT_VIDEOS: _videos_body,
 }
 
 
