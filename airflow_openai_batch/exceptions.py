@@ -86,3 +86,16 @@ class OpenAIBatchEventError(OpenAIBatchError, ValueError):
 
 class OpenAIBatchXComLimitError(OpenAIBatchError):
     """Too many records to return through XCom; set ``output_uri``."""
+
+
+class OpenAIBatchBudgetError(OpenAIBatchError):
+    """The cost estimate is above ``max_cost_usd`` / ``max_cost_usd_expected``. Raised before anything is
+    uploaded.
+
+    :param message: the estimate, the cap and the chunks or lines that weigh most.
+    :param estimate: the estimate as pushed to XCom (``cost_estimate``), for a caller that wants the figures.
+    """
+
+    def __init__(self, message: str, estimate: Mapping[str, Any] | None = None) -> None:
+        self.estimate = dict(estimate or {})
+        super().__init__(message)
