@@ -37,7 +37,10 @@ BATCH_ENDPOINTS: tuple[str, ...] = (
     "/v1/moderations",
     "/v1/images/generations",
     "/v1/images/edits",
-    "/v1/videos",
 )
+#: Endpoints the Batch API no longer accepts, and why (submit names the reason before uploading).
+RETIRED_BATCH_ENDPOINTS: dict[str, str] = {
+    "/v1/videos": "OpenAI shut the Videos API (Sora) down on 2026-09-24; batches.create no longer accepts it",
+}
 
 EMBEDDINGS_ENDPOINT = "/v1/embeddings"
