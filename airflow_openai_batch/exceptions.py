@@ -15,17 +15,20 @@ class OpenAIBatchError(Exception):
 class InputProblem:
     """One problem found in the submitted requests.
 
-    :param line: 1-based line number in the input (or list index + 1), or ``None`` for the whole input.
-    :param field: the field at fault (``custom_id``, ``body.model``...), or ``None``.
+    :param line: 1-based line number in the input (or list index + 1, or table row number), or ``None``
+        for the whole input.
+    :param field: the field at fault (``custom_id``, ``body.model``, a table column...), or ``None``.
     :param reason: what is wrong, in plain words.
+    :param unit: what ``line`` counts: ``"line"``, or ``"row"`` for a table input.
     """
 
     line: int | None
     field: str | None
     reason: str
+    unit: str = "line"
 
     def __str__(self) -> str:
-        where = f"line {self.line}" if self.line is not None else "input"
+        where = f"{self.unit} {self.line}" if self.line is not None else "input"
         if self.field:
             where += f", {self.field}"
         return f"{where}: {self.reason}"
@@ -82,6 +85,10 @@ class OpenAIBatchFailureRatioError(OpenAIBatchOutcomeError):
 
 class OpenAIBatchEventError(OpenAIBatchError, ValueError):
     """A trigger event the sensor does not understand (missing keys, unknown status, wrong ids)."""
+
+
+class OpenAIBatchJoinError(OpenAIBatchError):
+    """The answers cannot be joined back to the input table (e.g. it changed since submit)."""
 
 
 class OpenAIBatchXComLimitError(OpenAIBatchError):
