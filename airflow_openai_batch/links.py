@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from airflow.sdk import BaseOperatorLink
-from airflow.sdk.execution_time.xcom import XCom
+from airflow_openai_batch.compat import BaseOperatorLink, XCom
 
 if TYPE_CHECKING:
-    from airflow.models.taskinstancekey import TaskInstanceKey
-    from airflow.sdk import BaseOperator, Context
+    from airflow_openai_batch.compat import BaseOperator, Context, TaskInstanceKey
 
 DASHBOARD_BATCHES_URL = "https://platform.openai.com/batches"
 #: XCom key under which a task stores the batch ids its links point at.

@@ -12,17 +12,16 @@ from functools import cached_property
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
-from airflow.sdk import BaseHook
-from airflow.sdk.log import mask_secret
-
+from airflow_openai_batch.compat import BaseHook, get_async_connection, mask_secret
 from airflow_openai_batch.core.jsonl import LineIterator, iter_raw_blocks, lines_from_raw_blocks
 from airflow_openai_batch.core.progress import describe_api_error, retry_after_seconds
 from airflow_openai_batch.limits import COMPLETION_WINDOW, MAX_LIST_PAGE_SIZE
 
 if TYPE_CHECKING:
-    from airflow.sdk import Connection
     from openai import AsyncOpenAI, OpenAI
     from openai.types import Batch, FileObject
+
+    from airflow_openai_batch.compat import Connection
 
 #: Read size when streaming a result file; large enough that per-chunk overhead vanishes.
 _DOWNLOAD_CHUNK_BYTES = 1 << 20
@@ -312,7 +311,8 @@ class OpenAIBatchHook(BaseHook):
         # Concurrent polls must share one client (one connection pool), so build it once.
         async with self._async_client_lock:
             if self._async_client is None:
-                conn = await self.aget_connection(self.conn_id)
+                # BaseHook.aget_connection is missing on 3.0 and can deadlock before 3.3.2: compat picks.
+                conn = await get_async_connection(self.conn_id, hook=self)
                 if uses_azure_token(conn):
                     # Kept to be closed with the client: the async credential holds its own session.
                     self._async_credential = self.azure_credential_factory(asynchronous=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
+    from airflow_openai_batch.compat import Context
 
 
 @contextmanager

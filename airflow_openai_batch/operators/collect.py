@@ -8,8 +8,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import Asset, AssetAlias, BaseOperator
-
+from airflow_openai_batch.compat import Asset, AssetAlias, BaseOperator
 from airflow_openai_batch.core.pricing import PriceTable
 from airflow_openai_batch.core.progress import normalize_batch_ids
 from airflow_openai_batch.core.reconcile import BatchResultFiles, Reconciler, present_file_id
@@ -21,7 +20,7 @@ from airflow_openai_batch.links import OpenAIBatchesPageLink, OpenAIBatchLink, p
 from airflow_openai_batch.operators._workdir import task_work_dir
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
+    from airflow_openai_batch.compat import Context
 
 #: The asset alias under which collect tasks announce the folders they write.
 DEFAULT_ASSET_ALIAS = "openai_batch_results"
@@ -207,7 +206,7 @@ class OpenAIBatchCollectOperator(BaseOperator):
 
     def _publish(self, context: Context, writer: ResultWriter, summary: dict[str, Any]) -> dict[str, Any]:
         """Copy the staged files into ``output_uri``, the manifest last, and announce the folder."""
-        from airflow.sdk import ObjectStoragePath
+        from airflow_openai_batch.compat import ObjectStoragePath
 
         folder = self.output_uri
         if not isinstance(folder, ObjectStoragePath):

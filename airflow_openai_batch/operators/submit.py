@@ -10,8 +10,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from airflow.sdk import BaseOperator
-
+from airflow_openai_batch.compat import BaseOperator, task_state_store
 from airflow_openai_batch.core.jsonl import iter_lines
 from airflow_openai_batch.core.prepare import (
     Chunk,
@@ -45,8 +44,9 @@ from airflow_openai_batch.operators._workdir import task_work_dir
 from airflow_openai_batch.statuses import REUSABLE_STATUSES
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
     from openai.types import Batch
+
+    from airflow_openai_batch.compat import Context
 
 #: Metadata keys this package adds to every batch (they count against OpenAI's 16-pair limit).
 METADATA_KEY = "aob_key"
@@ -150,7 +150,7 @@ def open_requests_file(source: Any) -> Any:
         with open(text, "rb") as stream:
             yield stream
         return
-    from airflow.sdk import ObjectStoragePath
+    from airflow_openai_batch.compat import ObjectStoragePath
 
     path = source if hasattr(source, "fs") else ObjectStoragePath(text)
     stream: IO[bytes]
@@ -290,7 +290,7 @@ class _ChunkSubmitter:
         self.run_id: str = ti.run_id
         self.map_index: int = getattr(ti, "map_index", -1)
         # Absent before Airflow 3.3: the batches.list lookup below is then the only guard.
-        self.state_store = context.get("task_state_store")
+        self.state_store = task_state_store(context)
         self.reuse_cutoff = self._reuse_cutoff(context)
         self._existing: dict[str, list[Batch]] | None = None
 

@@ -8,10 +8,7 @@ from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseSensorOperator
-from airflow.sdk.bases.sensor import PokeReturnValue
-from airflow.sdk.exceptions import AirflowSensorTimeout
-
+from airflow_openai_batch.compat import AirflowSensorTimeout, BaseSensorOperator, PokeReturnValue
 from airflow_openai_batch.core.progress import (
     CANCEL_ATTEMPTS,
     AdaptivePollSchedule,
@@ -52,7 +49,7 @@ from airflow_openai_batch.statuses import DEFAULT_FAIL_ON_STATUSES, FINAL_STATUS
 from airflow_openai_batch.triggers.batch import EVENT_STATUSES, OpenAIBatchTrigger
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
+    from airflow_openai_batch.compat import Context
 
 __all__ = ["OpenAIBatchEventError", "OpenAIBatchSensor"]
 

@@ -9,8 +9,7 @@ from datetime import datetime, timezone
 from functools import cached_property
 from typing import Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
-
+from airflow_openai_batch.compat import BaseTrigger, TriggerEvent
 from airflow_openai_batch.core.progress import (
     CANCEL_ATTEMPTS,
     AdaptivePollSchedule,
