@@ -45,6 +45,8 @@ KNOB_HELP: dict[str, str] = {
     "retry_after": "seconds announced by injected 429s (retry-after-ms and retry-after)",
     "enqueued_token_limit": "per model, most estimated prompt tokens enqueued at once ('none' = no limit)",
     "token_limit_mode": "'fail' (batch goes failed: token_limit_exceeded) or 'reject' (create answers 400)",
+    "enqueued_request_limit": "per model, most requests enqueued at once ('none' = no limit; OpenAI caps "
+    "embeddings at 1,000,000); follows token_limit_mode, failing with request_limit_exceeded",
     "seed": "seed of every pseudo-random choice (failing lines, faults, output order)",
     "max_requests_per_batch": "most request lines per batch (more: too_many_tasks)",
     "max_bytes": "largest batch input file in bytes (larger: file_too_large)",
@@ -81,6 +83,10 @@ class EmulatorConfig:
         (in progress or finalizing) at once; ``None`` = no limit.
     :param token_limit_mode: ``"fail"``: a batch over the limit goes validating -> failed with
         ``token_limit_exceeded`` (as OpenAI does); ``"reject"``: ``batches.create`` answers 400.
+    :param enqueued_request_limit: per model, the most requests that may be enqueued at once (OpenAI
+        caps embeddings models at 1,000,000); ``None`` = no limit. Over it, a batch fails with
+        ``request_limit_exceeded`` ("Enqueued request limit reached ...") or, in ``reject`` mode,
+        ``batches.create`` answers 400.
     :param seed: seed of every pseudo-random choice (failing lines, faults, output order).
     :param max_requests_per_batch: more request lines than this fail validation (``too_many_tasks``).
     :param max_bytes: a larger input file fails validation (``file_too_large``).
@@ -104,6 +110,7 @@ class EmulatorConfig:
     retry_after: float = 0.05
     enqueued_token_limit: int | None = None
     token_limit_mode: str = "fail"
+    enqueued_request_limit: int | None = None
     seed: int = 0
     max_requests_per_batch: int = 50_000
     max_bytes: int = 200_000_000
@@ -146,6 +153,8 @@ class EmulatorConfig:
             raise ValueError(f"token_limit_mode must be one of {list(TOKEN_LIMIT_MODES)}")
         if self.enqueued_token_limit is not None and self.enqueued_token_limit < 0:
             raise ValueError("enqueued_token_limit must be >= 0 or None")
+        if self.enqueued_request_limit is not None and self.enqueued_request_limit < 0:
+            raise ValueError("enqueued_request_limit must be >= 0 or None")
         for name in ("max_requests_per_batch", "max_bytes", "max_embedding_inputs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from .answers import AnswerFaults, shape_answer
 from .config import ROUTE_NAMES, EmulatorConfig
 from .responses import (
     BATCH_ENDPOINTS,
@@ -481,6 +482,13 @@ class EmulatorState:
             self._paths.add(link)
             return batch_id, link
 
+    def _enqueued_requests(self, model: str | None, statuses: frozenset[str]) -> int:
+        return sum(
+            b.scan.total
+            for b in self.batches.values()
+            if b.status in statuses and b.scan.ok and b.scan.model == model
+        )
+
     def _enqueued_tokens(self, model: str | None, statuses: frozenset[str]) -> int:
         return sum(
             b.scan.prompt_tokens
@@ -516,6 +524,21 @@ class EmulatorState:
                 if queued + scan.prompt_tokens > limit:
                     self._unlink(input_path)
                     raise ApiError(400, _token_limit_message(scan.model, limit), code="token_limit_exceeded")
+            request_limit = cfg.enqueued_request_limit
+            if (
+                request_limit is not None
+                and cfg.token_limit_mode == "reject"
+                and scan.ok
+                and self._enqueued_requests(
+                    scan.model, frozenset({"validating", "in_progress", "finalizing"})
+                )
+                + scan.total
+                > request_limit
+            ):
+                self._unlink(input_path)
+                raise ApiError(
+                    400, _request_limit_message(scan.model, request_limit), code="request_limit_exceeded"
+                )
             batch = BatchRecord(
                 id=batch_id,
                 seq=next(self._seq),
@@ -666,6 +689,24 @@ class EmulatorState:
                         "line": None,
                     }
                 ]
+            elif (
+                self.config.enqueued_request_limit is not None
+                and self.config.token_limit_mode == "fail"
+                and self._enqueued_requests(batch.scan.model, frozenset({"in_progress", "finalizing"}))
+                + batch.scan.total
+                > self.config.enqueued_request_limit
+            ):
+                batch.status, batch.failed_at = "failed", t
+                batch.errors = [
+                    {
+                        "code": "request_limit_exceeded",
+                        "message": _request_limit_message(
+                            batch.scan.model, self.config.enqueued_request_limit
+                        ),
+                        "param": None,
+                        "line": None,
+                    }
+                ]
             else:
                 batch.status, batch.in_progress_at = "in_progress", t
                 batch.base_processed = 0.0
@@ -705,6 +746,7 @@ class EmulatorState:
         rate = self.config.rate
         start = batch.in_progress_at if batch.in_progress_at is not None else t
         failure_rate = batch.failure_rate
+        answer_faults = AnswerFaults.from_config(self.config)
         spill_path = self.new_path(f"{batch.id}.spill")
         offsets: list[tuple[int, int, bool]] = []
         with open(batch.input_path, "rb") as source, open(spill_path, "w+b") as spill:
@@ -740,6 +782,7 @@ class EmulatorState:
                         created = self.clock.unix(start + (index + 1) / rate if rate > 0 else t)
                         usage = line_usage(endpoint, line["body"], custom_id, batch.seed)
                         body = response_body(endpoint, line["body"], custom_id, batch.seed, usage, created)
+                        shape_answer(endpoint, line["body"], body, custom_id, batch.seed, answer_faults)
                         record["response"] = {"status_code": 200, "request_id": request_id, "body": body}
                     elif outcome == NON_HTTP:
                         record["error"] = NON_HTTP_ERROR
@@ -828,6 +871,13 @@ def _token_limit_message(model: str | None, limit: int) -> str:
     return (
         f"Enqueued token limit reached for {model} in organization org-emulator. Limit: {limit:,} enqueued "
         "tokens. Please try again once some in_progress batches have been completed."
+    )
+
+
+def _request_limit_message(model: str | None, limit: int) -> str:
+    return (
+        f"Enqueued request limit reached for {model} in organization org-emulator. Limit: {limit:,} enqueued "
+        "requests. Please try again once some in_progress batches have been completed."
     )
 
 

@@ -166,3 +166,57 @@ def test_videos_endpoint_is_refused_as_openai_refuses_it_since_the_shutdown(
         client.batches.create(input_file_id=file_id, endpoint=endpoint, completion_window="24h")  # type: ignore[arg-type]
     assert caught.value.param == "endpoint"
     assert emulator.stats()["batches"] == 0
+
+
+def _embedding_lines(prefix: str, n: int) -> list[dict[str, Any]]:
+    return [
+        _line(f"{prefix}{i}", "/v1/embeddings", model="text-embedding-3-small", input="x") for i in range(n)
+    ]
+
+
+def test_enqueued_request_limit_fails_the_batch_over_it(
+    client: openai.OpenAI, emulator: EmulatorServer
+) -> None:
+    emulator.configure(rate=1, enqueued_request_limit=5)
+    first = client.batches.create(
+        input_file_id=upload(client, _embedding_lines("a", 4)),
+        endpoint="/v1/embeddings",
+        completion_window="24h",
+    )
+    second = client.batches.create(
+        input_file_id=upload(client, _embedding_lines("b", 2)),
+        endpoint="/v1/embeddings",
+        completion_window="24h",
+    )
+    emulator.advance(1)
+    assert client.batches.retrieve(first.id).status == "in_progress"
+    refused = client.batches.retrieve(second.id)
+    assert refused.status == "failed" and refused.errors is not None and refused.errors.data
+    error = refused.errors.data[0]
+    assert error.code == "request_limit_exceeded"
+    assert error.message is not None and error.message.startswith("Enqueued request limit reached")
+    # Once the first is done, the same input fits.
+    emulator.advance(10)
+    again = client.batches.create(
+        input_file_id=refused.input_file_id, endpoint="/v1/embeddings", completion_window="24h"
+    )
+    emulator.advance(1)
+    assert client.batches.retrieve(again.id).status in ("in_progress", "finalizing", "completed")
+
+
+def test_enqueued_request_limit_reject_mode_refuses_the_create(
+    client: openai.OpenAI, emulator: EmulatorServer
+) -> None:
+    emulator.configure(rate=1, enqueued_request_limit=3, token_limit_mode="reject")
+    client.batches.create(
+        input_file_id=upload(client, _embedding_lines("a", 3)),
+        endpoint="/v1/embeddings",
+        completion_window="24h",
+    )
+    with pytest.raises(openai.BadRequestError, match="Enqueued request limit reached") as caught:
+        client.batches.create(
+            input_file_id=upload(client, _embedding_lines("b", 1)),
+            endpoint="/v1/embeddings",
+            completion_window="24h",
+        )
+    assert caught.value.code == "request_limit_exceeded"
