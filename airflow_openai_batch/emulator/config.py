@@ -53,7 +53,22 @@ KNOB_HELP: dict[str, str] = {
     "max_embedding_inputs": "most embedding inputs across an embeddings batch",
     "data_dir": "directory for the stored file bytes (default: a temporary directory)",
     "time_scale": "virtual seconds per real second (0 freezes the clock; use /_emulator/advance)",
+    "answer_invalid_json_rate": "share of structured answers (json_schema/json_object, forced tool call) "
+    "that are not JSON",
+    "answer_schema_miss_rate": "share of structured answers that are JSON not valid against the schema",
+    "answer_refusal_rate": "share of structured answers refused (message.refusal / a refusal part)",
+    "answer_truncated_rate": "share of structured answers cut short (finish_reason length / incomplete)",
+    "answer_content_filter_rate": "share of structured answers stopped by the content filter",
 }
+
+#: The knobs of spoiled structured answers (see ``emulator/answers.py``); their sum is at most 1.
+ANSWER_RATE_KNOBS: tuple[str, ...] = (
+    "answer_invalid_json_rate",
+    "answer_schema_miss_rate",
+    "answer_refusal_rate",
+    "answer_truncated_rate",
+    "answer_content_filter_rate",
+)
 
 
 @dataclass(frozen=True)
@@ -94,6 +109,13 @@ class EmulatorConfig:
     :param data_dir: where file bytes are stored; ``None`` = a fresh temporary directory.
     :param time_scale: virtual seconds per real second; 0 freezes the clock so only ``advance``
         moves it (fully deterministic tests).
+    :param answer_invalid_json_rate: share of structured answers (a ``json_schema`` / ``json_object``
+        format, or a forced tool call) whose text is not JSON. Like the other ``answer_*`` shares it is
+        decided per custom_id from ``seed`` and read when a batch's results are written.
+    :param answer_schema_miss_rate: share of structured answers that are JSON the schema rejects.
+    :param answer_refusal_rate: share of structured answers refused.
+    :param answer_truncated_rate: share of structured answers cut at the output token limit.
+    :param answer_content_filter_rate: share of structured answers stopped by the content filter.
     """
 
     rate: float = 1000.0
@@ -117,6 +139,11 @@ class EmulatorConfig:
     max_embedding_inputs: int = 50_000
     data_dir: str | None = None
     time_scale: float = 1.0
+    answer_invalid_json_rate: float = 0.0
+    answer_schema_miss_rate: float = 0.0
+    answer_refusal_rate: float = 0.0
+    answer_truncated_rate: float = 0.0
+    answer_content_filter_rate: float = 0.0
 
     def __post_init__(self) -> None:
         # Normalise values that arrive as lists (JSON, kwargs) so the frozen object stays hashable.
@@ -135,6 +162,7 @@ class EmulatorConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {value!r}")
+        self._validate_answer_rates()
         for name in ("rate", "validation_seconds", "finalizing_seconds", "cancel_seconds", "retry_after"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -158,6 +186,14 @@ class EmulatorConfig:
         for name in ("max_requests_per_batch", "max_bytes", "max_embedding_inputs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+
+    def _validate_answer_rates(self) -> None:
+        for name in ANSWER_RATE_KNOBS:
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1], got {value!r}")
+        if sum(getattr(self, name) for name in ANSWER_RATE_KNOBS) > 1.0 + 1e-9:
+            raise ValueError(f"the answer_*_rate knobs add up to more than 1: {', '.join(ANSWER_RATE_KNOBS)}")
 
     def replace(self, **knobs: Any) -> EmulatorConfig:
         """Return a copy with ``knobs`` changed (unknown names raise ``TypeError``)."""

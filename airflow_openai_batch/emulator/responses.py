@@ -26,12 +26,14 @@ import hashlib
 import math
 import re
 import struct
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from .images import ENCODERS
+from .patterns import sample_pattern
 
 ENDPOINT_CHAT = "/v1/chat/completions"
 ENDPOINT_RESPONSES = "/v1/responses"
@@ -262,7 +264,8 @@ def instance_for_schema(schema: Any, salt: str, root: Any = None, depth: int = 0
 
     Handles ``$ref`` into ``$defs``/``definitions``, ``const``, ``enum``, ``anyOf``/``oneOf``/
     ``allOf`` (first usable branch), objects (every property), arrays (``minItems`` or one item),
-    strings (``minLength``/``maxLength``, a few formats), numbers, integers, booleans and null.
+    strings (``minLength``/``maxLength``, ``pattern``, strict mode's formats), numbers and integers
+    (bounds, ``multipleOf``), booleans and null.
     """
     root = schema if root is None else root
     if depth > 12 or not isinstance(schema, dict):
@@ -302,29 +305,34 @@ def instance_for_schema(schema: Any, salt: str, root: Any = None, depth: int = 0
     if kind == "integer":
         low = schema.get("minimum")
         if low is None:
-            low = schema["exclusiveMinimum"] + 1 if "exclusiveMinimum" in schema else 0
+            low = math.floor(schema["exclusiveMinimum"]) + 1 if "exclusiveMinimum" in schema else 0
         high = schema.get("maximum")
         if high is None:
-            high = schema["exclusiveMaximum"] - 1 if "exclusiveMaximum" in schema else low + 100
+            high = math.ceil(schema["exclusiveMaximum"]) - 1 if "exclusiveMaximum" in schema else low + 100
         low, high = math.ceil(low), math.floor(high)
+        step = schema.get("multipleOf")
+        if isinstance(step, int) and step > 0:
+            first = math.ceil(low / step) * step
+            if high < first:
+                return first
+            return first + step * (stable_hash(salt) % ((high - first) // step + 1))
         return low + stable_hash(salt) % (high - low + 1) if high >= low else low
     if kind == "number":
-        low = float(schema.get("minimum", 0.0))
-        high = float(schema.get("maximum", low + 1.0))
-        return round(low + (high - low) * unit_float(salt), 4)
+        return _number_for_schema(schema, salt)
     if kind == "boolean":
         return bool(stable_hash(salt) & 1)
     if kind == "null":
         return None
     fmt = schema.get("format")
-    if fmt == "date-time":
-        return "2025-01-01T00:00:00Z"
-    if fmt == "date":
-        return "2025-01-01"
-    if fmt == "email":
-        return "user@example.com"
-    if fmt in ("uri", "url"):
-        return "https://example.com/"
+    if fmt in _FORMAT_SAMPLES:
+        return _FORMAT_SAMPLES[fmt]
+    if fmt == "uuid":
+        return str(uuid.UUID(stable_hex(32, salt)))
+    if isinstance(schema.get("pattern"), str):
+        counter = iter(range(1, 1 << 30))
+        sampled = sample_pattern(schema["pattern"], lambda n: stable_hash(salt, next(counter)) % n)
+        if sampled is not None:
+            return sampled
     text = f"value-{stable_hex(8, salt)}"
     min_len = int(schema.get("minLength", 0) or 0)
     if len(text) < min_len:
@@ -333,6 +341,40 @@ def instance_for_schema(schema: Any, salt: str, root: Any = None, depth: int = 0
     if isinstance(max_len, int):
         text = text[:max_len]
     return text
+
+
+#: A value of each string format strict mode supports (and two more), all valid.
+_FORMAT_SAMPLES: dict[str, str] = {
+    "date-time": "2025-01-01T00:00:00Z",
+    "date": "2025-01-01",
+    "time": "12:00:00Z",
+    "duration": "P1D",
+    "email": "user@example.com",
+    "hostname": "example.com",
+    "ipv4": "192.0.2.1",
+    "ipv6": "2001:db8::1",
+    "uri": "https://example.com/",
+    "url": "https://example.com/",
+}
+
+
+def _number_for_schema(schema: dict[str, Any], salt: str) -> float:
+    """A number within the schema's bounds (inclusive or exclusive), a multiple of ``multipleOf``."""
+    low = schema.get("minimum", schema.get("exclusiveMinimum", 0.0))
+    high = schema.get("maximum", schema.get("exclusiveMaximum", float(low) + 1.0))
+    low, high = float(low), float(high)
+    step = schema.get("multipleOf")
+    if isinstance(step, (int, float)) and step > 0:
+        first = math.floor(low / step) + 1 if "exclusiveMinimum" in schema else math.ceil(low / step)
+        last = math.ceil(high / step) - 1 if "exclusiveMaximum" in schema else math.floor(high / step)
+        count = max(last - first + 1, 1)
+        return (first + stable_hash(salt) % count) * step
+    value = round(low + (high - low) * unit_float(salt), 4)
+    if value <= low and "exclusiveMinimum" in schema:
+        value = (low + high) / 2
+    if value >= high and "exclusiveMaximum" in schema:
+        value = (low + high) / 2
+    return value
 
 
 # --------------------------------------------------------------------------- bodies

@@ -496,8 +496,11 @@ def test_prompt_token_estimate_and_structured_outputs(
     assert structured["usage"]["prompt_tokens"] == math.ceil(17 / 4) + 2 * 3 + 3
     assert structured["usage"]["completion_tokens"] == 3  # capped by max_tokens
     assert structured["choices"][0]["finish_reason"] == "length"
-    content = json.loads(structured["choices"][0]["message"]["content"])
-    assert set(content) == {"label", "score", "tags"} and content["label"] in ("pos", "neg")
+    # Cut by the cap, the JSON answer is cut too: a prefix of an object, not JSON.
+    content = structured["choices"][0]["message"]["content"]
+    assert content.startswith("{") and len(content) > 1
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(content)
 
     call = lines["tool"]["response"]["body"]["choices"][0]
     assert call["finish_reason"] == "tool_calls"
