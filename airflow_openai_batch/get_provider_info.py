@@ -58,6 +58,12 @@ def get_provider_info() -> dict[str, Any]:
                         "schema": {"type": ["string", "null"]},
                         "description": "Only for Azure OpenAI (e.g. 2024-10-21): selects the Azure client.",
                     },
+                    "azure_ad_token_provider": {
+                        "label": "Azure: Entra ID login (no key)",
+                        "schema": {"type": ["boolean", "null"]},
+                        "description": "Log in to Azure OpenAI with azure-identity's DefaultAzureCredential "
+                        "instead of a key (pip install 'airflow-openai-batch[azure]').",
+                    },
                     "timeout": {
                         "label": "Request timeout (seconds)",
                         "schema": {"type": ["number", "null"], "default": 600},
