@@ -1,0 +1,932 @@
+"""Tables in, tables out: rows of a Parquet or CSV table become request lines, and answers come back
+joined to their rows (plain Python and pyarrow, no Airflow import; pyarrow is the ``parquet`` extra).
+
+Submit side. :class:`TableInput` opens a table (one file or a folder of them, on any filesystem: a local
+path, or an fsspec filesystem such as the one behind an ``ObjectStoragePath``) and reads it in record
+batches, so memory stays flat at any size. :class:`TableRequests` turns each row into one request line:
+``custom_id`` from ``id_column``, the prompt from a Python format template over the row's columns (filled
+into the endpoint's prompt field), ``model`` and ``body`` merged in. Its :meth:`TableRequests.lines` are
+what :func:`~airflow_openai_batch.core.prepare.prepare_from_lines` takes from a JSONL file, so the one
+validator checks them like any other line. Lines are built a batch at a time in Arrow: the constant parts
+of a line are encoded once, and only the row values are escaped (vectorised; a Python fallback per value
+for what Arrow cannot say) and spliced in by one Arrow kernel.
+
+Row numbers in errors are 1-based data rows (a CSV header is not a row; a folder's files count in path
+order). A table's request line *n* is its row *n*, so a problem the line validator finds (a duplicate
+``custom_id``, a body too large) names the row by that number too.
+
+Collect side. :class:`TableSource` says where the table is (URI, format, id column, row count); it is
+small and JSON-safe, so it travels from submit to collect (see :meth:`TableSource.to_metadata`).
+:func:`join_answers` reads the table again and the collect's success and failure files, and writes
+``answers.parquet`` (or ``.jsonl``): one row per input row, in input order, with the input's columns kept
+with their types and the answer columns (:data:`ANSWER_COLUMNS`) after them. The join runs in Arrow: the
+answers are indexed once by ``custom_id`` (held in memory up to a budget, else spilled to local Arrow IPC
+partitions by input row range), and the input is streamed once in record batches.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import re
+import string
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from airflow_openai_batch.core.jsonl import DEFAULT_CHUNK_SIZE, LineIterator, lines_from_raw_blocks
+from airflow_openai_batch.core.prepare import normalize_endpoint
+from airflow_openai_batch.exceptions import InputProblem, OpenAIBatchInputError
+
+__all__ = [
+    "ANSWER_COLUMNS",
+    "NULL_POLICIES",
+    "PROMPT_FIELDS",
+    "TABLE_FORMATS",
+    "TableInput",
+    "TableRequests",
+    "TableSource",
+    "table_format",
+]
+
+#: Table formats a ``requests`` input may have, by file name suffix.
+TABLE_FORMATS: tuple[str, ...] = ("parquet", "csv")
+_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".parq": "parquet", ".csv": "csv"}
+
+#: The body field each endpoint's prompt template fills.
+PROMPT_FIELDS: dict[str, str] = {
+    "/v1/chat/completions": "messages",
+    "/v1/responses": "input",
+    "/v1/embeddings": "input",
+    "/v1/completions": "prompt",
+    "/v1/moderations": "input",
+    "/v1/images/generations": "prompt",
+    "/v1/images/edits": "prompt",
+    "/v1/videos": "prompt",
+}
+#: Where a system prompt goes: a system message (chat) or ``instructions`` (responses). Other endpoints
+#: have no system prompt.
+_SYSTEM_FIELDS = {"/v1/chat/completions": "messages", "/v1/responses": "instructions"}
+
+#: What a null value in a prompt column does: ``"error"`` (a problem naming the row and column, nothing
+#: is uploaded) or ``"empty"`` (it reads as an empty string).
+NULL_POLICIES: tuple[str, ...] = ("error", "empty")
+
+#: Answer columns of ``answers.<ext>``, in order. ``content`` is left out for embeddings, ``embedding``
+#: for every other endpoint; ``parsed``, ``tool_calls`` and ``finish_reason`` appear when the success
+#: records carry them (structured answers).
+ANSWER_COLUMNS: tuple[str, ...] = (
+    "status",
+    "content",
+    "embedding",
+    "parsed",
+    "tool_calls",
+    "finish_reason",
+    "error_code",
+    "error_message",
+    "usage",
+)
+_OPTIONAL_ANSWERS = ("parsed", "tool_calls", "finish_reason")
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+
+#: Rows per record batch read from the table. Lines are built a batch at a time: large enough that the
+#: dozen Arrow calls per batch cost nothing per row, small enough that a batch's lines are a few MB.
+_BATCH_ROWS = 16_384
+#: Rows per record batch read when joining (no lines are built, only columns taken).
+_JOIN_BATCH_ROWS = 65_536
+#: Answers held in memory for the join before they are spilled to row-range partitions on disk.
+JOIN_MEMORY_BUDGET = 256 << 20
+#: Bytes that need escaping in a JSON string: every control character, the quote and the backslash.
+_SPECIAL_BYTES = bytes(range(0x20)) + b'"\\'
+_PLAIN_BYTES = bytes(b for b in range(256) if b not in _SPECIAL_BYTES)
+#: The specials Arrow escapes by substring replacement, in a safe order (the backslash first).
+_SIMPLE_ESCAPES = ((b"\\", "\\\\"), (b'"', '\\"'), (b"\n", "\\n"), (b"\r", "\\r"), (b"\t", "\\t"))
+_SIMPLE_SPECIALS = frozenset(b[0] for b, _ in _SIMPLE_ESCAPES)
+_FIELD_ROOT = re.compile(r"[^.\[]*")
+_PARTIAL = ".partial"
+
+
+def _pa() -> Any:
+    try:
+        import pyarrow
+        import pyarrow.compute
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise ImportError(
+            "Parquet/CSV table inputs need pyarrow: pip install 'airflow-openai-batch[parquet]'"
+        ) from exc
+    return pyarrow
+
+
+def table_format(name: str) -> str | None:
+    """The table format a file name says, or ``None`` (e.g. a JSONL file, or a folder).
+
+    :param name: a path, URI or file name: ``tickets.parquet``, ``s3://bucket/drop.csv``...
+    :return: ``"parquet"``, ``"csv"`` or ``None``.
+    """
+    base = str(name).rstrip("/").rsplit("/", 1)[-1].lower()
+    dot = base.rfind(".")
+    return _SUFFIXES.get(base[dot:]) if dot >= 0 else None
+
+
+def _problem(reason: str, field: str | None = "requests") -> OpenAIBatchInputError:
+    return OpenAIBatchInputError([InputProblem(None, field, reason)])
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# -- reading a table -------------------------------------------------------------------------------------
+
+
+class TableInput:
+    """A Parquet or CSV table, one file or a folder of them, read in record batches.
+
+    A folder's files are read in path order (hidden ``.``/``_`` files skipped; when some files have the
+    format's suffix, only those), so row numbers are the same at submit and at collect. CSV columns named
+    in ``string_columns`` of :meth:`batches` are read as text exactly as written (an id ``007`` stays
+    ``007``); other CSV columns get pyarrow's inferred types.
+
+    :param path: the table's path as ``filesystem`` spells it (for an ``ObjectStoragePath`` ``p``:
+        ``p.path``), or a local path when ``filesystem`` is ``None``.
+    :param filesystem: an fsspec filesystem (e.g. ``ObjectStoragePath.fs``) or a ``pyarrow.fs``
+        filesystem; ``None`` for the local one.
+    :param format: ``"parquet"`` or ``"csv"``; ``None`` to tell from the file names.
+    :param uri: the table's location as the user gave it (``s3://bucket/tickets.parquet``), for messages
+        and for :class:`TableSource`; defaults to ``path``.
+    :raises OpenAIBatchInputError: nothing is at ``path``, or its format cannot be told or read.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        filesystem: Any = None,
+        format: str | None = None,
+        uri: str | None = None,
+    ) -> None:
+        pa = _pa()
+        import pyarrow.fs as pafs
+
+        self.path = os.fspath(path)
+        self.uri = uri if uri is not None else self.path
+        if filesystem is None:
+            self._fs = pafs.LocalFileSystem()
+            self.path = os.path.abspath(self.path)
+        elif isinstance(filesystem, pafs.FileSystem):
+            self._fs = filesystem
+        else:  # an fsspec filesystem
+            self._fs = pafs.PyFileSystem(pafs.FSSpecHandler(filesystem))
+        if format is not None and format not in TABLE_FORMATS:
+            raise _problem(f"table format must be one of {TABLE_FORMATS}, not {format!r}")
+        try:
+            info = self._fs.get_file_info(self.path)
+            if info.type == pafs.FileType.File:
+                files = [self.path]
+            elif info.type == pafs.FileType.Directory:
+                files = self._folder_files(pafs, format)
+            else:
+                raise _problem(f"no table at {self.uri}")
+        except (OSError, pa.ArrowException) as err:
+            raise _problem(f"cannot open the table at {self.uri}: {err}") from err
+        self.format = format or self._format_of(files)
+        self.files: list[str] = files
+        self._schemas: dict[tuple[str, ...], Any] = {}
+
+    def _folder_files(self, pafs: Any, format: str | None) -> list[str]:
+        selector = pafs.FileSelector(self.path, recursive=True)
+        root = self.path.rstrip("/") + "/"
+        files = []
+        for info in self._fs.get_file_info(selector):
+            if info.type != pafs.FileType.File:
+                continue
+            relative = info.path[len(root) :] if info.path.startswith(root) else info.base_name
+            if any(part.startswith((".", "_")) for part in relative.split("/")):
+                continue
+            files.append(info.path)
+        if format is not None:
+            matching = [f for f in files if table_format(f) == format]
+        else:
+            matching = [f for f in files if table_format(f) is not None]
+        if matching:
+            files = matching
+        if not files:
+            raise _problem(f"the folder {self.uri} holds no table files")
+        return sorted(files)
+
+    def _format_of(self, files: list[str]) -> str:
+        formats = {table_format(f) for f in files}
+        if len(formats) == 1 and None not in formats:
+            return formats.pop()  # type: ignore[return-value]
+        raise _problem(
+            f"cannot tell the table format of {self.uri} from its file names "
+            f"(expected {', '.join(sorted(_SUFFIXES))}); pass the format explicitly"
+        )
+
+    def _csv_options(self, key: tuple[str, ...], columns: Sequence[str] | None = None) -> Any:
+        import pyarrow.csv as pacsv
+
+        pa = _pa()
+        return pacsv.ConvertOptions(
+            column_types=dict.fromkeys(key, pa.string()),
+            include_columns=list(columns) if columns is not None else None,
+        )
+
+    def _key(self, string_columns: Sequence[str]) -> tuple[str, ...]:
+        return tuple(sorted(set(string_columns))) if self.format == "csv" else ()
+
+    def schema(self, string_columns: Sequence[str] = ()) -> Any:
+        """The table's Arrow schema: its first file's (reads a Parquet footer, or a CSV's first block).
+
+        :param string_columns: CSV columns read as text (see :meth:`batches`).
+        :raises OpenAIBatchInputError: the file cannot be read as the format.
+        """
+        key = self._key(string_columns)
+        if key not in self._schemas:
+            path = self.files[0]
+            try:
+                if self.format == "parquet":
+                    import pyarrow.parquet as pq
+
+                    with self._fs.open_input_file(path) as file:
+                        schema = pq.ParquetFile(file).schema_arrow
+                else:
+                    import pyarrow.csv as pacsv
+
+                    with self._fs.open_input_stream(path) as stream:
+                        schema = pacsv.open_csv(stream, convert_options=self._csv_options(key)).schema
+            except (OSError, _pa().ArrowException) as err:
+                raise _problem(f"cannot read {path} as {self.format}: {err}") from err
+            self._schemas[key] = schema
+        return self._schemas[key]
+
+    def batches(
+        self,
+        columns: Sequence[str] | None = None,
+        *,
+        string_columns: Sequence[str] = (),
+        batch_rows: int = _BATCH_ROWS,
+    ) -> Iterator[Any]:
+        """The table's rows as Arrow record batches, in order, file after file.
+
+        Every batch has the first file's types (later files' batches are cast to them).
+
+        :param columns: the columns to read (``None``: all), in this order.
+        :param string_columns: CSV columns read as text exactly as written, not type-inferred.
+        :param batch_rows: rows per batch, at most (CSV: about a megabyte of text per batch).
+        :raises OpenAIBatchInputError: a file cannot be read (corrupt, not of the format, a column missing).
+        """
+        pa = _pa()
+        key = self._key(string_columns)
+        schema = self.schema(string_columns)
+        names = list(columns) if columns is not None else schema.names
+        target = pa.schema([schema.field(name) for name in names])
+        for path in self.files:
+            try:
+                for batch in self._file_batches(path, key, names, batch_rows):
+                    yield batch if batch.schema == target else batch.select(names).cast(target)
+            except (OSError, KeyError, pa.ArrowException) as err:
+                raise _problem(f"cannot read {path} as {self.format}: {err}") from err
+
+    def _file_batches(
+        self, path: str, key: tuple[str, ...], names: list[str], batch_rows: int
+    ) -> Iterator[Any]:
+        if self.format == "parquet":
+            import pyarrow.parquet as pq
+
+            with self._fs.open_input_file(path) as file:
+                yield from pq.ParquetFile(file).iter_batches(batch_size=batch_rows, columns=names)
+        else:
+            import pyarrow.csv as pacsv
+
+            with self._fs.open_input_stream(path) as stream:
+                yield from pacsv.open_csv(stream, convert_options=self._csv_options(key, names))
+
+
+# -- rows -> request lines -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Field:
+    """One ``{...}`` of a template: a column, and what Python formatting does to its value."""
+
+    column: str
+    text: str  # the whole field as written, e.g. "meta[lang]!r:>10"
+    name: str  # "meta[lang]"
+    conversion: str | None
+    spec: str
+
+    @property
+    def plain(self) -> bool:
+        """``{column}`` alone: the value's text as it is, which Arrow can make for whole columns."""
+        return self.name == self.column and not self.conversion and not self.spec
+
+
+#: The id's place in a line's layout (its values come from the id column, not from a template).
+_ID = _Field("", "\x00id", "\x00id", None, "")
+
+
+def _parse_template(text: Any, param: str) -> list[str | _Field]:
+    """A format template as literal text and fields (parsed once, with :class:`string.Formatter`)."""
+    if not isinstance(text, str):
+        raise _problem(f"must be a string, got {type(text).__name__}", param)
+    pieces: list[str | _Field] = []
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as err:
+        raise _problem(f"is not a valid format template ({err}): {_short(text)}", param) from err
+    for literal, name, spec, conversion in parsed:
+        if literal:
+            pieces.append(literal)
+        if name is None:
+            continue
+        column = _FIELD_ROOT.match(name).group(0)  # type: ignore[union-attr]
+        if not column or column.isdigit():
+            raise _problem(
+                f"fields must name a column ({{text}}), not a position ({{{name}}}): {_short(text)}", param
+            )
+        if spec and "{" in spec:
+            raise _problem(f"nested fields in a format spec are not supported: {{{name}:{spec}}}", param)
+        whole = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+        pieces.append(_Field(column, whole, name, conversion, spec or ""))
+    return pieces
+
+
+def _json_text(value: str) -> str:
+    """The inside of a JSON string holding ``value`` (escaped, without the quotes)."""
+    return orjson.dumps(value).decode()[1:-1]
+
+
+def _value_bytes(pa: Any, array: Any) -> bytes:
+    """The UTF-8 bytes of all values of a string array, back to back (one copy)."""
+    buffers = array.buffers()
+    data = buffers[2]
+    if data is None or len(array) == 0:
+        return b""
+    offsets = memoryview(buffers[1]).cast("i")
+    # bytes(memoryview) copies about 3x faster than Buffer.to_pybytes (pyarrow 26).
+    return bytes(memoryview(data)[offsets[array.offset] : offsets[array.offset + len(array)]])
+
+
+class _Escaper:
+    """Makes a string column JSON-string-safe, a batch at a time, doing only the work its values need."""
+
+    def __init__(self, pa: Any) -> None:
+        self.pa = pa
+        self.pc = pa.compute
+
+    def __call__(self, array: Any) -> Any:
+        pc = self.pc
+        data = _value_bytes(self.pa, array)
+        if not data:
+            return array
+        if pc.all(pc.ascii_is_printable(array)).as_py() is not False:
+            # Printable ASCII (the common case, checked by a fast kernel): only quotes and backslashes.
+            present = {c for c in b'"\\' if c in data}
+        else:
+            present = set(data.translate(None, _PLAIN_BYTES))
+        if not present:
+            return array
+        if present <= _SIMPLE_SPECIALS:
+            for special, escaped in _SIMPLE_ESCAPES:
+                if special[0] in present:
+                    array = pc.replace_substring(array, special.decode(), escaped)
+            return array
+        # Other control characters (rare): orjson writes them as \u00XX, one value at a time.
+        return self.pa.array(
+            [None if v is None else _json_text(v) for v in array.to_pylist()], self.pa.string()
+        )
+
+
+def _is_text(pa: Any, type_: Any) -> bool:
+    t = pa.types
+    if t.is_dictionary(type_):
+        return _is_text(pa, type_.value_type)
+    return t.is_string(type_) or t.is_large_string(type_) or t.is_string_view(type_)
+
+
+def _as_text(pa: Any, array: Any) -> Any:
+    """A text or integer column as ``string`` values (integers as Python writes them)."""
+    return array if array.type == pa.string() else array.cast(pa.string())
+
+
+class TableRequests:
+    """The request lines of a table: one per row, from a prompt template or a ``request_builder``.
+
+    Everything that can be checked without reading a row is checked here, in the constructor: the
+    template's columns exist, the id column has a usable type, ``body`` does not set what the template
+    fills, the endpoint has a prompt field. Rows are checked as they are read (an empty or null id, a
+    null in a prompt column); all problems are reported together, at the end of the input, as one
+    :class:`~airflow_openai_batch.exceptions.OpenAIBatchInputError` naming each row and column (like the
+    line validator does for JSONL). Duplicate ids are left to the line validator, which names both rows.
+
+    Typical use (the submit operator)::
+
+        table = TableInput(path.path, filesystem=path.fs, uri=str(path))
+        requests = TableRequests(table, endpoint=endpoint, id_column="ticket_id",
+                                 prompt="Label this ticket:\\n{text}", model=model)
+        prepared = prepare_from_lines(requests.lines(), endpoint=endpoint, work_dir=work_dir, model=model)
+        source = requests.source()  # after the lines were read: where the table is, and its row count
+
+    :param table: the table.
+    :param endpoint: the batch endpoint (``/v1/chat/completions``...); decides the prompt's field (see
+        :data:`PROMPT_FIELDS`).
+    :param id_column: the column whose values become ``custom_id`` (text or integers; unique, non-empty).
+    :param prompt: a Python format template over the row's columns, e.g. ``"Label this ticket:\\n{text}"``
+        (``{{``/``}}`` for literal braces). Chat: the user message; responses: ``input``; embeddings and
+        moderations: ``input``; completions, images and videos: ``prompt``.
+    :param system_prompt: a template too: chat's system message, responses' ``instructions``.
+    :param body: merged into every request body (``temperature``, ``max_completion_tokens``, a
+        ``response_format``...); must not set the field the template fills.
+    :param model: ``body.model`` of every request (``None``: from ``body``, or filled in later by
+        ``prepare_from_lines(model=...)``).
+    :param request_builder: instead of a template, ``row -> body`` for anything a template cannot say:
+        called with each row as a dict of all columns; ``model`` and ``body`` are defaults under its keys.
+    :param on_null: a null in a prompt column: ``"error"`` (the default: a problem naming the row and
+        column) or ``"empty"`` (an empty string). CSV cells are text, so an empty cell is ``""``, not null.
+    :param max_problems: how many problems the error lists (all are counted).
+    :param batch_rows: rows read and turned into lines at a time.
+    :raises OpenAIBatchInputError: the parameters do not fit the table or the endpoint.
+    """
+
+    def __init__(
+        self,
+        table: TableInput,
+        *,
+        endpoint: str,
+        id_column: str,
+        prompt: str | None = None,
+        system_prompt: str | None = None,
+        body: Mapping[str, Any] | None = None,
+        model: str | None = None,
+        request_builder: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+        on_null: str = "error",
+        max_problems: int = 50,
+        batch_rows: int = _BATCH_ROWS,
+    ) -> None:
+        self.pa = pa = _pa()
+        self.table = table
+        self.endpoint = normalize_endpoint(endpoint)
+        self.id_column = id_column
+        self.request_builder = request_builder
+        self.model = model or None
+        self.max_problems = max_problems
+        self.batch_rows = batch_rows
+        #: Rows read so far (all of them once :meth:`lines` or :meth:`blocks` was read to the end).
+        self.rows = 0
+        self._finished = False
+        if on_null not in NULL_POLICIES:
+            raise _problem(f"must be one of {NULL_POLICIES}, not {on_null!r}", "on_null")
+        self.on_null = on_null
+        if not isinstance(id_column, str) or not id_column:
+            raise _problem(
+                "a table input needs id_column= (the column whose values become custom_id)", "id_column"
+            )
+        base = self._base_body(body)
+        if request_builder is not None:
+            if prompt is not None or system_prompt is not None:
+                raise _problem(
+                    "give either prompt= (and system_prompt=) or request_builder=, not both", "prompt"
+                )
+            if not callable(request_builder):
+                raise _problem(f"must be callable, got {type(request_builder).__name__}", "request_builder")
+            self._base = base
+            self._layout: list[str | _Field] = []
+        else:
+            if prompt is None:
+                raise _problem(
+                    "a table input needs prompt= (a template over its columns) or request_builder=", "prompt"
+                )
+            self._layout = self._compile(prompt, system_prompt, base)
+        #: The template's fields by their text (each is formatted and escaped once per batch).
+        self._fields = {p.text: p for p in self._layout if isinstance(p, _Field) and p is not _ID}
+        # CSV: the id and the columns a template reads as they are were written, not as inferred numbers.
+        self._string_columns = [
+            id_column,
+            *dict.fromkeys(f.column for f in self._fields.values() if f.plain and f.column != id_column),
+        ]
+        schema = table.schema(self._string_columns)
+        needed = [id_column, *dict.fromkeys(f.column for f in self._fields.values())]
+        missing = [c for c in needed if c not in schema.names]
+        if missing:
+            names = ", ".join(schema.names)
+            problems = [
+                InputProblem(
+                    None,
+                    "id_column" if c == id_column else "prompt",
+                    f"names column {c!r}, which the table lacks (columns: {names})",
+                )
+                for c in missing
+            ]
+            raise OpenAIBatchInputError(problems)
+        id_type = schema.field(id_column).type
+        if not (_is_text(pa, id_type) or pa.types.is_integer(id_type)):
+            raise _problem(
+                f"column {id_column!r} has type {id_type}; ids must be text or integers", "id_column"
+            )
+        self._schema = schema
+
+    # -- configuration ---------------------------------------------------------------------------------
+
+    def _base_body(self, body: Mapping[str, Any] | None) -> dict[str, Any]:
+        if body is not None and not isinstance(body, Mapping):
+            raise _problem(f"must be a dict, got {type(body).__name__}", "body")
+        extra = dict(body or {})
+        if self.model is not None:
+            if extra.get("model") not in (None, self.model):
+                raise _problem(f"sets model {extra['model']!r} but model= is {self.model!r}", "body")
+            extra.pop("model", None)
+            extra = {"model": self.model, **extra}
+        try:
+            orjson.dumps(extra)
+        except TypeError as err:
+            raise _problem(f"is not JSON-serializable: {err}", "body") from err
+        return extra
+
+    def _compile(self, prompt: str, system_prompt: str | None, base: dict[str, Any]) -> list[str | _Field]:
+        """The line as constant text and fields: the body serialized once around placeholders."""
+        endpoint = self.endpoint
+        target = PROMPT_FIELDS.get(endpoint)
+        if target is None:
+            raise _problem(
+                f"{endpoint} has no prompt field a template can fill; use request_builder=", "prompt"
+            )
+        user = _parse_template(prompt, "prompt")
+        system = _parse_template(system_prompt, "system_prompt") if system_prompt is not None else None
+        if system is not None and endpoint not in _SYSTEM_FIELDS:
+            raise _problem(f"{endpoint} takes no system prompt", "system_prompt")
+        filled = {target} | ({_SYSTEM_FIELDS[endpoint]} if system is not None else set())
+        clash = sorted(filled & set(base))
+        if clash:
+            raise _problem(f"sets {', '.join(clash)}, which the prompt template fills", "body")
+        # Placeholders: unique strings, serialized by orjson with everything else, then cut out.
+        token = os.urandom(8).hex()
+        marks = {name: f"\x00{token}:{name}\x00" for name in ("id", "user", "system")}
+        body = dict(base)
+        if endpoint == "/v1/chat/completions":
+            messages = [{"role": "user", "content": marks["user"]}]
+            if system is not None:
+                messages.insert(0, {"role": "system", "content": marks["system"]})
+            body["messages"] = messages
+        else:
+            body[target] = marks["user"]
+            if system is not None:
+                body[_SYSTEM_FIELDS[endpoint]] = marks["system"]
+        line = orjson.dumps(
+            {"custom_id": marks["id"], "method": "POST", "url": endpoint, "body": body}
+        ).decode()
+        parts = {"id": [_ID], "user": user, "system": system or []}
+        layout: list[str | _Field] = []
+        pattern = re.compile(
+            '"' + re.escape(_json_text(f"\x00{token}:")) + r"(\w+)" + re.escape(_json_text("\x00")) + '"'
+        )
+        pos = 0
+        for match in pattern.finditer(line):
+            layout.append(line[pos : match.start()] + '"')
+            for piece in parts[match.group(1)]:
+                layout.append(_json_text(piece) if isinstance(piece, str) else piece)
+            layout.append('"')
+            pos = match.end()
+        layout.append(line[pos:] + "\n")
+        # Adjacent constant text is one piece: fewer arguments to the kernel that splices the line.
+        merged: list[str | _Field] = []
+        for piece in layout:
+            if isinstance(piece, str) and merged and isinstance(merged[-1], str):
+                merged[-1] += piece
+            elif piece != "":
+                merged.append(piece)
+        return merged
+
+    # -- reading ---------------------------------------------------------------------------------------
+
+    def lines(self) -> LineIterator:
+        """The request lines (``bytes``, no newline), one per row, in row order.
+
+        A consumer may take them as newline-terminated blocks instead (``take_raw_blocks()``), as
+        :func:`~airflow_openai_batch.core.prepare.prepare_from_lines` does with a JSONL file's lines.
+
+        :raises OpenAIBatchInputError: at the end of the input, if any row had a problem.
+        """
+        return lines_from_raw_blocks(self.blocks())
+
+    def blocks(self) -> Iterator[bytes]:
+        """The request lines as newline-terminated blocks of whole lines, about a megabyte each.
+
+        :raises OpenAIBatchInputError: at the end of the input, if any row had a problem.
+        """
+        pa = self.pa
+        problems: list[InputProblem] = []
+        counted = [0]
+        columns = None if self.request_builder is not None else self._string_columns
+        batches = self.table.batches(columns, string_columns=self._string_columns, batch_rows=self.batch_rows)
+        escape = _Escaper(pa)
+        self.rows = 0
+        for batch in batches:
+            first_row = self.rows + 1
+            self.rows += batch.num_rows
+            if batch.num_rows == 0:
+                continue
+            ids = self._ids(batch, first_row, problems, counted)
+            if self.request_builder is not None:
+                data = self._built_lines(batch, ids, first_row, problems, counted)
+                if data and not counted[0]:
+                    yield from _cut(data)
+                continue
+            texts = self._field_texts(batch, first_row, problems, counted)
+            if counted[0]:
+                continue  # only checking from here on: nothing more is handed on
+            escaped = {key: escape(text) for key, text in texts.items()}
+            escaped[_ID.text] = escape(ids)
+            parts = [p if isinstance(p, str) else escaped[p.text] for p in self._layout]
+            lines = pa.compute.binary_join_element_wise(*parts, "")
+            yield from _cut_array(lines)
+        if counted[0]:
+            raise OpenAIBatchInputError(problems, counted[0])
+        self._finished = True
+
+    def _add(
+        self, problems: list[InputProblem], counted: list[int], row: int, column: str | None, reason: str
+    ) -> None:
+        counted[0] += 1
+        if len(problems) < self.max_problems:
+            problems.append(InputProblem(row, column, reason, unit="row"))
+
+    def _ids(self, batch: Any, first_row: int, problems: list[InputProblem], counted: list[int]) -> Any:
+        pa = self.pa
+        pc = pa.compute
+        ids = _as_text(pa, batch.column(self.id_column))
+        empty = pc.equal(pc.binary_length(pc.fill_null(ids, "")), 0)
+        if pc.any(empty).as_py():
+            for index in pc.indices_nonzero(empty).to_pylist():
+                value = ids[index].as_py()
+                what = "null" if value is None else "an empty string"
+                self._add(
+                    problems,
+                    counted,
+                    first_row + index,
+                    self.id_column,
+                    f"the id is {what}; every row needs a non-empty id",
+                )
+        return ids
+
+    def _field_texts(
+        self, batch: Any, first_row: int, problems: list[InputProblem], counted: list[int]
+    ) -> dict[str, Any]:
+        """Each template field's text for the batch's rows (nulls reported, or made empty)."""
+        pa = self.pa
+        pc = pa.compute
+        texts: dict[str, Any] = {}
+        for key, fld in self._fields.items():
+            column = batch.column(fld.column)
+            if fld.plain and (_is_text(pa, column.type) or pa.types.is_integer(column.type)):
+                text = _as_text(pa, column)
+            else:
+                text = self._python_text(fld, column, first_row, problems, counted)
+            if text.null_count:
+                if self.on_null == "empty":
+                    text = pc.fill_null(text, "")
+                else:
+                    for index in pc.indices_nonzero(pc.is_null(text)).to_pylist():
+                        self._add(
+                            problems,
+                            counted,
+                            first_row + index,
+                            fld.column,
+                            f"null in a prompt column (field {{{fld.text}}}); on_null='empty' reads it as ''",
+                        )
+            texts[key] = text
+        return texts
+
+    def _python_text(
+        self, fld: _Field, column: Any, first_row: int, problems: list[InputProblem], counted: list[int]
+    ) -> Any:
+        """Python formatting, value by value: format specs, conversions, ``{col[key]}``, floats, dates."""
+        formatter = string.Formatter()
+        nested = fld.name != fld.column
+        out: list[str | None] = []
+        for index, value in enumerate(column.to_pylist()):
+            try:
+                if nested and value is not None:
+                    value = formatter.get_field(fld.name, (), {fld.column: value})[0]
+                out.append(
+                    None
+                    if value is None
+                    else formatter.format_field(formatter.convert_field(value, fld.conversion), fld.spec)
+                )
+            except (KeyError, IndexError, AttributeError, TypeError, ValueError) as err:
+                self._add(
+                    problems,
+                    counted,
+                    first_row + index,
+                    fld.column,
+                    f"cannot format {{{fld.text}}} with value {_short(value)}: {type(err).__name__}: {err}",
+                )
+                out.append("")
+        return self.pa.array(out, self.pa.string())
+
+    def _built_lines(
+        self, batch: Any, ids: Any, first_row: int, problems: list[InputProblem], counted: list[int]
+    ) -> bytes:
+        builder = self.request_builder
+        assert builder is not None
+        base = self._base
+        url = self.endpoint
+        dumps = orjson.dumps
+        out: list[bytes] = []
+        for index, (cid, row) in enumerate(zip(ids.to_pylist(), batch.to_pylist(), strict=True)):
+            row_no = first_row + index
+            try:
+                built = builder(row)
+            except Exception as err:  # the user's code: any error is this row's problem
+                self._add(
+                    problems, counted, row_no, None, f"request_builder raised {type(err).__name__}: {err}"
+                )
+                continue
+            if not isinstance(built, Mapping):
+                self._add(
+                    problems,
+                    counted,
+                    row_no,
+                    None,
+                    f"request_builder returned {type(built).__name__}, not a dict (the request body)",
+                )
+                continue
+            if cid is None or cid == "":
+                continue  # already reported
+            try:
+                out.append(dumps({"custom_id": cid, "method": "POST", "url": url, "body": {**base, **built}}))
+            except TypeError as err:
+                self._add(
+                    problems,
+                    counted,
+                    row_no,
+                    None,
+                    f"the body request_builder returned is not JSON-serializable: {err}",
+                )
+        if not out:
+            return b""
+        return b"\n".join(out) + b"\n"
+
+    def source(self) -> TableSource:
+        """Where the table is and how many rows it had, for collect to join the answers back.
+
+        :raises RuntimeError: the lines were not read to the end yet.
+        """
+        if not self._finished:
+            raise RuntimeError("TableRequests.source() needs the lines read to the end first")
+        return TableSource(
+            uri=self.table.uri,
+            format=self.table.format,
+            id_column=self.id_column,
+            row_count=self.rows,
+            endpoint=self.endpoint,
+        )
+
+
+def _cut(data: bytes, size: int = DEFAULT_CHUNK_SIZE) -> Iterator[bytes]:
+    """``data`` (whole lines) as blocks of about ``size`` bytes, each ending at a line's end."""
+    if len(data) <= size + (size >> 1):
+        yield data
+        return
+    pos = 0
+    while pos < len(data):
+        cut = data.find(b"\n", pos + size) + 1
+        if cut <= 0:
+            cut = len(data)
+        yield data[pos:cut]
+        pos = cut
+
+
+def _cut_array(lines: Any, size: int = DEFAULT_CHUNK_SIZE) -> Iterator[bytes]:
+    """The bytes of a string array of newline-terminated lines as blocks of about ``size`` bytes; each
+    block is copied once, straight from the Arrow buffer."""
+    buffers = lines.buffers()
+    data = memoryview(buffers[2])
+    offsets = memoryview(buffers[1]).cast("i")[lines.offset : lines.offset + len(lines) + 1]
+    row, end_row = 0, len(lines)
+    end = offsets[end_row]
+    while row < end_row:
+        start = offsets[row]
+        if end - start <= size + (size >> 1):
+            stop = end_row  # the rest, rather than a small tail block
+        else:
+            # The last line ending within ``size`` bytes, or the first line if it alone is longer.
+            stop = max(row + 1, bisect.bisect_right(offsets, start + size, row + 1, end_row + 1) - 1)
+        yield bytes(data[start : offsets[stop]])
+        row = stop
+
+
+# -- the table's location, from submit to collect -------------------------------------------------------
+
+#: Batch metadata keys of :meth:`TableSource.to_metadata`.
+METADATA_TABLE = "aob_table"
+METADATA_TABLE_URI = "aob_table_uri"
+_METADATA_VALUE_CHARS = 512
+
+
+@dataclass(frozen=True)
+class TableSource:
+    """Where a submitted table is, so collect can join the answers back without the user repeating it.
+
+    JSON-safe (:meth:`to_dict` / :meth:`from_dict`), small enough to ride in each batch's metadata
+    (:meth:`to_metadata` / :meth:`from_metadata`) or in an XCom.
+
+    :param uri: the table's location as the user gave it (a local path or an object store URI).
+    :param format: ``"parquet"`` or ``"csv"``.
+    :param id_column: the column whose values became ``custom_id``.
+    :param row_count: the table's rows at submit (a different count at collect means it changed).
+    :param endpoint: the batch endpoint, which decides the answer columns (``embedding`` or ``content``).
+    """
+
+    uri: str
+    format: str
+    id_column: str
+    row_count: int
+    endpoint: str | None = None
+    version: int = field(default=1, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.format not in TABLE_FORMATS:
+            raise ValueError(f"TableSource.format must be one of {TABLE_FORMATS}, not {self.format!r}")
+        if not isinstance(self.row_count, int) or self.row_count < 0:
+            raise ValueError(f"TableSource.row_count must be a non-negative integer, not {self.row_count!r}")
+        if re.match(r"^[a-z][a-z0-9+.-]*://[^/]*@", self.uri, re.I) or "?" in self.uri:
+            # It travels in batch metadata and XCom, and lands in logs: no credentials, no signed URLs.
+            raise ValueError(
+                "the table's location must not carry credentials or a query string (user@host, ?...); "
+                "use a connection for the credentials"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-safe form (an XCom value, or a ``table_source.json`` beside other state)."""
+        return {
+            "version": self.version,
+            "uri": self.uri,
+            "format": self.format,
+            "id_column": self.id_column,
+            "row_count": self.row_count,
+            "endpoint": self.endpoint,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TableSource:
+        """Read :meth:`to_dict`'s form back.
+
+        :raises ValueError: a key is missing or the version is unknown.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a table source is a dict, not {type(data).__name__}")
+        if data.get("version", 1) != 1:
+            raise ValueError(f"unknown table source version {data.get('version')!r}")
+        try:
+            return cls(
+                uri=str(data["uri"]),
+                format=str(data["format"]),
+                id_column=str(data["id_column"]),
+                row_count=int(data["row_count"]),
+                endpoint=data.get("endpoint"),
+            )
+        except KeyError as err:
+            raise ValueError(f"table source lacks {err.args[0]!r}") from err
+
+    def to_metadata(self) -> dict[str, str]:
+        """Two batch metadata pairs (values of at most 512 characters, as the Batch API allows).
+
+        :raises ValueError: the URI or the id column is too long for batch metadata.
+        """
+        rest = orjson.dumps(
+            {
+                "v": self.version,
+                "f": self.format,
+                "i": self.id_column,
+                "n": self.row_count,
+                "e": self.endpoint,
+            }
+        ).decode()
+        if len(self.uri) > _METADATA_VALUE_CHARS or len(rest) > _METADATA_VALUE_CHARS:
+            raise ValueError(
+                f"the table's location or id column is too long for batch metadata "
+                f"({_METADATA_VALUE_CHARS} characters at most)"
+            )
+        return {METADATA_TABLE: rest, METADATA_TABLE_URI: self.uri}
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str] | None) -> TableSource | None:
+        """Read :meth:`to_metadata`'s pairs back from a batch's metadata; ``None`` when it has none."""
+        if not metadata or METADATA_TABLE not in metadata or METADATA_TABLE_URI not in metadata:
+            return None
+        rest = orjson.loads(metadata[METADATA_TABLE])
+        return cls.from_dict(
+            {
+                "version": rest.get("v", 1),
+                "uri": metadata[METADATA_TABLE_URI],
+                "format": rest["f"],
+                "id_column": rest["i"],
+                "row_count": rest["n"],
+                "endpoint": rest.get("e"),
+            }
+        )
