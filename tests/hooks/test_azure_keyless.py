@@ -172,18 +172,18 @@ def test_a_token_echoed_by_the_server_never_reaches_the_exception(emulator, monk
 
 
 def test_the_token_is_registered_with_the_task_log_masker(emulator, monkeypatch) -> None:
-    from airflow.sdk.log import _secrets_masker
+    from airflow.providers.common.compat.sdk import redact
 
     token = "entra-token-never-seen-before-7311"
     line = f"a careless line that prints the token: {token}"
-    assert token in str(_secrets_masker().redact(line))
+    assert token in str(redact(line))
     _azure_connection(
         monkeypatch, emulator.url, extra={"api_version": "2024-10-21", "azure_ad_token_provider": True}
     )
     credentials = FakeCredentials()
     credentials.sync = FakeCredential(token)
     list(OpenAIBatchHook(azure_credential_factory=credentials).list_batches())
-    assert token not in str(_secrets_masker().redact(line))
+    assert token not in str(redact(line))
 
 
 def test_misconfigured_keyless_connections_are_clear_errors(monkeypatch) -> None:

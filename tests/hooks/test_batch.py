@@ -209,16 +209,16 @@ def test_test_connection_reports_success_and_failure(emulator, monkeypatch) -> N
 
 
 def test_api_key_is_registered_with_the_task_log_masker() -> None:
+    from airflow.providers.common.compat.sdk import redact
     from airflow.sdk import Connection
-    from airflow.sdk.log import _secrets_masker
 
     from airflow_openai_batch.hooks.batch import make_client
 
     key = "sk-unique-never-seen-before-4242"
     line = f"a careless line that prints the key: {key}"
-    assert key in str(_secrets_masker().redact(line))
+    assert key in str(redact(line))
     make_client(Connection(conn_id="x", conn_type="openai_batch", password=key))
-    redacted = str(_secrets_masker().redact(line))
+    redacted = str(redact(line))
     assert key not in redacted and "a careless line" in redacted
 
 

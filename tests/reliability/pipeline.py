@@ -35,7 +35,7 @@ async def first_event(trigger: Any) -> dict[str, Any]:
 
 def rebuild(trigger: Any) -> Any:
     """The trigger as a triggerer gets it: class path + JSON-safe kwargs."""
-    from airflow.sdk.module_loading import import_string
+    from airflow.providers.common.compat.module_loading import import_string
 
     classpath, kwargs = trigger.serialize()
     return import_string(classpath)(**json.loads(json.dumps(kwargs)))
@@ -43,7 +43,7 @@ def rebuild(trigger: Any) -> Any:
 
 def run_sensor(op: OpenAIBatchSensor, context: dict[str, Any], on_trigger: Callable | None = None) -> Any:
     """``execute``, then every deferral's trigger to its event and back; returns (result, deferrals)."""
-    from airflow.sdk.exceptions import TaskDeferred
+    from airflow_openai_batch.compat import TaskDeferred
 
     deferrals = 0
     try:

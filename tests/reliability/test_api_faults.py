@@ -82,7 +82,7 @@ def fault_figures(stats: dict[str, Any]) -> dict[str, int]:
 
 
 def run_dag(tmp_path, run_tag: str) -> tuple[Any, dict[str, Any]]:
-    from airflow.dag_processing.dagbag import DagBag
+    from tests.support.airflow_versions import DagBag
 
     bag = DagBag(dag_folder=str(TEST_DAGS_FOLDER / "reliability_pipeline.py"))
     assert bag.import_errors == {}
@@ -186,7 +186,7 @@ def test_each_stage_survives_20pct_faults_and_results_equal_the_fault_free_run(f
 
 
 def test_killing_the_deferred_task_cancels_every_batch_under_20pct_faults(faulty_conn) -> None:
-    from airflow.sdk.exceptions import TaskDeferred
+    from airflow_openai_batch.compat import TaskDeferred
 
     emulator = faulty_conn
     cancel_faults = 0

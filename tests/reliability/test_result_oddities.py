@@ -187,7 +187,7 @@ def input_lines(server: EmulatorServer, batch_id: str) -> list[bytes]:
 
 
 def test_the_deferred_sensor_waits_through_azure_style_batch_objects(quirky) -> None:
-    from airflow.sdk.exceptions import TaskDeferred
+    from airflow_openai_batch.compat import TaskDeferred
 
     server, quirks = quirky
     server.configure(validation_seconds=30.0)  # still validating at the sensor's first look

@@ -54,11 +54,11 @@ def test_scanner_finds_a_planted_key() -> None:
 def test_a_dag_run_leaves_the_key_in_no_output_xcom_or_rendered_field(
     airflow_db, emulator, monkeypatch, tmp_path, capfd, caplog
 ) -> None:
-    from airflow.dag_processing.dagbag import DagBag
     from airflow.utils.session import create_session
     from sqlalchemy import text
 
     from tests.conftest import TEST_DAGS_FOLDER
+    from tests.support.airflow_versions import DagBag
 
     monkeypatch.setenv("AOB_RELIABILITY_POLL_INTERVAL", "0.05")
     emulator.configure(failure_rate=0.2, validation_seconds=0.3)
@@ -90,7 +90,7 @@ def test_a_dag_run_leaves_the_key_in_no_output_xcom_or_rendered_field(
 
 
 def test_serialized_triggers_hold_no_key(emulator) -> None:
-    from airflow.sdk.exceptions import TaskDeferred
+    from airflow_openai_batch.compat import TaskDeferred
 
     emulator.configure(rate=0.0)
     ids = OpenAIBatchSubmitOperator(task_id="submit", requests=[chat_request(i) for i in range(5)]).execute(
@@ -146,7 +146,7 @@ def failures_against(base_url: str, monkeypatch, batch_ids: list[str]) -> dict[s
     """The exceptions each task raises against ``base_url`` (the sensor through its trigger)."""
     import asyncio
 
-    from airflow.sdk.exceptions import TaskDeferred
+    from airflow_openai_batch.compat import TaskDeferred
 
     monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", connection_uri_json(base_url, max_retries=0))
     errors: dict[str, BaseException] = {}

@@ -245,8 +245,9 @@ def run_trigger(trigger: OpenAIBatchTrigger) -> dict[str, Any]:
 
 
 def test_deferred_round_trip(emulator, make_context):
-    from airflow.sdk.exceptions import TaskDeferred
-    from airflow.sdk.module_loading import import_string
+    from airflow.providers.common.compat.module_loading import import_string
+
+    from airflow_openai_batch.compat import TaskDeferred
 
     emulator.configure(validation_seconds=30.0, time_scale=0.0)  # still validating at the first look
     ids = create_batches(emulator, 3)
@@ -378,8 +379,9 @@ def test_poke_mode_timeout_cancels_and_raises_timeout_error(emulator):
 
 
 def test_dag_test_runs_the_deferred_sensor_to_success(airflow_db, emulator, monkeypatch):
-    from airflow.dag_processing.dagbag import DagBag
     from airflow.utils.state import DagRunState, TaskInstanceState
+
+    from tests.support.airflow_versions import DagBag
 
     # The emulator's clock stands still, so the sensor's first look finds the batches validating and the
     # task defers; once the trigger has polled, a watcher moves the clock and the batches complete.

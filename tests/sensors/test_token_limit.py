@@ -28,8 +28,9 @@ def request(i: int) -> dict:
 
 
 def run_dag(requests_path: str):
-    from airflow.dag_processing.dagbag import DagBag
     from airflow.utils.state import DagRunState
+
+    from tests.support.airflow_versions import DagBag
 
     bag = DagBag(dag_folder=str(TEST_DAGS_FOLDER / "token_limit_dag.py"))
     dag = bag.get_dag("openai_batch_token_limit_test")
@@ -43,8 +44,9 @@ def run_deferred(sensor: OpenAIBatchSensor, context: dict):
     """Drive a deferrable sensor through every deferral, running each trigger inline from serialize()."""
     import asyncio
 
-    from airflow.sdk.exceptions import TaskDeferred
-    from airflow.sdk.module_loading import import_string
+    from airflow.providers.common.compat.module_loading import import_string
+
+    from airflow_openai_batch.compat import TaskDeferred
 
     async def first_event(trigger):
         async for event in trigger.run():

@@ -164,7 +164,7 @@ def test_serialize_is_json_safe_and_rebuilds_an_equal_trigger():
     classpath, kwargs = trigger.serialize()
     assert classpath == "airflow_openai_batch.triggers.batch.OpenAIBatchTrigger"
     assert json.loads(json.dumps(kwargs)) == kwargs
-    from airflow.sdk.module_loading import import_string
+    from airflow.providers.common.compat.module_loading import import_string
 
     rebuilt = import_string(classpath)(**kwargs)
     assert rebuilt.serialize() == (classpath, kwargs)
@@ -615,7 +615,7 @@ def test_rebuilt_trigger_runs_to_its_event_and_never_serializes_the_key(emulator
         deadline=time.time() + 60,
         started_at=time.time(),
     )
-    from airflow.sdk.module_loading import import_string
+    from airflow.providers.common.compat.module_loading import import_string
 
     classpath, kwargs = original.serialize()
     rebuilt = import_string(classpath)(**json.loads(json.dumps(kwargs)))
@@ -761,7 +761,7 @@ def test_triggerer_restart_resumes_against_the_same_deadline_without_cancelling(
     emulator.advance(200)  # the batches finish while no triggerer runs
 
     classpath, kwargs = first.serialize()
-    from airflow.sdk.module_loading import import_string
+    from airflow.providers.common.compat.module_loading import import_string
 
     second = import_string(classpath)(**json.loads(json.dumps(kwargs)))
     assert second.deadline == deadline
