@@ -267,37 +267,29 @@ class PriceTable:
 
 
 def usage_mismatch(
-    batch_id: str, reported: Mapping[str, Any] | None, counted: Mapping[str, int]
+    batch_id: str, reported: Mapping[str, int] | None, counted: Mapping[str, int]
 ) -> str | None:
     """Compare ``Batch.usage`` (what the API billed, for batches created after 2025-09-07) with the sums
     of the batch's result lines.
 
     :param batch_id: the batch, named in the description.
-    :param reported: ``Batch.usage`` as a dict (``batch.usage.model_dump()``), or ``None`` when the API does
-        not report it (then there is nothing to compare).
-    :param counted: the lines' sums: ``input_tokens``, ``output_tokens`` and, when counted,
-        ``cached_input_tokens`` and ``reasoning_tokens``.
+    :param reported: ``Batch.usage`` flattened by :func:`airflow_openai_batch.core.batch_usage.batch_usage`
+        (``input_tokens``, ``cached_input_tokens``, ``output_tokens``, ``reasoning_tokens``), or ``None``
+        when the API reports none (then there is nothing to compare).
+    :param counted: the lines' sums under the same names; a figure collect did not count is not compared.
     :return: ``None`` when they agree (or ``reported`` is missing), else one sentence to log, naming each
         figure that differs, both values and the difference.
     """
     if not reported:
         return None
-    input_details = reported.get("input_tokens_details") or {}
-    output_details = reported.get("output_tokens_details") or {}
-    pairs = (
-        ("input_tokens", reported.get("input_tokens")),
-        ("cached_input_tokens", input_details.get("cached_tokens")),
-        ("output_tokens", reported.get("output_tokens")),
-        ("reasoning_tokens", output_details.get("reasoning_tokens")),
-    )
     differences = []
-    for key, billed in pairs:
-        if billed is None or key not in counted:
+    for key in ("input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens"):
+        if key not in reported or key not in counted:
             continue
-        mine = int(counted[key] or 0)
-        if int(billed) != mine:
+        billed, mine = int(reported[key] or 0), int(counted[key] or 0)
+        if billed != mine:
             differences.append(
-                f"{key} {int(billed):,} reported, {mine:,} in the result lines ({mine - billed:+,})"
+                f"{key} {billed:,} reported, {mine:,} in the result lines ({mine - billed:+,})"
             )
     if not differences:
         return None

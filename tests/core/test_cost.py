@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from airflow_openai_batch.core import pricing
+from airflow_openai_batch.core.batch_usage import batch_usage
 from airflow_openai_batch.core.cost import (
     HEURISTIC,
     IMAGE_PART_TOKENS,
@@ -93,10 +94,10 @@ def test_prices_json_is_packaged_dated_and_sourced_per_model() -> None:
 
 
 def _submitted_models_of_example_dags() -> set[str]:
-    from airflow.dag_processing.dagbag import DagBag
     from jinja2 import Template
 
     from airflow_openai_batch.operators.submit import OpenAIBatchSubmitOperator
+    from tests.support.airflow_versions import DagBag
 
     bag = DagBag(dag_folder=str(REPO_ROOT / "dags"), include_examples=False)
     assert bag.import_errors == {}
@@ -224,13 +225,17 @@ def test_cached_input_and_reasoning_are_priced_apart() -> None:
 
 
 def test_batch_usage_agreeing_with_the_lines_is_no_mismatch() -> None:
-    reported = {
-        "input_tokens": 100,
-        "input_tokens_details": {"cached_tokens": 20},
-        "output_tokens": 50,
-        "output_tokens_details": {"reasoning_tokens": 10},
-        "total_tokens": 150,
-    }
+    reported = batch_usage(
+        {
+            "usage": {
+                "input_tokens": 100,
+                "input_tokens_details": {"cached_tokens": 20},
+                "output_tokens": 50,
+                "output_tokens_details": {"reasoning_tokens": 10},
+                "total_tokens": 150,
+            }
+        }
+    )
     counted = {"input_tokens": 100, "cached_input_tokens": 20, "output_tokens": 50, "reasoning_tokens": 10}
     assert usage_mismatch("batch_1", reported, counted) is None
     assert usage_mismatch("batch_1", None, counted) is None  # batches before 2025-09-07 report none
@@ -239,13 +244,7 @@ def test_batch_usage_agreeing_with_the_lines_is_no_mismatch() -> None:
 
 
 def test_batch_usage_mismatch_names_each_figure_both_values_and_the_difference() -> None:
-    reported = {
-        "input_tokens": 1_000,
-        "input_tokens_details": {"cached_tokens": 0},
-        "output_tokens": 400,
-        "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": 1_400,
-    }
+    reported = {"input_tokens": 1_000, "cached_input_tokens": 0, "output_tokens": 400, "reasoning_tokens": 0}
     counted = {"input_tokens": 990, "cached_input_tokens": 0, "output_tokens": 400, "reasoning_tokens": 0}
     message = usage_mismatch("batch_abc", reported, counted)
     assert message == (
@@ -282,7 +281,7 @@ def test_batch_usage_of_an_emulator_batch_cross_checks_with_its_result_lines(
         counted["output_tokens"] += usage["completion_tokens"]
         counted["reasoning_tokens"] += usage["completion_tokens_details"]["reasoning_tokens"]
     assert counted["reasoning_tokens"] > 0
-    reported = done.usage.model_dump()
+    reported = batch_usage(done.model_dump())
     assert usage_mismatch(done.id, reported, counted) is None
     short = {**counted, "output_tokens": counted["output_tokens"] - 7}
     message = usage_mismatch(done.id, reported, short)
