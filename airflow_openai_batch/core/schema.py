@@ -159,7 +159,8 @@ class ResponseSchema:
 def _path(path: str, key: str | int) -> str:
     if isinstance(key, int):
         return f"{path}[{key}]"
-    return f"{path}.{key}" if key.isidentifier() else f"{path}[{key!r}]"
+    # JSON Schema's own keywords ($defs, $ref) read as names too.
+    return f"{path}.{key}" if key.removeprefix("$").isidentifier() else f"{path}[{key!r}]"
 
 
 def _safe_name(name: str) -> str:
@@ -960,9 +961,10 @@ def read_answer(kind: str, body: Any, schema: AnswerSchema | None) -> Structured
     (``schema.structured``), in this order: a refusal (``message.refusal`` / a ``refusal`` content part)
     -> ``refusal``; ``finish_reason == "content_filter"`` / ``incomplete`` for ``content_filter`` ->
     ``content_filter``; ``finish_reason == "length"`` / ``incomplete`` for ``max_output_tokens`` ->
-    ``truncated``; text that is not JSON or not valid against the schema -> ``invalid_output``. The same
-    holds for any tool-call answer (its arguments against the function's ``parameters``). A plain text
-    answer is never a failure (its ``finish_reason`` says what happened).
+    ``truncated``; text that is not JSON or not valid against the schema -> ``invalid_output``. A tool
+    call's arguments are held to the function's ``parameters``; a text answer to a request that offered
+    tools but no format is not validated. The answer of a plain text request (no format, no tools) is
+    never a failure: its ``finish_reason`` says what happened.
 
     :param kind: ``"chat"`` or ``"responses"`` (other endpoints have no such answers).
     :param body: the response body of a 2xx result line.
@@ -992,8 +994,7 @@ def classify_answer(
     :param refusal: the refusal text (chat ``message.refusal``, responses ``refusal`` parts), or ``None``.
     :param schema: what the request asked for, or a collect-wide override.
     """
-    held = schema is not None and (schema.output is not None or schema.json_mode)
-    if not held and calls is None:
+    if (schema is None or not schema.structured) and calls is None:
         return StructuredAnswer(text, finish)
     tool_calls = None
     target: CompiledSchema | None = schema.output if schema is not None else None
@@ -1022,7 +1023,12 @@ def classify_answer(
                     text, finish, tool_calls, INVALID_OUTPUT, f"tool call {name!r}: {problem}"
                 )
         return StructuredAnswer(text, finish, tool_calls, valid=True)
-    problem = target.check(text) if target is not None else _json_problem(text, obj=True)
+    if target is not None:
+        problem = target.check(text)
+    elif schema is not None and schema.json_mode:
+        problem = _json_problem(text, obj=True)
+    else:
+        return StructuredAnswer(text, finish, tool_calls)  # tools offered, a text answer: no schema to hold
     if problem is not None:
         return StructuredAnswer(text, finish, tool_calls, INVALID_OUTPUT, problem)
     return StructuredAnswer(text, finish, tool_calls, valid=True)
