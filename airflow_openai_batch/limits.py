@@ -44,3 +44,8 @@ RETIRED_BATCH_ENDPOINTS: dict[str, str] = {
 }
 
 EMBEDDINGS_ENDPOINT = "/v1/embeddings"
+
+#: Endpoints whose API supplies a model when a request names none, and that model: their lines may leave
+#: ``body.model`` out and are grouped under it. (The image endpoints have a default too, but which one
+#: depends on the other parameters, so their lines must name a model.)
+API_DEFAULT_MODELS: dict[str, str] = {"/v1/moderations": "omni-moderation-latest"}

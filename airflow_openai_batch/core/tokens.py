@@ -33,6 +33,7 @@ __all__ = [
     "MESSAGE_OVERHEAD_TOKENS",
     "REQUEST_OVERHEAD_TOKENS",
     "count_embedding_inputs",
+    "count_inputs",
     "estimate_request_tokens",
     "estimate_text_tokens",
     "request_token_estimator",
@@ -252,11 +253,19 @@ def count_embedding_inputs(body: Mapping[str, Any]) -> int:
     """Count the inputs of one embeddings request, as OpenAI's per-batch input limit counts them.
 
     :param body: the ``/v1/embeddings`` request body.
+    :return: :func:`count_inputs` of its ``input``.
+    """
+    return count_inputs(body.get("input"))
+
+
+def count_inputs(value: Any) -> int:
+    """Count the inputs in an embeddings request's ``input``.
+
+    :param value: the ``input`` value.
     :return: 1 for a str, ``len`` for a list of str, 1 for a list of ints (one tokenized input),
         ``len`` for a list of lists of ints, 0 for an empty list, and 1 for anything else (the request
         still counts once; the API rejects malformed input per request).
     """
-    value = body.get("input")
     if type(value) is str:
         return 1
     if isinstance(value, list):

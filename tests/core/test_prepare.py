@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import random
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterable
@@ -600,3 +601,98 @@ def test_split_property(
             )
         assert len(prepared.chunks) == expected_chunks
         assert prepared.total_requests == len(lines)
+
+
+# -- moderations: the API's default model ----------------------------------------------------------------
+
+GUIDE_MODERATION = (
+    b'{"custom_id": "mod-1", "method": "POST", "url": "/v1/moderations", '
+    b'"body": {"input": "Text to moderate"}}'
+)
+
+
+def test_the_guides_moderation_line_is_grouped_under_the_apis_default_model(tmp_path: Path) -> None:
+    named = GUIDE_MODERATION.replace(b"mod-1", b"mod-2").replace(b'{"input"', b'{"model": "m", "input"')
+    lines = [GUIDE_MODERATION, named, GUIDE_MODERATION.replace(b"mod-1", b"mod-3")]
+    prepared = prepare_from_lines(lines, endpoint="/v1/moderations", work_dir=tmp_path)
+    assert [(c.model, c.request_count) for c in prepared.chunks] == [("omni-moderation-latest", 2), ("m", 1)]
+    assert chunk_lines(prepared.chunks[0]) == [lines[0], lines[2]]  # sent as they are: the API fills it in
+    records = [{"custom_id": "r", "body": {"input": "x"}}]
+    filled = prepare_from_records(records, endpoint="/v1/moderations", work_dir=tmp_path / "r", model="mine")
+    assert [c.model for c in filled.chunks] == ["mine"]  # the model argument wins over the API's default
+
+
+# -- blocks: a large input read in blocks, cut in many places ----------------------------------------------
+
+
+def greedy_chunks(lines: list[bytes], models: list[str], max_req: int, max_bytes: int) -> list[list[bytes]]:
+    """Reference: per model (by first appearance), a sequential greedy cut by requests and bytes."""
+    chunks: list[list[bytes]] = []
+    for model in dict.fromkeys(models):
+        current: list[bytes] = []
+        for x, m in zip(lines, models, strict=True):
+            if m != model:
+                continue
+            if current and (
+                len(current) == max_req or sum(len(y) + 1 for y in current) + len(x) + 1 > max_bytes
+            ):
+                chunks.append(current)
+                current = []
+            current.append(x)
+        chunks.append(current)
+    return chunks
+
+
+def test_a_large_input_is_cut_exactly_as_a_greedy_sequential_cut(tmp_path: Path) -> None:
+    """Many 1 MB blocks, three models interleaved in runs, ids out of order, CRLF line ends, cuts inside
+    blocks: the chunks are the greedy cut of each model's lines, byte for byte, in order."""
+    rng = random.Random(5)
+    lines: list[bytes] = []
+    models: list[str] = []
+    while len(lines) < 24_000:
+        model = rng.choice(["m-a", "m-b", "m-c"])
+        for _ in range(rng.choice([1, 5, 400, 3000])):
+            lines.append(
+                line(f"id-{rng.getrandbits(48):012x}-{len(lines)}", model=model, pad="p" * rng.randrange(300))
+            )
+            models.append(model)
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"".join(x + (b"\r\n" if i % 3 == 0 else b"\n") for i, x in enumerate(lines)))
+    limits = {"max_requests_per_batch": 2500, "max_bytes_per_batch": 600_000}
+    expected = greedy_chunks(lines, models, 2500, 600_000)
+    assert source.stat().st_size > 6 << 20 and len(expected) > 10
+
+    with source.open("rb") as stream:
+        from_file = prepare_from_lines(iter_lines(stream), endpoint=CHAT, work_dir=tmp_path / "f", **limits)
+    from_list = prepare_from_lines(lines, endpoint=CHAT, work_dir=tmp_path / "l", **limits)
+    for prepared in (from_file, from_list):
+        assert [chunk_lines(c) for c in prepared.chunks] == expected
+        assert [c.first_custom_id for c in prepared.chunks] == [
+            orjson.loads(c[0])["custom_id"] for c in expected
+        ]
+        assert [c.sha256 for c in prepared.chunks] == [c.sha256 for c in from_file.chunks]
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        line("odd").replace(b'"messages"', b'"big":1e400,"messages"'),  # valid: the body is passed through
+        b"  " + line("odd") + b"\t",
+        line("odd", model=None),  # filled by the model argument
+        b'{"a": 1} {"b": 2}',
+        b'{"custom_id": "odd", "custom_id": 1}',
+    ],
+)
+def test_a_line_is_judged_alike_in_a_clean_block_and_in_a_block_with_a_bad_line(
+    tmp_path: Path, odd: bytes
+) -> None:
+    def lines_named(lines: list[bytes], work_dir: Path) -> set[int]:
+        try:
+            prepare_from_lines(lines, endpoint=CHAT, work_dir=work_dir, model="fill")
+        except OpenAIBatchInputError as err:
+            return {p.line for p in err.problems if p.line is not None}
+        return set()
+
+    alone = lines_named([line("a"), odd], tmp_path / "alone")
+    beside = lines_named([line("a"), odd, b"{bad"], tmp_path / "beside")
+    assert beside == alone | {3}

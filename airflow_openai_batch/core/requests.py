@@ -1,0 +1,431 @@
+"""What a valid request line is: the one statement of the rules, and the two ways they are applied.
+
+A request line is valid when:
+
+- it is a JSON object;
+- ``custom_id`` is a non-empty string (unique across the input: checked by
+  :class:`~airflow_openai_batch.core.duplicates.DuplicateFinder`);
+- ``method`` is ``"POST"`` and ``url`` is the batch endpoint;
+- ``body`` is an object whose ``model`` is a non-empty string, unless a default applies: the ``model``
+  argument fills lines that have none (missing, null or empty), and on endpoints where the API supplies
+  a default model (:data:`~airflow_openai_batch.limits.API_DEFAULT_MODELS`) lines without one are
+  grouped under that default and sent unchanged;
+- ``body.stream`` is absent, null or false;
+- the request fits in a batch by itself: its bytes (newline included), its embedding inputs and its
+  estimated prompt tokens (when ``max_enqueued_tokens`` is set) are within the per-batch limits.
+
+The field rules are msgspec types (:class:`FieldRule`). The fast path decodes each line of a block with
+one :class:`msgspec.json.Decoder` of a ``Struct`` built from them, which skips every body field it does
+not name; the diagnosis re-reads a failing line and checks each field against its own rule, so that every
+problem is named with its field and reason. Both accept exactly the same lines: a line the decoder refuses
+is never valid, whatever the field checks find.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from airflow_openai_batch.core.tokens import count_inputs, request_token_estimator
+from airflow_openai_batch.exceptions import InputProblem, OpenAIBatchInputError
+from airflow_openai_batch.limits import (
+    API_DEFAULT_MODELS,
+    BATCH_ENDPOINTS,
+    EMBEDDINGS_ENDPOINT,
+    RETIRED_BATCH_ENDPOINTS,
+)
+
+__all__ = [
+    "CheckedLine",
+    "FieldRule",
+    "NotALine",
+    "RequestRules",
+    "ValidBlock",
+    "describe",
+    "json_type",
+    "normalize_endpoint",
+]
+
+NonEmptyString = Annotated[str, msgspec.Meta(min_length=1)]
+#: A field that is not in the line.
+_MISSING: Any = msgspec.UNSET
+#: What a decoder raises on a line it refuses (RecursionError: nesting deeper than it follows).
+_REFUSED = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
+
+
+def normalize_endpoint(endpoint: str) -> str:
+    """Return the Batch API spelling of an endpoint.
+
+    :param endpoint: e.g. ``/v1/chat/completions``, ``/chat/completions``, ``v1/chat/completions``.
+    :return: the endpoint with its ``/v1`` prefix, e.g. ``/v1/chat/completions``.
+    :raises OpenAIBatchInputError: the endpoint is not one the Batch API accepts.
+    """
+    text = endpoint.strip() if isinstance(endpoint, str) else ""
+    path = "/" + text.strip("/")
+    if not path.startswith("/v1/"):
+        path = "/v1" + path
+    if path in RETIRED_BATCH_ENDPOINTS:
+        reason = f"{endpoint!r}: {RETIRED_BATCH_ENDPOINTS[path]}"
+        raise OpenAIBatchInputError([InputProblem(None, "endpoint", reason)])
+    if path not in BATCH_ENDPOINTS:
+        allowed = ", ".join(BATCH_ENDPOINTS)
+        reason = f"{endpoint!r} is not a Batch API endpoint (allowed: {allowed})"
+        raise OpenAIBatchInputError([InputProblem(None, "endpoint", reason)])
+    return path
+
+
+def describe(value: Any, limit: int = 60) -> str:
+    """The value as the user wrote it (JSON), cut to ``limit`` characters."""
+    try:
+        text = msgspec.json.encode(value).decode()
+    except (TypeError, msgspec.EncodeError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def json_type(value: Any) -> str:
+    """The JSON type of a decoded value, with its article: ``an object``, ``a string``..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    """One field of a request line and what it must hold.
+
+    :param name: the field as problems name it; ``body.model`` is the ``model`` field of the body.
+    :param type: the msgspec type its value must have (``dict`` for the body, whose own fields are rules
+        of their own).
+    :param reason: what is wrong with a value that does not have the type (given the value, or
+        ``msgspec.UNSET`` when the field is missing).
+    :param optional: the field may be left out (it then decodes as ``None``).
+    """
+
+    name: str
+    type: Any
+    reason: Callable[[Any], str]
+    optional: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        if value is _MISSING:
+            return self.optional
+        try:
+            msgspec.convert(value, self.type)
+        except msgspec.ValidationError:
+            return False
+        return True
+
+
+class NotALine:
+    """Stands in for an input item that could not be made into a line (e.g. a record that is not
+    JSON-serializable), so that it is reported on its line like any invalid one.
+
+    :param reason: why.
+    """
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+@dataclass
+class CheckedLine:
+    """One line after the diagnosis.
+
+    :param line: the line to write (``body.model`` filled in where the ``model`` argument applied).
+    :param custom_id: its custom_id when that is a non-empty string (even on an invalid line, so that its
+        duplicates are found too), else ``None``.
+    :param model: the model it is grouped under (valid lines).
+    :param inputs: its embedding inputs (embeddings endpoint, else 0).
+    :param tokens: its estimated prompt tokens (when ``max_enqueued_tokens`` is set, else 0).
+    :param problems: ``(field, reason)`` of each problem; empty for a valid line.
+    """
+
+    line: bytes
+    custom_id: str | None
+    model: str = ""
+    inputs: int = 0
+    tokens: int = 0
+    problems: list[tuple[str | None, str]] = field(default_factory=list)
+
+
+@dataclass
+class ValidBlock:
+    """A block whose every line is a valid request, needing no change: written as it is.
+
+    :param lines: the lines, without their newline.
+    :param data: the same lines each ending with a newline, or ``None`` if not at hand.
+    :param ids: the custom_id of each line.
+    :param models: the model of every line, or of each line when they differ.
+    :param inputs: embedding inputs of each line (embeddings endpoint only).
+    :param tokens: estimated prompt tokens of each line (with ``max_enqueued_tokens`` only).
+    """
+
+    lines: list[bytes]
+    data: bytes | None
+    ids: list[str]
+    models: str | list[str]
+    inputs: list[int] | None
+    tokens: list[int] | None
+
+
+_custom_id_of = operator.attrgetter("custom_id")
+_model_of = operator.attrgetter("body.model")
+_input_of = operator.attrgetter("body.input")
+_body_of = operator.attrgetter("body")
+
+
+class RequestRules:
+    """The rules for one submission: its endpoint, ``model`` argument and per-batch limits.
+
+    :param endpoint: the batch endpoint (any spelling :func:`normalize_endpoint` accepts).
+    :param model: fills ``body.model`` where a line has none (missing, null or empty).
+    :param max_bytes: bytes a batch file may hold; a line (with its newline) must fit.
+    :param max_embedding_inputs: embedding inputs a batch may hold (embeddings endpoint only).
+    :param max_tokens: estimated prompt tokens a batch may hold, or ``None`` not to estimate them.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        model: str | None,
+        max_bytes: int,
+        max_embedding_inputs: int,
+        max_tokens: int | None,
+    ) -> None:
+        self.endpoint = normalize_endpoint(endpoint)
+        self.fill_model = model or None
+        self.default_model = self.fill_model or API_DEFAULT_MODELS.get(self.endpoint)
+        self.max_bytes = max_bytes
+        self.counts_inputs = self.endpoint == EMBEDDINGS_ENDPOINT
+        self.max_inputs = max_embedding_inputs
+        self.max_tokens = max_tokens
+        self.fields = self._field_rules()
+        self._decoder = msgspec.json.Decoder(_request_struct(self.fields))
+        #: Token estimates need the whole body: decoded for that alone, only when asked for.
+        self._estimate = request_token_estimator(self.endpoint) if max_tokens is not None else None
+        whole_body = msgspec.defstruct("WholeBody", [("body", dict[str, Any])], gc=False)
+        self._bodies = msgspec.json.Decoder(whole_body)
+
+    # -- the rules -------------------------------------------------------------------------------------
+
+    def _field_rules(self) -> list[FieldRule]:
+        endpoint = self.endpoint
+
+        def custom_id(value: Any) -> str:
+            if value is _MISSING:
+                return "missing"
+            return "empty" if value == "" else f"must be a non-empty string, got {json_type(value)}"
+
+        def method(value: Any) -> str:
+            return 'missing; must be "POST"' if value is _MISSING else f'{describe(value)}, must be "POST"'
+
+        def url(value: Any) -> str:
+            if value is _MISSING:
+                return f'missing; must be "{endpoint}"'
+            return f'{describe(value)} does not match the endpoint "{endpoint}"'
+
+        def body(value: Any) -> str:
+            return "missing" if value is _MISSING else f"must be an object, got {json_type(value)}"
+
+        def model_type(value: Any) -> str:
+            return f"must be a non-empty string, got {describe(value)}"
+
+        def model_required(value: Any) -> str:
+            if value is _MISSING or value is None or value == "":
+                return "missing or empty, and no model argument was given"
+            return f"must be a string, got {json_type(value)}"
+
+        def stream(value: Any) -> str:
+            return f"streaming is not supported in a batch (must be false or left out, got {describe(value)})"
+
+        if self.fill_model is not None:
+            model = FieldRule("body.model", str | None, model_type, optional=True)
+        elif self.default_model is not None:
+            model = FieldRule("body.model", NonEmptyString, model_type, optional=True)
+        else:
+            model = FieldRule("body.model", NonEmptyString, model_required)
+        rules = [
+            FieldRule("custom_id", NonEmptyString, custom_id),
+            FieldRule("method", Literal["POST"], method),
+            FieldRule("url", Literal[endpoint], url),  # type: ignore[valid-type]
+            FieldRule("body", dict, body),
+            model,
+            FieldRule("body.stream", Literal[False] | None, stream, optional=True),
+        ]
+        if self.counts_inputs:
+            # Any value: the API judges it; read to count the inputs.
+            rules.append(FieldRule("body.input", Any, json_type, optional=True))
+        return rules
+
+    def limit_problem(self, size: int, inputs: int, tokens: int) -> tuple[str | None, str] | None:
+        """Whether a request of ``size`` bytes (newline included), ``inputs`` embedding inputs and
+        ``tokens`` estimated prompt tokens fits in a batch by itself: ``None``, or its problem."""
+        if size > self.max_bytes:
+            return (
+                None,
+                f"the line is {size} bytes with its newline, above max_bytes_per_batch={self.max_bytes}",
+            )
+        if inputs > self.max_inputs:
+            return "body.input", f"{inputs} embedding inputs, above the {self.max_inputs} allowed per batch"
+        if self.max_tokens is not None and tokens > self.max_tokens:
+            return "body", f"~{tokens} estimated prompt tokens, above max_enqueued_tokens={self.max_tokens}"
+        return None
+
+    def estimate_tokens(self, body: Mapping[str, Any]) -> int:
+        """The estimate the chunks are cut by (see :mod:`~airflow_openai_batch.core.tokens`)."""
+        assert self._estimate is not None
+        return self._estimate(body)
+
+    # -- the fast path: a block of lines ------------------------------------------------------------------
+
+    def check_block(self, lines: list[bytes], data: bytes | None = None) -> ValidBlock | None:
+        """A block whose lines are all valid and need no change, or ``None`` to check it line by line.
+
+        :param lines: the lines, without their newline.
+        :param data: the same lines each ending with a newline, when at hand (then written as it is).
+        """
+        try:
+            requests = list(map(self._decoder.decode, lines))
+        except _REFUSED:
+            return None
+        models = list(map(_model_of, requests))
+        distinct = set(models)
+        if not all(distinct):  # lines without a model (None, or "" where the model argument fills it)
+            if self.fill_model is not None:
+                return None  # lines to fill in: line by line
+            models = [m or self.default_model for m in models]
+            distinct = set(models)
+        inputs = list(map(count_inputs, map(_input_of, requests))) if self.counts_inputs else None
+        tokens = None
+        if self._estimate is not None:
+            try:
+                bodies = list(map(self._bodies.decode, lines))
+            except _REFUSED:
+                return None
+            tokens = list(map(self._estimate, map(_body_of, bodies)))
+        # No line is longer than the whole block.
+        longest = max(map(len, lines)) + 1 if data is None or len(data) > self.max_bytes else 0
+        if self.limit_problem(longest, max(inputs or [0]), max(tokens or [0])):
+            return None
+        return ValidBlock(
+            lines,
+            data,
+            list(map(_custom_id_of, requests)),
+            distinct.pop() if len(distinct) == 1 else models,  # type: ignore[arg-type]
+            inputs,
+            tokens,
+        )
+
+    # -- the diagnosis: one line -----------------------------------------------------------------------------
+
+    def check_line(self, line: Any) -> CheckedLine | None:
+        """Check one line and name every problem it has; ``None`` for a blank line.
+
+        :param line: the line without its newline (bytes; a str is taken as UTF-8).
+        """
+        if type(line) is not bytes:
+            if isinstance(line, NotALine):
+                return _invalid(None, None, f"not JSON-serializable: {line.reason}")
+            if isinstance(line, str):
+                line = line.encode("utf-8", "surrogatepass")
+            elif isinstance(line, (bytearray, memoryview)):
+                line = bytes(line)
+            else:
+                return _invalid(None, None, f"not a line of text (got {type(line).__name__})")
+        if not line.strip():
+            return None
+        if b"\n" in line:
+            return _invalid(None, None, "a line break inside the line: one request per line")
+        try:
+            request = self._decoder.decode(line)
+        except _REFUSED as refused:
+            return self._diagnose(line, refused)
+        cid = request.custom_id
+        body = request.body
+        model = body.model or self.default_model
+        tokens = 0
+        try:
+            if not body.model and self.fill_model is not None:
+                line = _with_model(line, self.fill_model)
+            if self._estimate is not None:
+                tokens = self._estimate(self._bodies.decode(line).body)
+        except _REFUSED as refused:
+            return _invalid(cid, None, f"invalid JSON: {_why(refused)}")
+        inputs = count_inputs(body.input) if self.counts_inputs else 0
+        problem = self.limit_problem(len(line) + 1, inputs, tokens)
+        if problem is not None:
+            return _invalid(cid, *problem)
+        return CheckedLine(line, cid, model, inputs, tokens)
+
+    def _diagnose(self, line: bytes, refused: BaseException) -> CheckedLine:
+        """Every problem of a line the decoder refused, field by field."""
+        try:
+            obj = msgspec.json.decode(line)
+        except _REFUSED as error:
+            return _invalid(None, None, f"invalid JSON: {_why(error)}")
+        if type(obj) is not dict:
+            return _invalid(None, None, f"not a JSON object (got {json_type(obj)})")
+        cid = obj.get("custom_id")
+        checked = CheckedLine(line, cid if type(cid) is str and cid else None)
+        body = obj.get("body")
+        for rule in self.fields:
+            parent, _, name = rule.name.rpartition(".")
+            if parent and type(body) is not dict:
+                continue  # the body's own problem says it all
+            value = (body if parent else obj).get(name, _MISSING)
+            if not rule.accepts(value):
+                checked.problems.append((rule.name, rule.reason(value)))
+        if not checked.problems:
+            # The decoder refused what no field rule explains (a key given twice, say): say what it said.
+            checked.problems.append((None, f"invalid JSON: {_why(refused)}"))
+        return checked
+
+
+def _request_struct(rules: list[FieldRule]) -> type[msgspec.Struct]:
+    """The Struct the fast path decodes lines into, from the field rules (the body's as a Struct of its
+    own). Fields it does not name are skipped, not decoded."""
+
+    def struct(name: str, fields: list[tuple[str, Any]]) -> type[msgspec.Struct]:
+        # Leaves only strings and None: never part of a reference cycle, so the collector need not
+        # track them.
+        return msgspec.defstruct(name, sorted(fields, key=len), gc=False)  # required ones first
+
+    def spec(name: str, rule: FieldRule) -> tuple[str, Any] | tuple[str, Any, Any]:
+        return (name, rule.type, None) if rule.optional else (name, rule.type)
+
+    body = struct("Body", [spec(r.name[5:], r) for r in rules if r.name.startswith("body.")])
+    top = [spec(r.name, r) if r.name != "body" else ("body", body) for r in rules if "." not in r.name]
+    return struct("Request", top)
+
+
+def _with_model(line: bytes, model: str) -> bytes:
+    """The line with ``body.model`` set (every other byte of the body re-encoded as it was decoded)."""
+    obj = msgspec.json.decode(line)
+    obj["body"]["model"] = model
+    return msgspec.json.encode(obj)
+
+
+def _why(error: BaseException) -> str:
+    return "nested too deeply" if isinstance(error, RecursionError) else str(error)
+
+
+def _invalid(custom_id: str | None, field_name: str | None, reason: str) -> CheckedLine:
+    return CheckedLine(b"", custom_id, problems=[(field_name, reason)])
