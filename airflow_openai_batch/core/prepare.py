@@ -35,7 +35,7 @@ from typing import Any
 import orjson
 
 from airflow_openai_batch.core.duplicates import DuplicateFinder
-from airflow_openai_batch.core.jsonl import LineIterator, iter_lines
+from airflow_openai_batch.core.jsonl import LineIterator, iter_lines, unix_line_ends
 from airflow_openai_batch.core.requests import (
     CheckedLine,
     NotALine,
@@ -440,9 +440,7 @@ def _blocks(lines: Iterable[Any]) -> Iterator[bytes | list[Any]]:
     :func:`~airflow_openai_batch.core.jsonl.iter_lines`, else lists of lines of about a megabyte."""
     raw = lines.take_raw_blocks() if isinstance(lines, LineIterator) else None
     if raw is not None:
-        for data in raw:
-            # Line ends: "\r\n" -> "\n", as iter_lines yields them (a raw "\r" is never inside valid JSON).
-            yield data.replace(b"\r\n", b"\n") if b"\r" in data else data
+        yield from map(unix_line_ends, raw)
         return
     block: list[Any] = []
     size = 0

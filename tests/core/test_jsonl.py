@@ -1,15 +1,14 @@
-"""iter_lines: block reads, newline/CR/BOM handling, blank and unterminated lines."""
+"""iter_lines and iter_raw_blocks: block reads, newline/CR/BOM handling, blank and unterminated lines."""
 
 from __future__ import annotations
 
 import io
 
-import orjson
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from airflow_openai_batch.core.jsonl import dumps_line, iter_line_blocks, iter_lines, loads
+from airflow_openai_batch.core.jsonl import iter_lines, iter_raw_blocks, unix_line_ends
 
 BOM = b"\xef\xbb\xbf"
 
@@ -66,10 +65,12 @@ def test_line_longer_than_many_blocks() -> None:
     assert lines_of(b"a\n" + long + b"\r\nb", 1000) == [b"a", long, b"b"]
 
 
-def test_blocks_are_nonempty_lists() -> None:
-    blocks = list(iter_line_blocks(io.BytesIO(b"a\nb\nc"), 2))
-    assert all(blocks)
-    assert [line for block in blocks for line in block] == [b"a", b"b", b"c"]
+def test_raw_blocks_are_whole_lines_and_give_the_same_lines() -> None:
+    data = BOM + b"a\r\nbb\n\r\nccc\r"
+    blocks = list(iter_raw_blocks(io.BytesIO(data), 2))
+    assert all(block.endswith(b"\n") for block in blocks)
+    lines = b"".join(map(unix_line_ends, blocks)).split(b"\n")[:-1]
+    assert lines == lines_of(data) == [b"a", b"bb", b"", b"ccc"]
 
 
 @settings(max_examples=150, deadline=None)
@@ -97,12 +98,3 @@ def test_iter_lines_property(
     if bom and not expected:
         expected = [b""]  # the BOM alone is one (blank) line
     assert lines_of(data, chunk_size) == expected
-
-
-def test_dumps_and_loads() -> None:
-    obj = {"custom_id": "é", "body": {"n": [1, 2.5, None, True]}}
-    line = dumps_line(obj)
-    assert isinstance(line, bytes)
-    assert not line.endswith(b"\n")
-    assert line == orjson.dumps(obj)
-    assert loads(line) == obj
