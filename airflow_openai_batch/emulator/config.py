@@ -27,6 +27,10 @@ FAULT_KINDS: tuple[str, ...] = ("429", "500", "drop")
 
 TOKEN_LIMIT_MODES: tuple[str, ...] = ("fail", "reject")
 
+#: Kinds of failing request lines (``failure_kinds``): an HTTP status, or a non-HTTP internal error. All
+#: but ``400`` are transient: they depend on the line's attempt, as real transient faults do.
+LINE_FAILURE_KINDS: tuple[str, ...] = ("400", "429", "500", "503", "internal")
+
 ENV_PREFIX = "OPENAI_BATCH_EMULATOR_"
 
 #: One-line help per knob (CLI ``--help``).
@@ -35,8 +39,11 @@ KNOB_HELP: dict[str, str] = {
     "validation_seconds": "seconds a batch spends in validating",
     "finalizing_seconds": "seconds a batch spends in finalizing",
     "failure_rate": "share of request lines that fail (half HTTP 400/500, half non-HTTP errors)",
+    "failure_kinds": "comma-separated kinds of failing lines among 400,429,500,503,internal (default: "
+    "a quarter 400, a quarter 500, half internal); all but 400 fail again only by a fresh draw per attempt",
     "missing_rate": "share of processed lines of a batch left out of both result files (never returned)",
     "expire_after": "seconds in progress before a batch expires ('none' = 24 h from creation)",
+    "expire_next_batches": "the next N batches created expire once half their requests are processed",
     "cancel_seconds": "seconds a batch spends in cancelling",
     "fault_rate": "share of API calls answered with an injected fault",
     "fault_routes": "comma-separated route names that may be faulted (default all), e.g. batches.list",
@@ -81,10 +88,18 @@ class EmulatorConfig:
     :param failure_rate: share of request lines that fail (decided per custom_id from ``seed``); half
         of them are HTTP errors (status 400/500 with an error body), half non-HTTP errors
         (``response: null``, ``error: {code, message}``). Snapshotted per batch at creation.
+    :param failure_kinds: kinds of failing lines (see :data:`LINE_FAILURE_KINDS`), each failing line picking
+        one by its custom_id; ``None`` = a quarter HTTP 400, a quarter HTTP 500, half non-HTTP errors. A
+        400 line fails at every attempt; a transient one (the others) fails again only if a fresh draw
+        for its attempt says so (the attempt of a custom_id is one more than its earlier transient
+        failures in this emulator). Snapshotted per batch at creation.
     :param missing_rate: share of processed lines that appear in neither result file, so clients must
         detect requests that were never answered. Snapshotted per batch at creation.
     :param expire_after: seconds after ``in_progress_at`` at which an unfinished batch expires;
         ``None`` means OpenAI's 24 h window counted from ``created_at``.
+    :param expire_next_batches: the next this many batches created expire part-way, once half their
+        requests are processed (a scenario knob: it counts down as batches are created, so the retry
+        batches that follow run normally).
     :param cancel_seconds: time a batch spends in ``cancelling``.
     :param fault_rate: share of API calls answered with an injected fault, decided before the route
         does any work.
@@ -122,8 +137,10 @@ class EmulatorConfig:
     validation_seconds: float = 0.0
     finalizing_seconds: float = 0.0
     failure_rate: float = 0.0
+    failure_kinds: tuple[str, ...] | None = None
     missing_rate: float = 0.0
     expire_after: float | None = None
+    expire_next_batches: int = 0
     cancel_seconds: float = 0.0
     fault_rate: float = 0.0
     fault_routes: tuple[str, ...] | None = None
@@ -147,7 +164,7 @@ class EmulatorConfig:
 
     def __post_init__(self) -> None:
         # Normalise values that arrive as lists (JSON, kwargs) so the frozen object stays hashable.
-        for name in ("fault_routes", "fault_kinds"):
+        for name in ("fault_routes", "fault_kinds", "failure_kinds"):
             value = getattr(self, name)
             if isinstance(value, str):
                 value = tuple(part.strip() for part in value.split(",") if part.strip())
@@ -170,6 +187,14 @@ class EmulatorConfig:
             raise ValueError(f"time_scale must be >= 0, got {self.time_scale!r}")
         if self.expire_after is not None and self.expire_after <= 0:
             raise ValueError(f"expire_after must be > 0 or None, got {self.expire_after!r}")
+        if self.failure_kinds is not None:
+            unknown = set(self.failure_kinds) - set(LINE_FAILURE_KINDS)
+            if unknown or not self.failure_kinds:
+                raise ValueError(
+                    f"failure_kinds must be among {list(LINE_FAILURE_KINDS)}, got {list(self.failure_kinds)}"
+                )
+        if self.expire_next_batches < 0:
+            raise ValueError(f"expire_next_batches must be >= 0, got {self.expire_next_batches!r}")
         unknown = set(self.fault_kinds) - set(FAULT_KINDS)
         if unknown:
             raise ValueError(f"unknown fault_kinds {sorted(unknown)}; choose from {list(FAULT_KINDS)}")
@@ -205,7 +230,7 @@ class EmulatorConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly view of the knobs."""
         out = dataclasses.asdict(self)
-        for name in ("fault_routes", "fault_kinds"):
+        for name in ("fault_routes", "fault_kinds", "failure_kinds"):
             if out[name] is not None:
                 out[name] = list(out[name])
         return out

@@ -717,17 +717,52 @@ def response_body(
 
 # --------------------------------------------------------------------------- per-line failures
 
-#: Outcome of a line: 0 = success, 1 = HTTP 400, 2 = HTTP 500, 3 = non-HTTP error.
-SUCCESS, HTTP_400, HTTP_500, NON_HTTP = 0, 1, 2, 3
+#: Outcome of a line: 0 = success, 1 = HTTP 400, 2 = HTTP 500, 3 = non-HTTP error, 4 = HTTP 429, 5 = 503.
+SUCCESS, HTTP_400, HTTP_500, NON_HTTP, HTTP_429, HTTP_503 = 0, 1, 2, 3, 4, 5
+#: The outcome of each kind of ``failure_kinds``.
+FAILURE_KIND_OUTCOMES = {
+    "400": HTTP_400,
+    "429": HTTP_429,
+    "500": HTTP_500,
+    "503": HTTP_503,
+    "internal": NON_HTTP,
+}
+#: The default mix: a quarter 400, a quarter 500, half non-HTTP errors.
+_DEFAULT_KINDS = ("400", "500", "internal", "internal")
 
 
-def line_outcome(seed: int, custom_id: str, failure_rate: float) -> int:
-    """Whether (and how) a line fails: a pure function of seed and custom_id."""
-    if failure_rate <= 0 or unit_float(seed, custom_id, "fail") >= failure_rate:
+def line_outcome(
+    seed: int, custom_id: str, failure_rate: float, attempt: int = 1, kinds: tuple[str, ...] | None = None
+) -> int:
+    """Whether (and how) a line fails: a pure function of seed, custom_id and, for a transient kind, the
+    attempt.
+
+    The kind is the line's own (picked by custom_id), so a line that fails fails the same way. A 400 is
+    about the request: it fails at every attempt. Any other kind is transient: attempt 1 fails as the
+    seed says, and each later attempt draws afresh (with the same rate), as real transient faults do.
+
+    :param attempt: the line's attempt (1 for the first time its custom_id is processed).
+    :param kinds: the kinds failing lines pick from (``None``: the default mix).
+    """
+    if failure_rate <= 0:
         return SUCCESS
-    pick = stable_hash(seed, custom_id, "kind") % 4
-    # Half HTTP errors (split between 400 and 500), half non-HTTP errors.
-    return HTTP_400 if pick == 0 else HTTP_500 if pick == 1 else NON_HTTP
+    if attempt <= 1:
+        if unit_float(seed, custom_id, "fail") >= failure_rate:
+            return SUCCESS
+        return _line_kind(seed, custom_id, kinds)
+    outcome = _line_kind(seed, custom_id, kinds)
+    draw = ("fail",) if outcome == HTTP_400 else ("fail", attempt)
+    return outcome if unit_float(seed, custom_id, *draw) < failure_rate else SUCCESS
+
+
+def is_transient(outcome: int) -> bool:
+    """A failing outcome that a later attempt may not repeat (all but HTTP 400)."""
+    return outcome not in (SUCCESS, HTTP_400)
+
+
+def _line_kind(seed: int, custom_id: str, kinds: tuple[str, ...] | None) -> int:
+    kinds = kinds or _DEFAULT_KINDS
+    return FAILURE_KIND_OUTCOMES[kinds[stable_hash(seed, custom_id, "kind") % len(kinds)]]
 
 
 def error_body(outcome: int) -> tuple[int, dict[str, Any]]:
@@ -741,7 +776,16 @@ def error_body(outcome: int) -> tuple[int, dict[str, Any]]:
                 "code": "emulated_invalid_request",
             }
         }
-    return 500, {
+    if outcome == HTTP_429:
+        return 429, {
+            "error": {
+                "message": "Rate limit reached for requests. Please try again later.",
+                "type": "requests",
+                "param": None,
+                "code": "rate_limit_exceeded",
+            }
+        }
+    return 503 if outcome == HTTP_503 else 500, {
         "error": {
             "message": "The server had an error while processing your request. Sorry about that!",
             "type": "server_error",

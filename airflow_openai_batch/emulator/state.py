@@ -178,6 +178,10 @@ class BatchRecord:
     seed: int
     failure_rate: float
     missing_rate: float = 0.0
+    #: The kinds failing lines pick from (``None``: the default mix).
+    failure_kinds: tuple[str, ...] | None = None
+    #: Expire once this many requests are processed (``expire_next_batches``), if set.
+    expire_at: int | None = None
     status: str = "validating"
     # Time up to which the state is known; progress is linear from (checkpoint, base_processed).
     checkpoint: float = 0.0
@@ -239,6 +243,10 @@ class EmulatorState:
         self._seq = itertools.count()
         self._stats = _new_stats()
         self._rng = random.Random(self.config.seed)
+        #: Transient failures so far per custom_id: a line's attempt is one more (see ``line_attempt``).
+        self._transient_failures: dict[str, int] = {}
+        #: Batches still to create that expire part-way (``expire_next_batches``).
+        self._expiring_left = self.config.expire_next_batches
         self._paths: set[Path] = set()  # every path this state created, removed on reset/close
 
     # ------------------------------------------------------------------ knobs, clock, stats
@@ -263,6 +271,8 @@ class EmulatorState:
                 self.clock.set_scale(new.time_scale)
             if new.seed != self.config.seed:
                 self._rng = random.Random(new.seed)
+            if "expire_next_batches" in knobs:
+                self._expiring_left = new.expire_next_batches
             self.config = new
             return new
 
@@ -281,6 +291,7 @@ class EmulatorState:
             self.batches.clear()
             self._active.clear()
             self._stats = _new_stats()
+            self._transient_failures.clear()
             if restore_config:
                 self.configure(**{k: v for k, v in self.initial_config.to_dict().items() if k != "data_dir"})
             self._rng = random.Random(self.config.seed)
@@ -553,8 +564,14 @@ class EmulatorState:
                 seed=seed,
                 failure_rate=failure_rate,
                 missing_rate=missing_rate,
+                failure_kinds=cfg.failure_kinds,
                 checkpoint=now,
             )
+            if self._expiring_left > 0 and scan.ok:
+                self._expiring_left -= 1
+                batch.expire_at = scan.total // 2
+            for custom_id in scan.transient_failures:
+                self._transient_failures[custom_id] = self._transient_failures.get(custom_id, 0) + 1
             self.batches[batch_id] = batch
             self._active.add(batch_id)
             # Rendered before any tick: the create call always answers "validating", as OpenAI does.
@@ -617,11 +634,24 @@ class EmulatorState:
         # The epsilon absorbs float error so that exactly-due lines count as done.
         return min(batch.scan.total, math.floor(self._processed_exact(batch, t) + 1e-9))
 
+    def line_attempt(self, custom_id: str) -> int:
+        """The attempt a new batch makes at a request: one more than its transient failures so far.
+
+        Read without the lock from the scan's thread: a dict lookup is atomic.
+        """
+        return 1 + self._transient_failures.get(custom_id, 0)
+
     def _deadline(self, batch: BatchRecord) -> float:
         expire_after = self.config.expire_after
         if expire_after is None or batch.in_progress_at is None:
-            return batch.created + DAY
-        return batch.in_progress_at + expire_after
+            deadline = batch.created + DAY
+        else:
+            deadline = batch.in_progress_at + expire_after
+        rate = self.config.rate
+        if batch.expire_at is not None and batch.status == "in_progress" and rate > 0:
+            # Expires part-way: when the processed count reaches expire_at.
+            deadline = min(deadline, batch.checkpoint + (batch.expire_at - batch.base_processed) / rate)
+        return deadline
 
     def _finish_time(self, batch: BatchRecord) -> float:
         rate = self.config.rate
@@ -776,7 +806,8 @@ class EmulatorState:
                     record["error"] = EXPIRED_ERROR
                     is_error = True
                 else:
-                    outcome = line_outcome(batch.seed, custom_id, failure_rate)
+                    attempt = batch.scan.attempts.get(custom_id, 1)
+                    outcome = line_outcome(batch.seed, custom_id, failure_rate, attempt, batch.failure_kinds)
                     is_error = outcome != SUCCESS
                     if outcome == SUCCESS:
                         created = self.clock.unix(start + (index + 1) / rate if rate > 0 else t)

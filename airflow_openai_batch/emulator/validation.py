@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from .responses import (
     SUCCESS,
     canonical_endpoint,
     embedding_inputs,
+    is_transient,
     line_outcome,
     line_usage,
 )
@@ -51,6 +53,10 @@ class ScanResult:
     cum_input: array = field(default_factory=lambda: array("q", [0]))
     cum_output: array = field(default_factory=lambda: array("q", [0]))
     cum_reasoning: array = field(default_factory=lambda: array("q", [0]))
+    #: Lines at a later attempt than their first: ``{custom_id: attempt}``.
+    attempts: dict[str, int] = field(default_factory=dict)
+    #: Lines whose outcome is a transient failure at their attempt (the next attempt draws afresh).
+    transient_failures: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -77,6 +83,8 @@ def scan_input(
     max_requests: int,
     max_bytes: int,
     max_embedding_inputs: int,
+    failure_kinds: tuple[str, ...] | None = None,
+    attempt_of: Callable[[str], int] | None = None,
 ) -> ScanResult:
     """Validate the JSONL batch input at ``path`` for a batch on ``endpoint``.
 
@@ -88,6 +96,8 @@ def scan_input(
     :param max_requests: more lines than this fail with ``too_many_tasks``.
     :param max_bytes: a larger file fails with ``file_too_large`` (and is not read at all).
     :param max_embedding_inputs: most embedding inputs over all lines of an embeddings batch.
+    :param failure_kinds: the kinds failing lines pick from (``None``: the default mix).
+    :param attempt_of: each line's attempt, by custom_id (``None``: every line at its first).
     """
     result = ScanResult()
     size = Path(path).stat().st_size
@@ -230,7 +240,13 @@ def scan_input(
             assert isinstance(body, dict) and isinstance(custom_id, str)
             usage = line_usage(canonical, body, custom_id, seed)
             result.prompt_tokens += usage.input_tokens
-            failed = line_outcome(seed, custom_id, failure_rate) != SUCCESS
+            attempt = attempt_of(custom_id) if attempt_of is not None else 1
+            if attempt > 1:
+                result.attempts[custom_id] = attempt
+            outcome = line_outcome(seed, custom_id, failure_rate, attempt, failure_kinds)
+            failed = outcome != SUCCESS
+            if is_transient(outcome):
+                result.transient_failures.append(custom_id)
             result.cum_failed.append(result.cum_failed[-1] + failed)
             result.cum_input.append(result.cum_input[-1] + (0 if failed else usage.input_tokens))
             result.cum_output.append(result.cum_output[-1] + (0 if failed else usage.output_tokens))
@@ -254,4 +270,5 @@ def scan_input(
         # The per-line figures are meaningless for a failed batch: drop them.
         for name in ("cum_failed", "cum_input", "cum_output", "cum_reasoning"):
             setattr(result, name, array("q", [0]))
+        result.attempts, result.transient_failures = {}, []
     return result
