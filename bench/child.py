@@ -31,6 +31,10 @@ def main() -> None:
         from bench import e2e
 
         result = e2e.run(**kwargs)
+    elif kind == "cost":
+        from bench import cost
+
+        result = cost.run(**kwargs)
     else:
         raise SystemExit(f"unknown kind {kind!r}")
     Path(spec["result_path"]).write_text(json.dumps(result))

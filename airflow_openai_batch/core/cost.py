@@ -351,6 +351,10 @@ class TokenCounter(Protocol):
         """The tokens of each text, in order."""
         ...
 
+    def total(self, texts: Sequence[str]) -> int:
+        """The tokens of all the texts."""
+        ...
+
 
 class _Heuristic:
     """UTF-8 bytes / 4 per text: OpenAI's rule of thumb of ~4 characters per token for English, and for
@@ -364,6 +368,12 @@ class _Heuristic:
         return [
             ((len(t) if t.isascii() else len(t.encode("utf-8", "surrogatepass"))) + 3) // 4 for t in texts
         ]
+
+    def total(self, texts: Sequence[str]) -> int:
+        total = 0
+        for t in texts:
+            total += ((len(t) if t.isascii() else len(t.encode("utf-8", "surrogatepass"))) + 3) // 4
+        return total
 
 
 #: The free estimate: UTF-8 bytes / 4 per text.
@@ -383,6 +393,9 @@ class _ExactCounter:
         # One call per batch of texts: the call itself costs ~12 us, a text ~0.2 us. One thread: a task
         # must not take every core of a shared worker.
         return self._batch_count(list(texts), self.name, threads=1)
+
+    def total(self, texts: Sequence[str]) -> int:
+        return sum(self._batch_count(list(texts), self.name, threads=1))
 
 
 def exact_counter(encoding: str) -> TokenCounter | None:
@@ -450,18 +463,20 @@ def _json_texts(body: Mapping[str, Any], keys: Iterable[str], texts: list[str]) 
 
 
 def _chat_texts(body: Mapping[str, Any], texts: list[str]) -> int:
-    fixed = REQUEST_OVERHEAD_TOKENS
     messages = body.get("messages")
-    if isinstance(messages, list):
-        for message in messages:
-            if not isinstance(message, Mapping):
-                continue
-            fixed += MESSAGE_OVERHEAD_TOKENS
-            content = message.get("content")
-            if type(content) is str:  # by far the most common shape
-                texts.append(content)
-            else:
-                fixed += _content_texts(content, texts)
+    if not isinstance(messages, list):
+        return REQUEST_OVERHEAD_TOKENS
+    fixed = REQUEST_OVERHEAD_TOKENS + MESSAGE_OVERHEAD_TOKENS * len(messages)
+    for message in messages:
+        if type(message) is not dict and not isinstance(message, Mapping):
+            fixed -= MESSAGE_OVERHEAD_TOKENS
+            continue
+        content = message.get("content")
+        if type(content) is str:  # by far the most common shape
+            texts.append(content)
+        else:
+            fixed += _content_texts(content, texts)
+        if len(message) > 2:  # more than role and content: a name, tool calls...
             name = message.get("name")
             if isinstance(name, str):
                 texts.append(name)
@@ -546,6 +561,7 @@ class PromptTokens:
 
     def __init__(self, endpoint: str, counter: TokenCounter) -> None:
         self.counter = counter
+        self._total = counter.total
         self._walk = _WALKERS.get(_endpoint_path(endpoint), _prompt_texts)
 
     def count(self, body: Mapping[str, Any]) -> int:
@@ -553,7 +569,7 @@ class PromptTokens:
         ~12 us on top of the texts)."""
         texts: list[str] = []
         fixed = self._walk(body, texts)
-        return fixed + sum(self.counter.count_texts(texts))
+        return fixed + self._total(texts)
 
     def count_many(self, bodies: Sequence[Mapping[str, Any]]) -> list[int]:
         """The prompt tokens of each body, with one call to the counter for all of them."""
@@ -683,33 +699,40 @@ def token_count_mode(
 class ChunkTally:
     """What one chunk weighs, fed line by line. Made by :meth:`CostEstimator.chunk`.
 
-    Per line: :meth:`add` (reads the cap, counts or samples the prompt), or :meth:`add_counted` for a
-    caller that has the line's cap and prompt tokens already (e.g. from a helper process, with the
-    estimator's :meth:`CostEstimator.prompt_tokens`).
+    Three ways to feed it, from the simplest to the cheapest per line:
+
+    * :meth:`add` per line: reads the cap, samples or counts the prompt (~0.3 us a line on top of the
+      parse, see ``make bench --only cost``);
+    * :meth:`add_counted` per line, for a caller that has the line's cap and prompt tokens already (e.g.
+      from a helper process, counted with :meth:`CostEstimator.prompt_tokens`);
+    * for a hot loop: read each line's cap with :attr:`cap_of` into local sums, hand the sampled lines to
+      :meth:`sample` (every line whose index in the chunk is a multiple of :attr:`sample_every`; every line
+      when it is 1) and the sums to :meth:`add_summary` when the chunk (or a block of it) is done.
 
     :ivar requests: lines added.
     :ivar byte_count: their bytes (with newlines, as the caller counts them).
     :ivar output_bound: the sum of the caps of the lines that set one.
-    :ivar bounded: how many lines set a cap.
+    :ivar unbounded: how many lines set no cap.
     :ivar unbounded_lines: the first :data:`KEEP_LINES` line numbers without a cap.
     """
 
     __slots__ = (
-        "_cap_of",
-        "_every",
         "_pending",
         "_prompt",
-        "bounded",
         "byte_count",
+        "cap_of",
         "counted",
         "counted_bytes",
         "counted_tokens",
         "heaviest",
         "index",
         "largest",
+        "largest_size",
         "model",
         "output_bound",
         "requests",
+        "sample_every",
+        "unbounded",
         "unbounded_lines",
     )
 
@@ -719,24 +742,27 @@ class ChunkTally:
         model: str,
         cap_of: Callable[[Mapping[str, Any]], int | None],
         prompt: PromptTokens,
-        every: int,
+        sample_every: int,
     ) -> None:
         self.index = index
         self.model = model
-        self._cap_of = cap_of
+        #: The endpoint's :func:`output_cap_reader`.
+        self.cap_of = cap_of
+        #: Sample one line in this many (1: count every line).
+        self.sample_every = sample_every
         self._prompt = prompt
-        self._every = every
         self._pending: list[tuple[int, int, Mapping[str, Any]]] = []
         self.requests = 0
         self.byte_count = 0
         self.output_bound = 0
-        self.bounded = 0
+        self.unbounded = 0
         self.unbounded_lines: list[int] = []
         self.counted = 0
         self.counted_bytes = 0
         self.counted_tokens = 0
-        #: (bytes, line) of the largest line.
-        self.largest: tuple[int, int] = (0, 0)
+        #: Bytes and line number of the largest line.
+        self.largest_size = 0
+        self.largest = 0
         #: (prompt tokens, line) of the heaviest counted line.
         self.heaviest: tuple[int, int] = (0, 0)
 
@@ -750,32 +776,68 @@ class ChunkTally:
         n = self.requests
         self.requests = n + 1
         self.byte_count += size
-        cap = self._cap_of(body)
+        cap = self.cap_of(body)
         if cap is None:
-            if len(self.unbounded_lines) < KEEP_LINES:
-                self.unbounded_lines.append(line)
+            self._unbounded(line)
         else:
             self.output_bound += cap
-            self.bounded += 1
-        if size > self.largest[0]:
-            self.largest = (size, line)
-        if n % self._every == 0:
-            self._pending.append((line, size, body))
-            if len(self._pending) >= _COUNT_BATCH:
-                self._count_pending()
+        if size > self.largest_size:
+            self.largest_size, self.largest = size, line
+        if not n % self.sample_every:
+            self.sample(line, size, body)
+
+    def _unbounded(self, line: int) -> None:
+        self.unbounded += 1
+        if len(self.unbounded_lines) < KEEP_LINES:
+            self.unbounded_lines.append(line)
+
+    def sample(self, line: int, size: int, body: Mapping[str, Any]) -> None:
+        """A line whose prompt is counted (its tokens are counted in batches, or when the chunk ends).
+
+        :param line: its line number.
+        :param size: its bytes.
+        :param body: its parsed ``body``.
+        """
+        self._pending.append((line, size, body))
+        if len(self._pending) >= _COUNT_BATCH:
+            self._count_pending()
+
+    def add_summary(
+        self,
+        requests: int,
+        byte_count: int,
+        output_bound: int,
+        unbounded: int,
+        unbounded_lines: Sequence[int] = (),
+        largest: tuple[int, int] = (0, 0),
+    ) -> None:
+        """Lines summed by the caller (see the class docstring).
+
+        :param requests: how many lines.
+        :param byte_count: their bytes.
+        :param output_bound: the sum of the caps of those that set one.
+        :param unbounded: how many set none.
+        :param unbounded_lines: some of their line numbers (the first are kept).
+        :param largest: ``(bytes, line)`` of the largest of them.
+        """
+        self.requests += requests
+        self.byte_count += byte_count
+        self.output_bound += output_bound
+        self.unbounded += unbounded
+        self.unbounded_lines.extend(unbounded_lines[: KEEP_LINES - len(self.unbounded_lines)])
+        if largest[0] > self.largest_size:
+            self.largest_size, self.largest = largest
 
     def add_counted(self, line: int, size: int, cap: int | None, prompt_tokens: int) -> None:
         """One request line whose cap (:func:`output_cap_reader`) and prompt tokens are known."""
         self.requests += 1
         self.byte_count += size
         if cap is None:
-            if len(self.unbounded_lines) < KEEP_LINES:
-                self.unbounded_lines.append(line)
+            self._unbounded(line)
         else:
             self.output_bound += cap
-            self.bounded += 1
-        if size > self.largest[0]:
-            self.largest = (size, line)
+        if size > self.largest_size:
+            self.largest_size, self.largest = size, line
         self._counted(line, size, prompt_tokens)
 
     def _counted(self, line: int, size: int, tokens: int) -> None:
@@ -792,11 +854,6 @@ class ChunkTally:
         counts = self._prompt.count_many([body for _, _, body in pending])
         for (line, size, _), tokens in zip(pending, counts, strict=True):
             self._counted(line, size, tokens)
-
-    @property
-    def unbounded(self) -> int:
-        """Lines without an output cap."""
-        return self.requests - self.bounded
 
     def input_tokens(self) -> int:
         """The chunk's prompt tokens: counted, or scaled from the counted lines by bytes."""
@@ -960,7 +1017,8 @@ class CostEstimator:
         typical = self._typical(tally.model)
         # A line's expected output is min(cap, typical); per chunk, with the caps summed, this is exact when
         # the lines share one cap (the usual template) and an upper estimate otherwise.
-        expected = min(tally.output_bound, tally.bounded * typical) + unbounded * typical
+        bounded = tally.requests - unbounded
+        expected = min(tally.output_bound, bounded * typical) + unbounded * typical
         limit = price.max_output_tokens if price is not None else None
         # Unbounded lines with no known model limit: no upper bound at all.
         output_max = None if unbounded and limit is None else tally.output_bound + unbounded * (limit or 0)
@@ -984,7 +1042,7 @@ class CostEstimator:
             cost_expected=cost_expected,
             cost_max=cost_max,
             unbounded_lines=tuple(tally.unbounded_lines),
-            largest_line=tally.largest,
+            largest_line=(tally.largest_size, tally.largest),
         )
 
     def finish(self) -> CostEstimate:

@@ -99,7 +99,7 @@ def _submitted_models_of_example_dags() -> set[str]:
     from airflow_openai_batch.operators.submit import OpenAIBatchSubmitOperator
     from tests.support.airflow_versions import DagBag
 
-    bag = DagBag(dag_folder=str(REPO_ROOT / "dags"), include_examples=False)
+    bag = DagBag(dag_folder=str(REPO_ROOT / "dags"))
     assert bag.import_errors == {}
     models = set()
     for dag in bag.dags.values():
@@ -519,6 +519,41 @@ def test_add_counted_takes_the_callers_figures() -> None:
     (chunk,) = estimator.finish().chunks
     assert chunk.input_tokens == 280 and chunk.output_tokens_max == 20 + 32768
     assert chunk.unbounded_lines == (2,) and chunk.largest_line == (900, 2)
+
+
+def test_the_hot_loop_api_gives_the_same_estimate_as_add() -> None:
+    bodies = [
+        {"messages": [{"role": "user", "content": f"ticket {i} " * (i % 7 + 1)}], "max_tokens": 10 + i % 3}
+        for i in range(100)
+    ]
+    for i in (5, 40, 77):
+        del bodies[i]["max_tokens"]
+    by_add = CostEstimator(CHAT)
+    _feed(by_add, {"gpt-4o": bodies})
+    inlined = CostEstimator(CHAT)
+    chunk = inlined.chunk(0, "gpt-4o")
+    bound = unbounded = byte_count = 0
+    unbounded_lines, largest = [], (0, 0)
+    for n, body in enumerate(bodies):
+        size = len(_line(body)) + 1
+        byte_count += size
+        cap = chunk.cap_of(body)
+        if cap is None:
+            unbounded += 1
+            unbounded_lines.append(n + 1)
+        else:
+            bound += cap
+        if size > largest[0]:
+            largest = (size, n + 1)
+        if not n % chunk.sample_every:
+            chunk.sample(n + 1, size, body)
+        if n == 49:  # a block boundary: half the sums now, half at the end
+            chunk.add_summary(50, byte_count, bound, unbounded, unbounded_lines, largest)
+            bound = unbounded = byte_count = 0
+            unbounded_lines, largest = [], (0, 0)
+    chunk.add_summary(50, byte_count, bound, unbounded, unbounded_lines, largest)
+    assert inlined.finish() == by_add.finish()
+    assert by_add.finish().chunks[0].unbounded_lines == (6, 41, 78)
 
 
 def test_unknown_models_and_limits_leave_the_cost_unknown_not_zero() -> None:
