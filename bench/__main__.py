@@ -15,6 +15,7 @@ variants (polling with one trigger for all batches, and with ``max_poll_interval
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,17 @@ def _polling_calls(
     )
 
 
+@contextlib.contextmanager
+def _busy_neighbour() -> Iterator[None]:
+    """One CPU-spinning process beside the case for its whole duration: a worker running other tasks."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
 def bench_prep(run: Runner, sizes: list[tuple[str, int]], large: int | None) -> list[Row]:
     rows: list[Row] = []
     data = run.tmp / "data"
@@ -157,6 +169,8 @@ def bench_prep(run: Runner, sizes: list[tuple[str, int]], large: int | None) -> 
     out = str(run.tmp / "prep-out")
     if large:
         sizes = [*sizes, ("--large", large)]
+    # The size the speed targets are set at (1M lines): measured idle and beside a busy neighbour too.
+    targeted = max(n for _, n in sizes if n <= 2_000_000)
     for label, lines in sizes:
         path = data / f"requests-{lines}.jsonl"
         t0 = time.perf_counter()
@@ -165,56 +179,88 @@ def bench_prep(run: Runner, sizes: list[tuple[str, int]], large: int | None) -> 
         _progress(
             f"prep {label}: {lines:,} lines, {mb:,.0f} MB (generated in {time.perf_counter() - t0:.1f}s)"
         )
-        ours = run.best(f"prep-ours-{lines}", _case("prep_ours", path=str(path), work_dir=out))
-        bare = run.best(f"prep-bare-{lines}", _case("prep_bare", path=str(path), work_dir=out))
+        specs = {
+            f"prep-ours-{lines}": _case("prep_ours", path=str(path), work_dir=out),
+            f"prep-bare-{lines}": _case("prep_bare", path=str(path), work_dir=out),
+        }
+        timed = run.best_interleaved(specs, rounds=run.repeat)
+        ours, bare = timed[f"prep-ours-{lines}"], timed[f"prep-bare-{lines}"]
         case = f"Submit prep, {lines:,} lines ({mb:,.0f} MB)"
-        rows.append(_vs_parse_limit(case, "MB/s", mb / ours["seconds"], BARE_PREP, mb / bare["seconds"]))
+        rows.append(_prep_vs_parse_limit(case, mb / ours["seconds"], mb / bare["seconds"]))
         if lines <= 2_000_000:
             naive = run.best(f"prep-naive-{lines}", _case("prep_naive", path=str(path), work_dir=out))
             rows.append(_vs_naive(case, "MB/s", mb / ours["seconds"], NAIVE_PREP, mb / naive["seconds"]))
-            rows.append(_peak_rss(case, ours["peak_rss_mb"], NAIVE_PREP, naive["peak_rss_mb"], 200))
+            rows.append(_peak_rss(case, ours["peak_rss_mb"], NAIVE_PREP, naive["peak_rss_mb"], 150))
         else:
             not_run = " (naive not run: it holds every line as a dict, tens of GB)"
-            rows.append(_peak_rss(case, ours["peak_rss_mb"], BARE_PREP + not_run, bare["peak_rss_mb"], 200))
-        if lines == max(n for _, n in sizes if n <= 2_000_000):
-            # The same size, two variants: ids in random order (the hashed duplicate check) and one core.
-            rnd = data / f"requests-{lines}-random-ids.jsonl"
-            gen.write_requests(rnd, lines, random_ids=True)
-            rnd_mb = rnd.stat().st_size / 1e6
-            ours_r = run.best(
-                f"prep-ours-{lines}-random-ids", _case("prep_ours", path=str(rnd), work_dir=out)
-            )
-            bare_r = run.best(
-                f"prep-bare-{lines}-random-ids", _case("prep_bare", path=str(rnd), work_dir=out)
-            )
-            rows.append(
-                _vs_parse_limit(
-                    "  same, random (UUID) custom_ids",
-                    "MB/s",
-                    rnd_mb / ours_r["seconds"],
-                    BARE_PREP,
-                    rnd_mb / bare_r["seconds"],
-                    note=f"peak RSS {ours_r['peak_rss_mb']:.0f} MB",
-                )
-            )
-            rnd.unlink()
-            one = run.best(
-                f"prep-ours-{lines}-one-process",
-                _case("prep_ours", path=str(path), work_dir=out),
-                env={"OPENAI_BATCH_HELPER_PROCESS": "0"},
-            )
-            rows.append(
-                Row(
-                    "  same, helper process off (1 core)",
-                    "MB/s",
-                    mb / one["seconds"],
-                    BARE_PREP,
-                    mb / bare["seconds"],
-                    target="(info)",
-                    note=f"peak RSS {one['peak_rss_mb']:.0f} MB",
-                )
-            )
+            rows.append(_peak_rss(case, ours["peak_rss_mb"], BARE_PREP + not_run, bare["peak_rss_mb"], 150))
+        if lines == targeted:
+            rows += _prep_variants(run, data, path, lines, mb, out, mb / ours["seconds"])
         path.unlink()
+    return rows
+
+
+def _prep_vs_parse_limit(case: str, ours: float, bare: float, note: str = "") -> Row:
+    """Our speed against the bare parse loop: the issue's ">= 0.8x" prep target."""
+    return Row(case, "MB/s", ours, BARE_PREP, bare, target=">= 0.80x", goal=lambda r: r >= 0.8, note=note)
+
+
+def _prep_variants(
+    run: Runner, data: Path, path: Path, lines: int, mb: float, out: str, ours_mbps: float
+) -> list[Row]:
+    """The targeted size again: beside a busy neighbour, with ids in random order, and one ablation.
+
+    :param ours_mbps: our idle speed at this size, from the same run.
+    """
+    rows: list[Row] = []
+    specs = {
+        f"prep-ours-{lines}-busy": _case("prep_ours", path=str(path), work_dir=out),
+        f"prep-bare-{lines}-busy": _case("prep_bare", path=str(path), work_dir=out),
+    }
+    with _busy_neighbour():
+        busy = run.best_interleaved(specs, rounds=run.repeat)
+    ours, bare = busy[f"prep-ours-{lines}-busy"], busy[f"prep-bare-{lines}-busy"]
+    rows.append(
+        _prep_vs_parse_limit(
+            "  same, one core busy (a spinning neighbour process)",
+            mb / ours["seconds"],
+            mb / bare["seconds"],
+            note=f"peak RSS {ours['peak_rss_mb']:.0f} MB",
+        )
+    )
+    # Ids in random order: the duplicate check hashes them (8 bytes an id, spilled to disk).
+    rnd = data / f"requests-{lines}-random-ids.jsonl"
+    gen.write_requests(rnd, lines, random_ids=True)
+    rnd_mb = rnd.stat().st_size / 1e6
+    specs = {
+        f"prep-ours-{lines}-random-ids": _case("prep_ours", path=str(rnd), work_dir=out),
+        f"prep-bare-{lines}-random-ids": _case("prep_bare", path=str(rnd), work_dir=out),
+    }
+    timed = run.best_interleaved(specs, rounds=run.repeat)
+    ours_r, bare_r = timed[f"prep-ours-{lines}-random-ids"], timed[f"prep-bare-{lines}-random-ids"]
+    rows.append(
+        _prep_vs_parse_limit(
+            "  same, random (UUID) custom_ids",
+            rnd_mb / ours_r["seconds"],
+            rnd_mb / bare_r["seconds"],
+            note=f"peak RSS {ours_r['peak_rss_mb']:.0f} MB",
+        )
+    )
+    rnd.unlink()
+    # Ablation: every block checked line by line (the diagnosis path), as if no block decode existed.
+    one_by_one = run.best(
+        f"prep-ours-{lines}-line-by-line", _case("prep_ours_line_by_line", path=str(path), work_dir=out)
+    )
+    rows.append(
+        Row(
+            "  ablation: block decode off (every line diagnosed)",
+            "MB/s",
+            mb / one_by_one["seconds"],
+            "ours, block decode on (idle, above)",
+            ours_mbps,
+            target="(info)",
+        )
+    )
     return rows
 
 

@@ -32,6 +32,14 @@ def prep_ours(path: str, work_dir: str) -> dict[str, Any]:
     return result
 
 
+def prep_ours_line_by_line(path: str, work_dir: str) -> dict[str, Any]:
+    """:func:`prep_ours` with the block decode off: every line goes through the diagnosis (an ablation)."""
+    from airflow_openai_batch.core.requests import RequestRules
+
+    RequestRules.check_block = lambda self, lines, data=None: None  # type: ignore[method-assign]
+    return prep_ours(path, work_dir)
+
+
 def prep_bare(path: str, work_dir: str) -> dict[str, Any]:
     """The parse limit: a loop that only parses each line with orjson (no checks, no output)."""
     loads = orjson.loads
@@ -193,6 +201,7 @@ def collect_naive(folder: str, work_dir: str, output_format: str) -> dict[str, A
 
 CASES = {
     "prep_ours": prep_ours,
+    "prep_ours_line_by_line": prep_ours_line_by_line,
     "prep_bare": prep_bare,
     "prep_naive": prep_naive,
     "collect_ours": collect_ours,
