@@ -244,6 +244,20 @@ class PriceTable:
             }
         return result
 
+    def totals(self, usage_by_model: Mapping[str, Mapping[str, int]]) -> dict[str, Any]:
+        """Token and cost totals over every model: the Asset event's ``extra`` and the summary's totals.
+
+        :param usage_by_model: as for :meth:`cost_by_model`.
+        :return: ``{"input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens",
+            "cost_usd"}``; ``cost_usd`` is ``None`` when a model with usage has no price.
+        """
+        keys = ("input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens")
+        result: dict[str, Any] = {
+            key: sum(int(usage.get(key) or 0) for usage in usage_by_model.values()) for key in keys
+        }
+        result["cost_usd"] = self.estimate_cost(usage_by_model)
+        return result
+
     def estimate_cost(self, usage_by_model: Mapping[str, Mapping[str, int]]) -> float | None:
         """The total USD cost of the usage (the summary's ``estimated_cost_usd``).
 

@@ -218,9 +218,16 @@ def test_cached_input_and_reasoning_are_priced_apart() -> None:
     assert o4["total_usd"] == pytest.approx(0.55 + 4.4)  # reasoning is inside the output, not added
     assert set(costs["mystery-model"].values()) == {None}
     # the total refuses to ignore the unpriced model's spend; without it, it adds up the rest
-    assert table.estimate_cost(usage) is None
+    assert table.estimate_cost(usage) is None and table.totals(usage)["cost_usd"] is None
     del usage["mystery-model"]
     assert table.estimate_cost(usage) == pytest.approx(0.4125 + 4.95)
+    assert table.totals(usage) == {
+        "input_tokens": 3_000_000,
+        "cached_input_tokens": 1_000_000,
+        "output_tokens": 3_000_000,
+        "reasoning_tokens": 1_500_000,
+        "cost_usd": table.estimate_cost(usage),
+    }
     assert table.estimate_cost({}) == 0.0
 
 
