@@ -27,27 +27,32 @@ partitions by input row range), and the input is streamed once in record batches
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import re
 import string
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 
 from airflow_openai_batch.core.jsonl import DEFAULT_CHUNK_SIZE, LineIterator, lines_from_raw_blocks
 from airflow_openai_batch.core.prepare import normalize_endpoint
-from airflow_openai_batch.exceptions import InputProblem, OpenAIBatchInputError
+from airflow_openai_batch.exceptions import InputProblem, OpenAIBatchInputError, OpenAIBatchJoinError
 
 __all__ = [
     "ANSWER_COLUMNS",
     "NULL_POLICIES",
     "PROMPT_FIELDS",
     "TABLE_FORMATS",
+    "JoinSummary",
     "TableInput",
     "TableRequests",
     "TableSource",
+    "join_answers",
     "table_format",
 ]
 
@@ -97,6 +102,8 @@ FAILED = "failed"
 _BATCH_ROWS = 16_384
 #: Rows per record batch read when joining (no lines are built, only columns taken).
 _JOIN_BATCH_ROWS = 65_536
+#: Rows turned into Python objects at a time when writing ``answers.jsonl``.
+_JSONL_ROWS = 4096
 #: Answers held in memory for the join before they are spilled to row-range partitions on disk.
 JOIN_MEMORY_BUDGET = 256 << 20
 #: Bytes that need escaping in a JSON string: every control character, the quote and the backslash.
@@ -930,3 +937,573 @@ class TableSource:
                 "endpoint": rest.get("e"),
             }
         )
+
+
+# -- answers joined back to their rows --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JoinSummary:
+    """What :func:`join_answers` wrote.
+
+    :param path: the answers file (``answers.parquet`` or ``answers.jsonl``).
+    :param rows: rows written: the input's rows, in input order.
+    :param succeeded: rows whose request succeeded.
+    :param failed: rows whose request failed.
+    :param unanswered: rows that no success or failure record mentions (``status`` null): batches left
+        out of the collect.
+    :param columns: the file's columns, input columns first.
+    :param partitions: answer partitions spilled to disk (0: the answers were held in memory).
+    """
+
+    path: Path
+    rows: int
+    succeeded: int
+    failed: int
+    unanswered: int
+    columns: list[str]
+    partitions: int = 0
+
+
+class _UsageView(msgspec.Struct):
+    input_tokens: Any = None
+    output_tokens: Any = None
+    total_tokens: Any = None
+    prompt_tokens: Any = None
+    completion_tokens: Any = None
+
+
+class _SuccessView(msgspec.Struct):
+    """What the join reads of a JSONL success record (decoding skips the rest, ``body`` included)."""
+
+    custom_id: Any = None
+    content: Any = None
+    embedding: Any = None
+    usage: _UsageView | None = None
+    parsed: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    tool_calls: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    finish_reason: Any = msgspec.UNSET
+
+
+class _FailureView(msgspec.Struct):
+    custom_id: Any = None
+    error_code: Any = None
+    error_message: Any = None
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if type(value) is int else None
+
+
+class _AnswerReader:
+    """The success and failure records of a collect as Arrow batches of one shape (:meth:`schema`).
+
+    Parquet columns are read as they are (a structured answer's ``parsed`` keeps its struct type), a row
+    group at a time. JSONL records are decoded a block at a time with typed views that skip the rest of a
+    record (its ``body`` above all); ``parsed`` and ``tool_calls`` are kept as their JSON text.
+    """
+
+    def __init__(self, pa: Any, successes: Path | None, failures: Path | None, embeddings: bool) -> None:
+        self.pa = pa
+        self.successes = successes
+        self.failures = failures
+        self.embeddings = embeddings
+        self.usage_type = pa.struct(
+            [(k, pa.int64()) for k in ("input_tokens", "output_tokens", "total_tokens")]
+        )
+        self.answer = "embedding" if embeddings else "content"
+        self.types: dict[str, Any] = {
+            "custom_id": pa.string(),
+            "status": pa.string(),
+            self.answer: pa.list_(pa.float32()) if embeddings else pa.string(),
+        }
+        #: Answer columns the answers file gets: the fixed ones, and optional ones the records carry.
+        self.present = {"status", self.answer, "error_code", "error_message", "usage"}
+        #: Optional columns that hold JSON text (from JSONL records).
+        self.json_text: set[str] = set()
+        if successes is not None and _is_parquet(successes):
+            schema = _pq().ParquetFile(str(successes)).schema_arrow
+            for name in _OPTIONAL_ANSWERS:
+                if name in schema.names:
+                    self.types[name] = schema.field(name).type
+                    self.present.add(name)
+        elif successes is not None:
+            # Which of them the records carry is known once they were read (see _jsonl_successes).
+            for name in _OPTIONAL_ANSWERS:
+                self.types[name] = pa.string()
+                if name != "finish_reason":
+                    self.json_text.add(name)
+        self.types.update(error_code=pa.string(), error_message=pa.string(), usage=self.usage_type)
+
+    def schema(self) -> Any:
+        return self.pa.schema(list(self.types.items()))
+
+    def batches(self) -> Iterator[Any]:
+        """All answers (successes, then failures), as batches of :meth:`schema`."""
+        if self.successes is not None:
+            if _is_parquet(self.successes):
+                yield from self._parquet_successes(self.successes)
+            else:
+                yield from self._jsonl_successes(self.successes)
+        if self.failures is not None:
+            columns = ["custom_id", "error_code", "error_message"]
+            if _is_parquet(self.failures):
+                for batch in _row_groups(self.failures, columns):
+                    yield self._shaped(batch.num_rows, FAILED, dict(zip(columns, batch.columns, strict=True)))
+            else:
+                decoder = msgspec.json.Decoder(_FailureView)
+                for data in _jsonl_blocks(self.failures):
+                    views = decoder.decode_lines(data)
+                    values = {
+                        "custom_id": [v.custom_id for v in views],
+                        "error_code": [v.error_code for v in views],
+                        "error_message": [v.error_message for v in views],
+                    }
+                    yield self._shaped(len(views), FAILED, values)
+
+    def ids(self) -> Iterator[Any]:
+        """The answers' ``custom_id`` values only, in the order of :meth:`batches`."""
+        decoder = msgspec.json.Decoder(_IdView)
+        for path in (self.successes, self.failures):
+            if path is None:
+                continue
+            if _is_parquet(path):
+                for batch in _row_groups(path, ["custom_id"]):
+                    yield batch.column(0)
+            else:
+                for data in _jsonl_blocks(path):
+                    yield self.pa.array([v.custom_id for v in decoder.decode_lines(data)], self.pa.string())
+
+    def _shaped(self, rows: int, status: str, columns: Mapping[str, Any]) -> Any:
+        """A batch of the common shape: the given columns, nulls for the others."""
+        pa = self.pa
+        arrays = []
+        for name, type_ in self.types.items():
+            value = columns.get(name)
+            if name == "status":
+                arrays.append(pa.array([status] * rows, pa.string()))
+            elif value is None:
+                arrays.append(pa.nulls(rows, type_))
+            elif isinstance(value, list):
+                arrays.append(pa.array(value, type_))
+            else:
+                arrays.append(value if value.type == type_ else value.cast(type_))
+        return pa.RecordBatch.from_arrays(arrays, schema=self.schema())
+
+    def _parquet_successes(self, path: Path) -> Iterator[Any]:
+        names = _pq().ParquetFile(str(path)).schema_arrow.names
+        wanted = [n for n in self.types if n in names and n not in ("status", "error_code", "error_message")]
+        for batch in _row_groups(path, wanted):
+            columns = dict(zip(wanted, batch.columns, strict=True))
+            usage = columns.get("usage")
+            if usage is not None and usage.type != self.usage_type:
+                columns["usage"] = self._usage_struct(usage)
+            yield self._shaped(batch.num_rows, SUCCEEDED, columns)
+
+    def _usage_struct(self, usage: Any) -> Any:
+        """A usage struct of another shape (e.g. with more counts) as the three counts answers keep."""
+        pa = self.pa
+        pc = pa.compute
+        names = [f.name for f in usage.type]
+        fields = []
+        for name, alias in (
+            ("input_tokens", "prompt_tokens"),
+            ("output_tokens", "completion_tokens"),
+            ("total_tokens", None),
+        ):
+            source = name if name in names else alias if alias in names else None
+            if source is None:
+                fields.append(pa.nulls(len(usage), pa.int64()))
+            else:
+                fields.append(pc.struct_field(usage, source).cast(pa.int64()))
+        return pa.StructArray.from_arrays(fields, fields=list(self.usage_type), mask=usage.is_null())
+
+    def _jsonl_successes(self, path: Path) -> Iterator[Any]:
+        pa = self.pa
+        decoder = msgspec.json.Decoder(_SuccessView)
+        optional = [n for n in _OPTIONAL_ANSWERS if n in self.types]
+        unset = msgspec.UNSET
+        for data in _jsonl_blocks(path):
+            views = decoder.decode_lines(data)
+            counts: list[list[int | None]] = [[], [], []]
+            unused: list[bool] = []
+            for view in views:
+                usage = view.usage
+                if usage is None:
+                    for column in counts:
+                        column.append(None)
+                    unused.append(True)
+                    continue
+                inp = usage.input_tokens if usage.input_tokens is not None else usage.prompt_tokens
+                out = usage.output_tokens if usage.output_tokens is not None else usage.completion_tokens
+                counts[0].append(_int_or_none(inp))
+                counts[1].append(_int_or_none(out))
+                counts[2].append(_int_or_none(usage.total_tokens))
+                unused.append(False)
+            columns: dict[str, Any] = {
+                "custom_id": [v.custom_id for v in views],
+                self.answer: [v.embedding if self.embeddings else v.content for v in views],
+                "usage": pa.StructArray.from_arrays(
+                    [pa.array(c, pa.int64()) for c in counts],
+                    fields=list(self.usage_type),
+                    mask=pa.array(unused, pa.bool_()),
+                ),
+            }
+            for name in optional:
+                values = [getattr(v, name) for v in views]
+                if any(v is not unset for v in values):
+                    self.present.add(name)
+                    if name in self.json_text:
+                        columns[name] = [None if v is unset else bytes(v).decode() for v in values]
+                    else:
+                        columns[name] = [None if v is unset else v for v in values]
+            yield self._shaped(len(views), SUCCEEDED, columns)
+
+
+class _IdView(msgspec.Struct):
+    custom_id: Any = None
+
+
+def _row_groups(path: Path, columns: list[str]) -> Iterator[Any]:
+    """A Parquet file's columns a row group at a time (batches that span row groups cost a copy)."""
+    reader = _pq().ParquetFile(str(path))
+    for index in range(reader.num_row_groups):
+        yield from reader.read_row_group(index, columns=columns).to_batches()
+
+
+def _pq() -> Any:
+    _pa()
+    import pyarrow.parquet
+
+    return pyarrow.parquet
+
+
+def _is_parquet(path: Path) -> bool:
+    return path.name.endswith((".parquet", ".parquet" + _PARTIAL))
+
+
+def _jsonl_blocks(path: Path, size: int = 8 << 20) -> Iterator[bytes]:
+    """A JSONL file as blocks of whole lines (blank lines dropped by the decoder)."""
+    from airflow_openai_batch.core.jsonl import iter_raw_blocks
+
+    with open(path, "rb") as stream:
+        yield from iter_raw_blocks(stream, size)
+
+
+class _Spill:
+    """Answers too large to hold, in Arrow IPC files in ``work_dir``: one per range of input rows, each
+    small enough to be held on its own while its rows are written."""
+
+    def __init__(self, pa: Any, schema: Any, work_dir: Path, rows: int, count: int) -> None:
+        self.pa = pa
+        self.part_rows = max(1, -(-rows // count))
+        self.paths = [work_dir / f"answers-{i:04d}.arrow" for i in range(-(-max(rows, 1) // self.part_rows))]
+        work_dir.mkdir(parents=True, exist_ok=True)
+        schema = schema.append(pa.field("__row", pa.int64()))
+        self._writers = [pa.ipc.new_file(str(path), schema) for path in self.paths]
+
+    def add(self, batch: Any, rows: Any) -> None:
+        """Append answers with the input row each one answers (answers of no row are dropped)."""
+        pc = self.pa.compute
+        part = pc.divide(rows, self.part_rows)
+        batch = batch.append_column("__row", rows)
+        for index in pc.unique(part).drop_null().to_pylist():
+            self._writers[index].write_batch(batch.filter(pc.equal(part, index)))
+
+    def close(self) -> None:
+        for writer in self._writers:
+            writer.close()
+
+    def partition(self, index: int) -> Any:
+        """The answers of the ``index``-th row range, as one table."""
+        with self.pa.memory_map(str(self.paths[index])) as source:
+            return self.pa.ipc.open_file(source).read_all()
+
+    def cleanup(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+        for path in self.paths:
+            path.unlink(missing_ok=True)
+
+
+def join_answers(
+    table: TableInput,
+    source: TableSource,
+    *,
+    successes: Path | str | None,
+    failures: Path | str | None,
+    destination: Path | str,
+    keep_columns: Sequence[str] | None = None,
+    memory_budget: int = JOIN_MEMORY_BUDGET,
+    work_dir: Path | str | None = None,
+) -> JoinSummary:
+    """Write the answers joined back to their input rows: ``answers.parquet`` or ``answers.jsonl``.
+
+    One row per input row, in input order: the input's columns (all, or ``keep_columns``, in that order)
+    with their types, then the answer columns (see :data:`ANSWER_COLUMNS`): ``status`` (``succeeded`` /
+    ``failed``), ``content`` (``embedding`` for embeddings), ``parsed`` / ``tool_calls`` /
+    ``finish_reason`` when the success records carry them, ``error_code``, ``error_message`` and ``usage``
+    (``input_tokens``, ``output_tokens``, ``total_tokens``).
+
+    The file is written as ``<destination>.partial`` and renamed when complete.
+
+    :param table: the input table, opened again at its :class:`TableSource` location.
+    :param source: what submit recorded about the table (id column, row count, endpoint).
+    :param successes: the collect's ``successes.jsonl`` / ``.parquet`` (local), or ``None``.
+    :param failures: the collect's ``failures.jsonl`` / ``.parquet`` (local), or ``None``.
+    :param destination: the local file to write; its suffix (``.parquet`` / ``.jsonl``) is the format.
+    :param keep_columns: the input columns to keep (``None``: all).
+    :param memory_budget: bytes of answers held in memory before they are spilled to ``work_dir``.
+    :param work_dir: where spilled partitions go (default: a temporary folder beside ``destination``).
+    :raises ValueError: ``keep_columns`` names a column the table lacks, or a kept column has the name of
+        an answer column.
+    :raises OpenAIBatchJoinError: the table changed since submit (another row count, or answers whose
+        ``custom_id`` is no row's id).
+    """
+    pa = _pa()
+    pc = pa.compute
+    destination = Path(destination)
+    fmt = (
+        "parquet" if destination.suffix == ".parquet" else "jsonl" if destination.suffix == ".jsonl" else None
+    )
+    if fmt is None:
+        raise ValueError(f"the answers file must end in .parquet or .jsonl, not {destination.name!r}")
+    id_column = source.id_column
+    schema = table.schema([id_column])
+    columns = list(schema.names if keep_columns is None else keep_columns)
+    unknown = [c for c in columns if c not in schema.names]
+    if unknown:
+        raise ValueError(f"keep_columns names {unknown}, which the table lacks (columns: {schema.names})")
+    clash = [c for c in columns if c in ANSWER_COLUMNS]
+    if clash:
+        raise ValueError(
+            f"the table's column(s) {clash} have the names of answer columns; "
+            "leave them out with keep_columns"
+        )
+    answers = _AnswerReader(
+        pa, _opt_path(successes), _opt_path(failures), source.endpoint == "/v1/embeddings"
+    )
+    # The input's ids first (one pass over one column): the row count is checked before anything is
+    # written, and the answers are found by row with one hash lookup over all of them.
+    chunks = table.batches([id_column], string_columns=[id_column], batch_rows=_JOIN_BATCH_ROWS)
+    ids = pa.chunked_array([_as_text(pa, b.column(0)) for b in chunks], pa.string()).combine_chunks()
+    if len(ids) != source.row_count:
+        raise _changed(table, source, f"it has {len(ids):,} rows, {source.row_count:,} at submit")
+    held: list[Any] | None = []
+    nbytes = 0
+    for batch in answers.batches():
+        held.append(batch)  # type: ignore[union-attr]
+        nbytes += batch.nbytes
+        if nbytes > memory_budget:
+            held = None  # too large to hold: read again below, into row-range partitions on disk
+            break
+    answer_schema = answers.schema()
+    scratch = Path(work_dir) if work_dir is not None else destination.parent / f".{destination.name}.work"
+    partial = destination.with_name(destination.name + _PARTIAL)
+    spill: _Spill | None = None
+    writer: _AnswersWriter | None = None
+    counts = {"rows": 0, SUCCEEDED: 0, FAILED: 0, "unanswered": 0}
+    try:
+        if held is None:
+            # Where each answer goes: all custom_ids first (a cheap read), one lookup for all of them.
+            answer_ids = pa.chunked_array(list(answers.ids()), pa.string()).combine_chunks()
+            rows = pc.index_in(answer_ids, value_set=ids).cast(pa.int64())
+            unmatched = rows.null_count
+            del answer_ids
+            spill = _Spill(pa, answer_schema, scratch, len(ids), _partition_count(answers, memory_budget))
+            done = 0
+            for batch in answers.batches():
+                spill.add(batch, rows.slice(done, batch.num_rows))
+                done += batch.num_rows
+            spill.close()
+            del rows
+        else:
+            held_table = pa.Table.from_batches(held, schema=answer_schema).combine_chunks()
+            held = None
+            positions = pc.index_in(ids, value_set=held_table.column("custom_id"))
+            # Ids are unique on both sides (submit checked the input's), so each found row is one answer.
+            unmatched = held_table.num_rows - (len(positions) - positions.null_count)
+            values = held_table.drop_columns(["custom_id"])
+            del held_table
+        del ids
+        if unmatched:
+            raise _changed(
+                table, source, f"{unmatched:,} answers have a custom_id that is no row's {id_column!r}"
+            )
+        out_schema = pa.schema(
+            [schema.field(c) for c in columns]
+            + [answer_schema.field(n) for n in answer_schema.names[1:] if n in answers.present]
+        )
+        writer = _AnswersWriter(pa, partial, out_schema, fmt, answers.json_text)
+        read = columns or [id_column]  # some column, so that batches count rows
+        stream = _RowStream(table.batches(read, string_columns=[id_column], batch_rows=_JOIN_BATCH_ROWS))
+        if spill is None:
+            values = values.select([n for n in values.column_names if n in answers.present])
+            for batch, first in stream.take(source.row_count):
+                taken = positions.slice(first, batch.num_rows)
+                _write_joined(pa, writer, batch, columns, values.take(taken), taken, counts)
+        else:
+            for part in range(len(spill.paths)):
+                start = part * spill.part_rows
+                stop = min(source.row_count, start + spill.part_rows)
+                held_part = spill.partition(part)
+                row_numbers = held_part.column("__row")
+                values = held_part.select([n for n in answer_schema.names[1:] if n in answers.present])
+                del held_part
+                for batch, first in stream.take(stop - start):
+                    wanted = pa.array(range(start + first, start + first + batch.num_rows), pa.int64())
+                    taken = pc.index_in(wanted, value_set=row_numbers)
+                    _write_joined(pa, writer, batch, columns, values.take(taken), taken, counts)
+                del values, row_numbers
+        if counts["rows"] != source.row_count or stream.more():
+            raise _changed(table, source, "its row count changed while it was read")
+        writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        if spill is not None:
+            spill.cleanup()
+            with contextlib.suppress(OSError):
+                scratch.rmdir()
+    os.replace(partial, destination)
+    return JoinSummary(
+        path=destination,
+        rows=counts["rows"],
+        succeeded=counts[SUCCEEDED],
+        failed=counts[FAILED],
+        unanswered=counts["unanswered"],
+        columns=out_schema.names,
+        partitions=len(spill.paths) if spill is not None else 0,
+    )
+
+
+def _partition_count(answers: _AnswerReader, budget: int) -> int:
+    """Row-range partitions for answers too large to hold, each about half the budget (by file size)."""
+    size = sum(p.stat().st_size for p in (answers.successes, answers.failures) if p is not None)
+    # Arrow holds a Parquet file's answers in a few times its (compressed) size, JSONL's in less.
+    factor = 4 if answers.successes is not None and _is_parquet(answers.successes) else 1
+    return max(2, -(-size * factor // max(1, budget // 2)))
+
+
+def _opt_path(path: Path | str | None) -> Path | None:
+    return Path(path) if path is not None else None
+
+
+def _changed(table: TableInput, source: TableSource, detail: str) -> OpenAIBatchJoinError:
+    return OpenAIBatchJoinError(
+        f"cannot join the answers back to {table.uri}: the table changed since submit ({detail})"
+    )
+
+
+class _RowStream:
+    """Record batches taken a number of rows at a time, cutting batches where a range ends."""
+
+    def __init__(self, batches: Iterator[Any]) -> None:
+        self.batches = batches
+        self.pending: Any = None
+
+    def take(self, rows: int) -> Iterator[tuple[Any, int]]:
+        """Batches holding the next ``rows`` rows, each with its first row's offset in the range."""
+        done = 0
+        while done < rows:
+            batch = self.pending
+            self.pending = None
+            if batch is None:
+                batch = next(self.batches, None)
+                if batch is None:
+                    return
+            if batch.num_rows > rows - done:
+                self.pending = batch.slice(rows - done)
+                batch = batch.slice(0, rows - done)
+            yield batch, done
+            done += batch.num_rows
+
+    def more(self) -> bool:
+        """Whether rows are left after those taken."""
+        if self.pending is None:
+            self.pending = next(self.batches, None)
+        return self.pending is not None
+
+
+def _write_joined(
+    pa: Any,
+    writer: _AnswersWriter,
+    batch: Any,
+    columns: list[str],
+    taken: Any,
+    positions: Any,
+    counts: dict[str, int],
+) -> None:
+    pc = pa.compute
+    arrays = [batch.column(c) for c in columns] + [
+        taken.column(i).combine_chunks() for i in range(taken.num_columns)
+    ]
+    writer.write(pa.RecordBatch.from_arrays(arrays, schema=writer.schema))
+    status = taken.column("status")
+    counts["rows"] += batch.num_rows
+    counts["unanswered"] += positions.null_count
+    for value, n in zip(*_value_counts(pc, status), strict=True):
+        if value in (SUCCEEDED, FAILED):
+            counts[value] += n
+
+
+def _value_counts(pc: Any, array: Any) -> tuple[list[Any], list[int]]:
+    counted = pc.value_counts(array)
+    return counted.field("values").to_pylist(), counted.field("counts").to_pylist()
+
+
+def _json_default(value: Any) -> Any:
+    """Values of Arrow types JSON has no word for: decimals as text, binary as base64."""
+    import base64
+    from decimal import Decimal
+
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    raise TypeError(f"type {type(value).__name__} is not JSON-serializable")
+
+
+class _AnswersWriter:
+    """``answers.parquet`` (zstd, a row group per batch) or ``answers.jsonl`` (a line per row)."""
+
+    def __init__(self, pa: Any, path: Path, schema: Any, fmt: str, json_text: set[str]) -> None:
+        self.path = path
+        self.schema = schema
+        self.fmt = fmt
+        self.json_text = [n for n in json_text if n in schema.names]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if fmt == "parquet":
+            self._parquet = _pq().ParquetWriter(str(path), schema, compression="zstd")
+        else:
+            self._file = open(path, "wb")  # noqa: SIM115 - closed by close() / abort()
+
+    def write(self, batch: Any) -> None:
+        if self.fmt == "parquet":
+            self._parquet.write_batch(batch)
+            return
+        dumps = orjson.dumps
+        option = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
+        # A few thousand rows as Python objects at a time: a whole batch of them would hold hundreds of MB.
+        for start in range(0, batch.num_rows, _JSONL_ROWS):
+            rows = batch.slice(start, _JSONL_ROWS).to_pylist()
+            for name in self.json_text:
+                # Answers kept as JSON text are written as the JSON they are, not as a string.
+                for row in rows:
+                    text = row[name]
+                    if text is not None:
+                        row[name] = orjson.Fragment(text)
+            self._file.write(b"".join([dumps(row, default=_json_default, option=option) for row in rows]))
+
+    def close(self) -> None:
+        if self.fmt == "parquet":
+            self._parquet.close()
+        else:
+            self._file.close()
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+        self.path.unlink(missing_ok=True)
