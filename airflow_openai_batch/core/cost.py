@@ -940,6 +940,23 @@ def _sum_or_none(values: Iterable[float | int | None]) -> Any:
     return total
 
 
+_TOTALLED = (
+    "requests",
+    "input_tokens",
+    "output_tokens_max",
+    "output_tokens_expected",
+    "unbounded_requests",
+    "cost_min",
+    "cost_expected",
+    "cost_max",
+)
+
+
+def _totals(chunks: Sequence[ChunkEstimate]) -> dict[str, Any]:
+    """The sums of the chunks' additive figures (a sum is ``None`` when one of its terms is)."""
+    return {name: _sum_or_none(getattr(chunk, name) for chunk in chunks) for name in _TOTALLED}
+
+
 def _usd(value: float | None) -> str:
     return "unknown" if value is None else f"${value:,.4f}"
 
@@ -1073,6 +1090,7 @@ class CostEstimator:
                 for t in self._tallies
                 if (price := self.prices.price_for(t.model)) is not None
             },
+            **_totals(chunks),
         )
 
 
@@ -1085,45 +1103,23 @@ class CostEstimate:
     :param prices_as_of: the price table's date.
     :param unpriced_models: models of the input that the price table does not know.
     :param model_limits: the output limit of each priced model (the bound of an unbounded line).
+    :param requests: the totals over the chunks, as in :class:`ChunkEstimate` (likewise below).
     """
 
     chunks: list[ChunkEstimate]
     counter: str
     prices_as_of: str | None
     unpriced_models: list[str]
-    model_limits: Mapping[str, int | None] = field(default_factory=dict)
-
-    @property
-    def requests(self) -> int:
-        return sum(c.requests for c in self.chunks)
-
-    @property
-    def input_tokens(self) -> int:
-        return sum(c.input_tokens for c in self.chunks)
-
-    @property
-    def output_tokens_max(self) -> int | None:
-        return _sum_or_none(c.output_tokens_max for c in self.chunks)
-
-    @property
-    def output_tokens_expected(self) -> int:
-        return sum(c.output_tokens_expected for c in self.chunks)
-
-    @property
-    def unbounded_requests(self) -> int:
-        return sum(c.unbounded_requests for c in self.chunks)
-
-    @property
-    def cost_min(self) -> float | None:
-        return _sum_or_none(c.cost_min for c in self.chunks)
-
-    @property
-    def cost_expected(self) -> float | None:
-        return _sum_or_none(c.cost_expected for c in self.chunks)
-
-    @property
-    def cost_max(self) -> float | None:
-        return _sum_or_none(c.cost_max for c in self.chunks)
+    model_limits: Mapping[str, int | None]
+    # The totals over the chunks (:func:`_totals`); ``None`` where a chunk's figure is unknown.
+    requests: int
+    input_tokens: int
+    output_tokens_max: int | None
+    output_tokens_expected: int
+    unbounded_requests: int
+    cost_min: float | None
+    cost_expected: float | None
+    cost_max: float | None
 
     def unbounded_lines(self) -> list[int]:
         """The first :data:`KEEP_LINES` line numbers without an output cap."""
