@@ -430,37 +430,27 @@ def exact_counter(encoding: str) -> TokenCounter | None:
 
 
 def _value_texts(value: Any, texts: list[str]) -> int:
-    """A prompt-like value: a str, a list of str, a token list, or a list of token lists."""
+    """A prompt-like value: a str; or a list of str, of token ids (one token each), of token-id lists, or
+    of typed parts (``{"type": "text", "text": ...}``, image parts)."""
     if isinstance(value, str):
         texts.append(value)
         return 0
     fixed = 0
     if isinstance(value, list):
         for item in value:
-            if isinstance(item, bool):
+            if isinstance(item, str):
+                texts.append(item)
+            elif isinstance(item, bool):
                 continue
-            if isinstance(item, int):
+            elif isinstance(item, int):
                 fixed += 1
-            else:
+            elif isinstance(item, list):
                 fixed += _value_texts(item, texts)
-    return fixed
-
-
-def _content_texts(content: Any, texts: list[str]) -> int:
-    """A message's ``content``: a str or a list of typed parts (text, image, ...)."""
-    if isinstance(content, str):
-        texts.append(content)
-        return 0
-    fixed = 0
-    if isinstance(content, list):
-        for part in content:
-            if isinstance(part, str):
-                texts.append(part)
-            elif isinstance(part, Mapping):
-                text = part.get("text")
+            elif isinstance(item, Mapping):
+                text = item.get("text")
                 if isinstance(text, str):
                     texts.append(text)
-                elif "image_url" in part or part.get("type") in ("image_url", "input_image"):
+                elif "image_url" in item or item.get("type") in ("image_url", "input_image"):
                     fixed += IMAGE_PART_TOKENS
     return fixed
 
@@ -489,7 +479,7 @@ def _chat_texts(body: Mapping[str, Any], texts: list[str]) -> int:
         if type(content) is str:  # by far the most common shape
             texts.append(content)
         else:
-            fixed += _content_texts(content, texts)
+            fixed += _value_texts(content, texts)
         if len(message) > 2:  # more than role and content: a name, tool calls...
             name = message.get("name")
             if isinstance(name, str):
@@ -515,7 +505,7 @@ def _responses_texts(body: Mapping[str, Any], texts: list[str]) -> int:
     elif isinstance(items, list):
         for item in items:
             if isinstance(item, Mapping) and "content" in item:
-                fixed += MESSAGE_OVERHEAD_TOKENS + _content_texts(item["content"], texts)
+                fixed += MESSAGE_OVERHEAD_TOKENS + _value_texts(item["content"], texts)
             elif isinstance(item, Mapping):
                 # function_call_output and other typed items: their text is what the model reads.
                 output = item.get("output") or item.get("arguments")
@@ -523,7 +513,7 @@ def _responses_texts(body: Mapping[str, Any], texts: list[str]) -> int:
                     texts.append(output)
                 fixed += MESSAGE_OVERHEAD_TOKENS
             else:
-                fixed += _content_texts([item], texts)
+                fixed += _value_texts([item], texts)
     if "tools" in body:
         _json_texts(body, ("tools",), texts)
     text_options = body.get("text")
@@ -537,11 +527,7 @@ def _prompt_texts(body: Mapping[str, Any], texts: list[str]) -> int:
 
 
 def _input_texts(body: Mapping[str, Any], texts: list[str]) -> int:
-    value = body.get("input")
-    if isinstance(value, list) and any(isinstance(item, Mapping) for item in value):
-        # Multi-modal moderation input: a list of {"type": "text", "text": ...} / image parts.
-        return _content_texts(value, texts)
-    return _value_texts(value, texts)
+    return _value_texts(body.get("input"), texts)
 
 
 _WALKERS: dict[str, Callable[[Mapping[str, Any], list[str]], int]] = {
