@@ -141,7 +141,19 @@ def test_optional_pydantic_fields_are_nullable_and_defaults_required() -> None:
     props = response_schema(Ticket).schema["properties"]
     assert {"type": "null"} in props["assignee"]["anyOf"]
     # A field with a non-None default is required and not nullable: the model gives a value.
-    assert props["priority"] == {"title": "Priority", "type": "integer"}
+    assert props["priority"] == {"type": "integer"}
+
+
+class Titled(BaseModel):
+    plain_name: str
+    custom: str = Field(title="Shown to the model")
+
+
+def test_generated_titles_are_dropped_written_ones_kept() -> None:
+    schema = response_schema(Titled).schema
+    assert "title" not in schema and "title" not in schema["properties"]["plain_name"]
+    assert schema["properties"]["custom"]["title"] == "Shown to the model"
+    assert all("title" not in sub for sub in response_schema(Person).schema["$defs"].values())
 
 
 def test_bare_schema_optional_properties_become_nullable() -> None:
@@ -765,6 +777,11 @@ def test_parsed_column_slow_ways() -> None:
     multiline = ParsedColumn(schema)
     multiline.add_text(json.dumps(json.loads(text), indent=2))
     assert multiline.finish()[0].as_py()["summary"] == "s"
+    # An answer longer than the reader's usual block still fits in one.
+    long = ParsedColumn(schema)
+    for size in (10, 3_000_000, 10):
+        long.add_text(json.dumps({**json.loads(text), "summary": "x" * size}))
+    assert [len(row["summary"]) for row in long.finish().to_pylist()] == [10, 3_000_000, 10]
 
 
 def test_parquet_parsed_column_queried_with_duckdb(

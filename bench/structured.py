@@ -1,0 +1,198 @@
+"""Per-line costs of structured answers (core/schema.py), against the bare orjson parse loop.
+
+``python -m bench.structured [--lines 200000] [--rounds 5]`` prints, each as best-of-rounds wall time
+(rounds interleaved, so a slow spell on a shared host hits both sides) and the same-run ratio:
+
+- **inject**: submit's per-line work (``orjson.loads`` + :meth:`SchemaInjector.inject_line`) vs the bare
+  parse loop over the same request lines (target >= 0.8x);
+- **validate**: :meth:`CompiledSchema.check` of each answer text vs ``orjson.loads`` of the same text;
+- **collect**: parse each result line, :func:`read_answer`, :class:`ParsedColumn` and a Parquet file of
+  the ``parsed`` column vs the bare parse loop over the same result lines (target >= 0.4x).
+
+The generated lines are the emulator's own answers to the Batch guide's ticket-classification schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal, Optional
+
+import orjson
+from pydantic import BaseModel, Field
+
+from airflow_openai_batch.core.schema import (
+    AnswerSchema,
+    ParsedColumn,
+    SchemaInjector,
+    compile_schema,
+    read_answer,
+    response_schema,
+)
+from airflow_openai_batch.emulator.answers import AnswerFaults, shape_answer
+from airflow_openai_batch.emulator.responses import line_usage, response_body
+
+CHAT = "/v1/chat/completions"
+
+
+class Category(str, enum.Enum):
+    billing = "billing"
+    technical = "technical"
+    general = "general"
+
+
+class Ticket(BaseModel):
+    category: Category
+    urgency: Literal["low", "medium", "high"]
+    summary: str
+    confidence: float = Field(ge=0, le=1)
+    tags: list[str]
+    assignee: Optional[str] = None  # noqa: UP045 - pydantic reads the annotation at runtime
+
+
+def request_lines(count: int) -> list[bytes]:
+    return [
+        orjson.dumps(
+            {
+                "custom_id": f"request-{i:07d}",
+                "method": "POST",
+                "url": CHAT,
+                "body": {
+                    "model": "gpt-4o-mini",
+                    "messages": [
+                        {"role": "system", "content": "Classify the support ticket."},
+                        {"role": "user", "content": f"Ticket {i}: my invoice shows a double charge " * 3},
+                    ],
+                    "max_tokens": 200,
+                },
+            }
+        )
+        for i in range(count)
+    ]
+
+
+def result_lines(requests: list[bytes], injector: SchemaInjector, distinct: int = 2000) -> list[bytes]:
+    """Result lines of the emulator's answers (``distinct`` bodies made, then reused under every id)."""
+    bodies = []
+    faults = AnswerFaults(invalid_json=0.01, schema_miss=0.01, refusal=0.01, truncated=0.01)
+    for i, raw in enumerate(requests[:distinct]):
+        line = orjson.loads(injector.inject_line(raw, orjson.loads(raw)))
+        body = line["body"]
+        usage = line_usage(CHAT, body, line["custom_id"], 0)
+        answer = response_body(CHAT, body, line["custom_id"], 0, usage, 1_700_000_000 + i)
+        bodies.append(shape_answer(CHAT, body, answer, line["custom_id"], 0, faults))
+    return [
+        orjson.dumps(
+            {
+                "id": f"batch_req_{i}",
+                "custom_id": f"request-{i:07d}",
+                "response": {"status_code": 200, "request_id": f"req_{i}", "body": bodies[i % distinct]},
+                "error": None,
+            }
+        )
+        for i in range(len(requests))
+    ]
+
+
+def best_of(rounds: int, cases: dict[str, Callable[[], object]]) -> dict[str, float]:
+    best = dict.fromkeys(cases, float("inf"))
+    for _ in range(rounds):
+        for name, work in cases.items():
+            start = time.perf_counter()
+            work()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lines", type=int, default=200_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    n = args.lines
+    spec = response_schema(Ticket)
+    injector = SchemaInjector(spec, CHAT)
+    requests = request_lines(n)
+    results = result_lines(requests, injector)
+    schema = AnswerSchema.of(spec)
+    compiled = compile_schema(spec.schema)
+    # The answer texts that are JSON (what a bare loads can also take), valid against the schema or not.
+    texts = []
+    for raw in results:
+        text = read_answer("chat", orjson.loads(raw)["response"]["body"], schema).text
+        try:
+            orjson.loads(text or "")
+        except orjson.JSONDecodeError:
+            continue
+        texts.append(text)
+    loads = orjson.loads
+
+    def bare(lines: list[bytes]) -> Callable[[], None]:
+        def run() -> None:
+            for raw in lines:
+                loads(raw)
+
+        return run
+
+    def inject() -> None:
+        inject_line = injector.inject_line
+        for raw in requests:
+            inject_line(raw, loads(raw))
+
+    def bare_texts() -> None:
+        for text in texts:
+            loads(text)
+
+    def validate() -> None:
+        check = compiled.check
+        for text in texts:
+            check(text)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-structured-"))
+
+    def collect() -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        column = ParsedColumn(spec.schema)
+        add = column.add
+        ids = []
+        for raw in results:
+            line = loads(raw)
+            ids.append(line["custom_id"])
+            add(read_answer("chat", line["response"]["body"], schema))
+        pq.write_table(pa.table({"custom_id": ids, "parsed": column.finish()}), tmp / "parsed.parquet")
+
+    timings = best_of(
+        args.rounds,
+        {
+            "bare requests": bare(requests),
+            "inject": inject,
+            "bare texts": bare_texts,
+            "validate": validate,
+            "bare results": bare(results),
+            "collect": collect,
+        },
+    )
+    rows = [
+        ("inject (loads + inject_line)", "bare requests", "inject", 0.8),
+        ("validate (CompiledSchema.check)", "bare texts", "validate", None),
+        ("collect (loads + read_answer + ParsedColumn + Parquet)", "bare results", "collect", 0.4),
+    ]
+    print(f"{n} lines, best of {args.rounds} interleaved rounds")
+    for label, base, case, target in rows:
+        ratio = timings[base] / timings[case]
+        per_line = (timings[case] - timings[base]) / n * 1e6
+        goal = f" (target >= {target}x)" if target else ""
+        print(
+            f"{label}: {n / timings[case]:,.0f}/s vs bare {n / timings[base]:,.0f}/s = {ratio:.2f}x{goal}; "
+            f"+{per_line:.2f} us per line"
+        )
+
+
+if __name__ == "__main__":
+    main()
