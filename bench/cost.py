@@ -4,6 +4,8 @@ Runs in one child process (``kind: "cost"``), all variants interleaved round by 
 generated chat requests (so slow spells of a shared host hit them alike), best round kept:
 
 * the bare orjson parse loop (the submit prep target's baseline);
+* a typed msgspec decode of the fields validation reads (prepare's fast-path shape), and the same naming
+  the output-cap fields too, with the cap summed (the estimate's cost on that path);
 * + reading each line's output cap into local sums (the least any estimate must do per line);
 * + the whole default estimate inlined as a hot loop would (cap sums, 1 line in 32 sampled);
 * + :meth:`ChunkTally.add` per line, default sampled counting (1 line in 32);
@@ -29,7 +31,7 @@ BARE = "bare orjson parse loop"
 
 
 def _loops(lines: list[bytes]) -> dict[str, Callable[[], int]]:
-    from airflow_openai_batch.core.cost import CostEstimator, output_cap_reader
+    from airflow_openai_batch.core.cost import CostEstimator, output_cap_of_struct, output_cap_reader
 
     loads = orjson.loads
     cap_of = output_cap_reader(CHAT)
@@ -90,14 +92,52 @@ def _loops(lines: list[bytes]) -> dict[str, Callable[[], int]]:
 
         return run
 
+    typed_plain, typed_caps = _typed_decoders()
+    cap_of_struct = output_cap_of_struct(CHAT)
+
+    def typed() -> int:
+        # The shape of prepare's fast path: a typed decode that names a few fields and skips the rest.
+        n = 0
+        for line in lines:
+            typed_plain(line)
+            n += 1
+        return n
+
+    def typed_with_caps() -> int:
+        bound = unbounded = 0
+        for line in lines:
+            cap = cap_of_struct(typed_caps(line).body)
+            if cap is None:
+                unbounded += 1
+            else:
+                bound += cap
+        return bound
+
     return {
         BARE: bare,
+        "typed decode (prepare's fast-path shape)": typed,
+        "typed decode naming the cap fields + cap rule": typed_with_caps,
         "+ output cap read inline": caps_inline,
         "+ estimate inlined (cap sums, 1 in 32 sampled)": hot_loop,
         "+ ChunkTally.add, sampled (default)": tally("sampled"),
         "+ ChunkTally.add, heuristic every line": tally("heuristic"),
         "+ ChunkTally.add, exact every line": tally("exact"),
     }
+
+
+def _typed_decoders() -> tuple[Callable[[bytes], Any], Callable[[bytes], Any]]:
+    """Two msgspec decoders of a request line: the fields validation reads, and the same plus the body
+    fields the output cap is read from (the rest of the body is skipped by both)."""
+    import msgspec
+
+    from airflow_openai_batch.core.cost import output_cap_fields
+
+    def request(extra: list[tuple[str, Any, Any]]) -> Any:
+        body = msgspec.defstruct("Body", [("model", str), ("stream", bool | None, None), *extra], gc=False)
+        top = [("custom_id", str), ("method", str), ("url", str), ("body", body)]
+        return msgspec.json.Decoder(msgspec.defstruct("Request", top, gc=False)).decode
+
+    return request([]), request([(name, Any, None) for name in output_cap_fields(CHAT)])
 
 
 def _throughput(texts: list[str], encoding: str) -> dict[str, float]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import heapq
 import importlib.resources
 import json
+import operator
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -57,6 +58,8 @@ __all__ = [
     "TokenCounter",
     "encoding_for_model",
     "exact_counter",
+    "output_cap_fields",
+    "output_cap_of_struct",
     "output_cap_reader",
     "request_token_estimator",
     "token_count_mode",
@@ -604,45 +607,50 @@ def request_token_estimator(endpoint: str) -> Callable[[Mapping[str, Any]], int]
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 
-def _positive_int(value: Any) -> int | None:
-    return value if type(value) is int and value > 0 else None
+def _times(value: Any) -> int:
+    """How many answers ``n`` / ``best_of`` ask for (1 unless a valid count above 1)."""
+    return value if type(value) is int and value > 1 else 1
 
 
-def _choices(body: Mapping[str, Any]) -> int:
-    n = body.get("n")
-    return n if type(n) is int and n > 1 else 1
+# One rule per endpoint, over the values of its OUTPUT_CAP_FIELDS in order (None where a field is absent).
 
 
-def _chat_cap(body: Mapping[str, Any]) -> int | None:
-    cap = body.get("max_completion_tokens")
-    if cap is None:
-        cap = body.get("max_tokens")
+def _chat_cap(max_completion_tokens: Any, max_tokens: Any, n: Any) -> int | None:
+    cap = max_tokens if max_completion_tokens is None else max_completion_tokens
     if type(cap) is not int or cap <= 0:
         return None
-    return cap * _choices(body) if "n" in body else cap
+    return cap if n is None else cap * _times(n)
 
 
-def _responses_cap(body: Mapping[str, Any]) -> int | None:
-    return _positive_int(body.get("max_output_tokens"))
+def _responses_cap(max_output_tokens: Any) -> int | None:
+    return max_output_tokens if type(max_output_tokens) is int and max_output_tokens > 0 else None
 
 
-def _completions_cap(body: Mapping[str, Any]) -> int:
-    cap = _positive_int(body.get("max_tokens")) or COMPLETIONS_DEFAULT_MAX_TOKENS
-    best_of = body.get("best_of")
+def _completions_cap(max_tokens: Any, n: Any, best_of: Any) -> int:
+    cap = max_tokens if type(max_tokens) is int and max_tokens > 0 else COMPLETIONS_DEFAULT_MAX_TOKENS
     # best_of generates that many completions server-side, and every one is billed.
-    runs = max(_choices(body), best_of if type(best_of) is int else 1)
-    return cap * runs
+    return cap * max(_times(n), _times(best_of))
 
 
-def _no_output(body: Mapping[str, Any]) -> int:
+def _no_output() -> int:
     return 0
 
 
-def _unbounded(body: Mapping[str, Any]) -> None:
+def _unbounded() -> None:
     return None
 
 
-_CAP_READERS: dict[str, Callable[[Mapping[str, Any]], int | None]] = {
+#: The body fields each endpoint's output cap is read from, in the order its rule takes them. A decoder that
+#: names only some fields of the body (a msgspec Struct) names these for :func:`output_cap_of_struct`.
+OUTPUT_CAP_FIELDS: dict[str, tuple[str, ...]] = {
+    "/chat/completions": ("max_completion_tokens", "max_tokens", "n"),
+    "/responses": ("max_output_tokens",),
+    "/completions": ("max_tokens", "n", "best_of"),
+    "/embeddings": (),
+    "/moderations": (),
+}
+
+_CAP_RULES: dict[str, Callable[..., int | None]] = {
     "/chat/completions": _chat_cap,
     "/responses": _responses_cap,
     "/completions": _completions_cap,
@@ -651,17 +659,46 @@ _CAP_READERS: dict[str, Callable[[Mapping[str, Any]], int | None]] = {
 }
 
 
+def output_cap_fields(endpoint: str) -> tuple[str, ...]:
+    """The body fields the output cap of ``endpoint`` is read from (:data:`OUTPUT_CAP_FIELDS`)."""
+    return OUTPUT_CAP_FIELDS.get(_endpoint_path(endpoint), ())
+
+
 def output_cap_reader(endpoint: str) -> Callable[[Mapping[str, Any]], int | None]:
     """The output-token upper bound of one request, for a hot loop (``body -> tokens or None``).
 
     Chat: ``max_completion_tokens`` (else the older ``max_tokens``) times ``n``; responses:
     ``max_output_tokens``; completions: ``max_tokens`` (the API's default 16 when absent) times
     ``max(n, best_of)``; embeddings and moderations: 0. Reasoning tokens are part of these caps, as the API
-    counts them. ``None``: the request sets no cap (unbounded, up to the model's ``max_output_tokens``).
+    counts them. ``None``: the request sets no cap (unbounded, up to the model's ``max_output_tokens``);
+    a cap that is not a positive integer counts as none (the API rejects it; validation says so).
 
     :param endpoint: the batch endpoint, with or without ``/v1``.
     """
-    return _CAP_READERS.get(_endpoint_path(endpoint), _unbounded)
+    path = _endpoint_path(endpoint)
+    rule = _CAP_RULES.get(path, _unbounded)
+    fields = OUTPUT_CAP_FIELDS.get(path, ())
+    if len(fields) == 1:
+        (name,) = fields
+        return lambda body: rule(body.get(name))
+    return lambda body: rule(*map(body.get, fields))
+
+
+def output_cap_of_struct(endpoint: str) -> Callable[[Any], int | None]:
+    """:func:`output_cap_reader` for a body decoded into a typed struct whose fields include
+    :func:`output_cap_fields` (absent fields decoded as ``None``): the same rule, read by attribute.
+
+    :param endpoint: the batch endpoint, with or without ``/v1``.
+    """
+    path = _endpoint_path(endpoint)
+    rule = _CAP_RULES.get(path, _unbounded)
+    fields = OUTPUT_CAP_FIELDS.get(path, ())
+    if not fields:
+        return lambda body: rule()
+    read = operator.attrgetter(*fields)
+    if len(fields) == 1:
+        return lambda body: rule(read(body))
+    return lambda body: rule(*read(body))
 
 
 # -- the estimate at submit ---------------------------------------------------------------------------------

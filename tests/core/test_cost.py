@@ -31,6 +31,8 @@ from airflow_openai_batch.core.cost import (
     PromptTokens,
     encoding_for_model,
     exact_counter,
+    output_cap_fields,
+    output_cap_of_struct,
     output_cap_reader,
     request_token_estimator,
     token_count_mode,
@@ -458,6 +460,28 @@ def test_output_caps_per_endpoint() -> None:
     assert output_cap_reader("/v1/embeddings")({"input": "x"}) == 0
     assert output_cap_reader("/v1/moderations")({"input": "x"}) == 0
     assert output_cap_reader("/v1/images/generations")({"prompt": "x"}) is None
+
+
+def test_output_caps_read_from_a_typed_struct_follow_the_same_rules() -> None:
+    import msgspec
+
+    cases = [
+        (CHAT, {"max_completion_tokens": 50, "n": 3}),
+        (CHAT, {"max_tokens": 30}),
+        (CHAT, {"max_completion_tokens": "50"}),
+        (CHAT, {}),
+        ("/v1/responses", {"max_output_tokens": 1000}),
+        ("/v1/completions", {"max_tokens": 100, "n": 2, "best_of": 5}),
+        ("/v1/completions", {}),
+        ("/v1/embeddings", {"input": "x"}),
+        ("/v1/images/generations", {"prompt": "x"}),
+    ]
+    for endpoint, body in cases:
+        # The body as a typed decoder sees it: only the cap fields, the rest skipped.
+        fields = [(name, Any, None) for name in output_cap_fields(endpoint)]
+        struct = msgspec.defstruct("Body", fields)
+        decoded = msgspec.json.decode(orjson.dumps({**body, "messages": [], "model": "m"}), type=struct)
+        assert output_cap_of_struct(endpoint)(decoded) == output_cap_reader(endpoint)(body), (endpoint, body)
 
 
 # -- the estimate at submit ----------------------------------------------------------------------------------
