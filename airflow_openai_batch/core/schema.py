@@ -59,6 +59,8 @@ __all__ = [
     "responses_finish_reason",
     "strict_json_schema",
     "struct_array",
+    "tool_calls_array",
+    "tool_calls_arrow_type",
 ]
 
 #: The failure codes of answers that came back but are not usable (see :func:`read_answer`).
@@ -1228,6 +1230,23 @@ class RequestSchemas:
         # (encoded format, how many "json_schema" tokens it holds, its schema)
         self._known: list[tuple[bytes, int, AnswerSchema | None]] = []
 
+    def of_block(self, data: bytes, count: int) -> tuple[bool, AnswerSchema | None]:
+        """Whether all ``count`` request lines in ``data`` ask for the same thing, and what.
+
+        ``(True, schema)`` when every line holds one format already seen (or none asks for any: ``(True,
+        None)``), found by a few substring counts over the whole block; ``(False, None)`` when that
+        cannot be told at once: ask :meth:`of_line` line by line.
+        """
+        if b'"json_' not in data and b'"tools"' not in data:
+            return True, None
+        if b'"tools"' in data or b'"json_object"' in data:
+            return False, None
+        tokens = data.count(b'"json_schema"')
+        for fragment, count_in_fragment, schema in self._known:
+            if tokens == count * count_in_fragment and data.count(fragment) == count:
+                return True, schema
+        return False, None
+
     def of_line(self, raw: bytes) -> AnswerSchema | None:
         """The answer schema the request line ``raw`` asks for (``None``: plain text)."""
         if b'"json_' not in raw and b'"tools"' not in raw:
@@ -1426,6 +1445,28 @@ def _struct_converter(converters: dict[str, Callable[[Any], Any]]) -> Callable[[
         return out
 
     return convert
+
+
+def tool_calls_arrow_type() -> Any:
+    """The Arrow type of the ``tool_calls`` column: a list of ``{name, arguments}``, arguments as JSON text
+    (each function has its own parameters, so no one struct fits them all)."""
+    import pyarrow as pa
+
+    return pa.list_(pa.struct([pa.field("name", pa.string()), pa.field("arguments", pa.string())]))
+
+
+def tool_calls_array(rows: Iterable[list[dict[str, Any]] | None]) -> Any:
+    """The ``tool_calls`` of each row (:attr:`StructuredAnswer.tool_calls`, or ``None``) as one Arrow array
+    of :func:`tool_calls_arrow_type`."""
+    import pyarrow as pa
+
+    values = [
+        None
+        if calls is None
+        else [{"name": c["name"], "arguments": _to_json_text(c["arguments"])} for c in calls]
+        for calls in rows
+    ]
+    return pa.array(values, type=tool_calls_arrow_type())
 
 
 def struct_array(values: Iterable[Any], schema: Mapping[str, Any] | None, *, enums: str = "string") -> Any:

@@ -35,6 +35,8 @@ from airflow_openai_batch.core.schema import (
     response_schema,
     strict_json_schema,
     struct_array,
+    tool_calls_array,
+    tool_calls_arrow_type,
 )
 from airflow_openai_batch.emulator import EmulatorServer
 from airflow_openai_batch.exceptions import OpenAIBatchInputError
@@ -663,6 +665,47 @@ def test_request_schemas_cache_and_fast_path() -> None:
     tools = RequestSchemas("responses").of_line(tool_lines(RESPONSES, 1)[0])
     assert tools is not None and set(tools.tools) == {"classify_intent"} and tools.output is None
     assert requests.of_line(b"{broken") is None
+
+
+def test_request_schemas_of_a_whole_block() -> None:
+    requests = RequestSchemas("chat")
+    plain = [orjson.dumps(_line(CHAT)) for _ in range(3)]
+    assert requests.of_block(b"\n".join(plain), 3) == (True, None)
+    lines = injected_lines(CHAT, SPEC, 4)
+    block = b"\n".join(lines)
+    assert requests.of_block(block, 4) == (False, None)  # no format seen yet: line by line
+    schema = requests.of_line(lines[0])
+    assert requests.of_block(block, 4) == (True, schema)
+    mixed = b"\n".join([*lines[:2], plain[0]])
+    assert requests.of_block(mixed, 3) == (False, None)
+    assert requests.of_block(b"\n".join(tool_lines(CHAT, 2)), 2) == (False, None)
+
+
+def test_parsed_json_is_written_into_a_record_as_it_is() -> None:
+    compact = (
+        '{"category":"general","urgency":"low","summary":"s","confidence":1,"tags":[],"assignee":null,'
+        '"priority":2}'
+    )
+    schema = AnswerSchema.of(SPEC)
+    for text in (compact, json.dumps(json.loads(compact), indent=2)):
+        body = {"choices": [{"finish_reason": "stop", "message": {"content": text}}]}
+        answer = read_answer("chat", body, schema)
+        line = orjson.dumps({"custom_id": "a", "parsed": answer.parsed_json()})
+        assert b"\n" not in line and json.loads(line)["parsed"] == json.loads(compact)
+    failed = read_answer(
+        "chat", {"choices": [{"finish_reason": "length", "message": {"content": "{"}}]}, schema
+    )
+    assert failed.parsed_json() is None and failed.parsed is None
+
+
+def test_tool_calls_column() -> None:
+    rows = [[{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": "not json"}], None]
+    array = tool_calls_array(rows)
+    assert array.type == tool_calls_arrow_type()
+    assert array.to_pylist() == [
+        [{"name": "f", "arguments": '{"a":1}'}, {"name": "g", "arguments": '"not json"'}],
+        None,
+    ]
 
 
 # -- Arrow --------------------------------------------------------------------------------------------------
