@@ -56,6 +56,7 @@ __all__ = [
     "PriceTable",
     "PromptTokens",
     "TokenCounter",
+    "cap_summary",
     "encoding_for_model",
     "exact_counter",
     "output_cap_fields",
@@ -701,6 +702,20 @@ def output_cap_of_struct(endpoint: str) -> Callable[[Any], int | None]:
     return lambda body: rule(*read(body))
 
 
+def cap_summary(caps: Sequence[int | None], first_line: int) -> tuple[int, int, list[int]]:
+    """Sum the caps of consecutive lines, for :meth:`ChunkTally.add_summary`.
+
+    :param caps: each line's cap (``None``: it sets none).
+    :param first_line: the line number of ``caps[0]``.
+    :return: ``(sum of the caps set, lines without a cap, the first KEEP_LINES of their line numbers)``.
+    """
+    unbounded = caps.count(None)
+    if not unbounded:
+        return sum(caps), 0, []  # type: ignore[arg-type]
+    lines = [first_line + i for i, cap in enumerate(caps) if cap is None][:KEEP_LINES]
+    return sum(cap for cap in caps if cap is not None), unbounded, lines
+
+
 # -- the estimate at submit ---------------------------------------------------------------------------------
 
 #: Default sampling: one line in this many of each chunk (its first line always) is counted.
@@ -892,14 +907,25 @@ class ChunkTally:
         for (line, size, _), tokens in zip(pending, counts, strict=True):
             self._counted(line, size, tokens)
 
-    def input_tokens(self) -> int:
-        """The chunk's prompt tokens: counted, or scaled from the counted lines by bytes."""
+    def tokens_per_byte(self) -> float | None:
+        """What the counted lines weigh: prompt tokens per byte, or ``None`` before any is counted."""
+        self._count_pending()
+        return self.counted_tokens / self.counted_bytes if self.counted_bytes else None
+
+    def input_tokens(self, tokens_per_byte: float | None = None) -> int:
+        """The chunk's prompt tokens: counted, or scaled by bytes from its counted lines, else by
+        ``tokens_per_byte`` (what the model's samples weigh), else bytes / 4.
+
+        :param tokens_per_byte: the fallback ratio for a chunk without counted lines.
+        """
         self._count_pending()
         if self.counted == self.requests:
             return self.counted_tokens
-        if not self.counted_bytes:
-            return (self.byte_count + 3) // 4
-        return round(self.counted_tokens * self.byte_count / self.counted_bytes)
+        if self.counted_bytes:
+            return round(self.counted_tokens * self.byte_count / self.counted_bytes)
+        if tokens_per_byte is not None:
+            return round(self.byte_count * tokens_per_byte)
+        return (self.byte_count + 3) // 4
 
 
 @dataclass(frozen=True)
@@ -1024,6 +1050,8 @@ class CostEstimator:
         self._cap_of = output_cap_reader(endpoint)
         self._prompts: dict[str, PromptTokens] = {}
         self._tallies: list[ChunkTally] = []
+        #: Lines sampled per model, outside any chunk (see :meth:`sample`).
+        self._samples: dict[str, ChunkTally] = {}
         self._missing_exact = False
 
     def prompt_tokens(self, model: str) -> PromptTokens:
@@ -1059,6 +1087,21 @@ class CostEstimator:
         self._tallies.append(tally)
         return tally
 
+    def sample(self, model: str, line: int, size: int, body: Mapping[str, Any]) -> None:
+        """A line of ``model`` whose prompt is counted, for a caller that samples before it knows the line's
+        chunk (e.g. one line in :attr:`sample_every` of each block it checks). A chunk of that model with no
+        counted line of its own is estimated at what these lines weigh per byte.
+
+        :param model: the line's model.
+        :param line: its line number.
+        :param size: its bytes.
+        :param body: its parsed ``body``.
+        """
+        samples = self._samples.get(model)
+        if samples is None:
+            samples = self._samples[model] = ChunkTally(-1, model, self._cap_of, self.prompt_tokens(model), 1)
+        samples.sample(line, size, body)
+
     def _typical(self, model: str) -> int:
         if self.typical_output_tokens is not None:
             return self.typical_output_tokens
@@ -1066,7 +1109,8 @@ class CostEstimator:
 
     def _estimate(self, tally: ChunkTally) -> ChunkEstimate:
         price = self.prices.price_for(tally.model)
-        input_tokens = tally.input_tokens()
+        samples = self._samples.get(tally.model)
+        input_tokens = tally.input_tokens(samples.tokens_per_byte() if samples is not None else None)
         unbounded = tally.unbounded
         typical = self._typical(tally.model)
         # A line's expected output is min(cap, typical); per chunk, with the caps summed, this is exact when

@@ -29,6 +29,7 @@ from airflow_openai_batch.core.cost import (
     ModelPrice,
     PriceTable,
     PromptTokens,
+    cap_summary,
     encoding_for_model,
     exact_counter,
     output_cap_fields,
@@ -585,6 +586,35 @@ def test_the_hot_loop_api_gives_the_same_estimate_as_add() -> None:
     chunk.add_summary(50, byte_count, bound, unbounded, unbounded_lines, largest)
     assert inlined.finish() == by_add.finish()
     assert by_add.finish().chunks[0].unbounded_lines == (6, 41, 78)
+
+
+def test_samples_taken_per_model_before_the_chunk_is_known_scale_its_bytes() -> None:
+    bodies = [
+        {"messages": [{"role": "user", "content": "word " * (5 + i % 9)}], "max_tokens": 8} for i in range(64)
+    ]
+    sizes = [len(_line(b)) + 1 for b in bodies]
+    caps = [output_cap_reader(CHAT)(b) for b in bodies]
+    caps[3] = None
+    estimator = CostEstimator(CHAT)
+    for i in range(0, 64, estimator.sample_every):  # a block checker samples before placing its lines
+        estimator.sample("gpt-4o", i + 1, sizes[i], bodies[i])
+    for index, (start, stop) in enumerate(((0, 40), (40, 64))):  # two chunks of the same model
+        bound, unbounded, lines = cap_summary(caps[start:stop], start + 1)
+        estimator.chunk(index, "gpt-4o").add_summary(
+            stop - start, sum(sizes[start:stop]), bound, unbounded, lines
+        )
+    first, second = estimator.finish().chunks
+    counted = PromptTokens(CHAT, HEURISTIC).count_many([bodies[0], bodies[32]])
+    per_byte = sum(counted) / (sizes[0] + sizes[32])
+    assert first.input_tokens == round(sum(sizes[:40]) * per_byte)
+    assert second.input_tokens == round(sum(sizes[40:]) * per_byte)
+    assert (first.unbounded_requests, first.unbounded_lines, first.output_tokens_max) == (
+        1,
+        (4,),
+        39 * 8 + 16384,
+    )
+    assert cap_summary([5, 6], 10) == (11, 0, [])
+    assert cap_summary([None] * 12, 1) == (0, 12, list(range(1, KEEP_LINES + 1)))
 
 
 def test_unknown_models_and_limits_leave_the_cost_unknown_not_zero() -> None:
