@@ -46,6 +46,7 @@ __all__ = [
     "IMAGE_PART_TOKENS",
     "MESSAGE_OVERHEAD_TOKENS",
     "O200K_BASE",
+    "OUTPUT_CAP_FIELDS",
     "REQUEST_OVERHEAD_TOKENS",
     "SAMPLE_EVERY",
     "ChunkEstimate",
