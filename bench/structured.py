@@ -15,15 +15,12 @@ The generated lines are the emulator's own answers to the Batch guide's ticket-c
 from __future__ import annotations
 
 import argparse
-import enum
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, Optional
 
 import orjson
-from pydantic import BaseModel, Field
 
 from airflow_openai_batch.core.schema import (
     AnswerSchema,
@@ -39,19 +36,19 @@ from airflow_openai_batch.emulator.responses import line_usage, response_body
 CHAT = "/v1/chat/completions"
 
 
-class Category(str, enum.Enum):
-    billing = "billing"
-    technical = "technical"
-    general = "general"
-
-
-class Ticket(BaseModel):
-    category: Category
-    urgency: Literal["low", "medium", "high"]
-    summary: str
-    confidence: float = Field(ge=0, le=1)
-    tags: list[str]
-    assignee: Optional[str] = None  # noqa: UP045 - pydantic reads the annotation at runtime
+#: The Batch guide's classification answer, as a hand-written schema (an optional assignee).
+TICKET = {
+    "type": "object",
+    "properties": {
+        "category": {"type": "string", "enum": ["billing", "technical", "general"]},
+        "urgency": {"type": "string", "enum": ["low", "medium", "high"]},
+        "summary": {"type": "string"},
+        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "assignee": {"type": "string"},
+    },
+    "required": ["category", "urgency", "summary", "confidence", "tags"],
+}
 
 
 def request_lines(count: int) -> list[bytes]:
@@ -114,7 +111,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     n = args.lines
-    spec = response_schema(Ticket)
+    spec = response_schema({"name": "ticket", "schema": TICKET})
     injector = SchemaInjector(spec, CHAT)
     requests = request_lines(n)
     results = result_lines(requests, injector)

@@ -296,6 +296,26 @@ def strict_json_schema(schema: Mapping[str, Any], *, optional: str = "nullable")
     return result
 
 
+def _resolve_ref(root: Any, ref: str) -> Any:
+    """What a local ``$ref`` (``#/$defs/Name``) points at in ``root``, or ``None``."""
+    if not ref.startswith("#/"):
+        return None
+    target = root
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        target = target.get(part) if isinstance(target, dict) else None
+    return target
+
+
+def _deref(root: Any, node: Any) -> Any:
+    """``node``, or what its chain of ``$ref`` s points at (``None`` if nothing, or a cycle)."""
+    for _ in range(16):
+        if not (isinstance(node, dict) and isinstance(node.get("$ref"), str)):
+            return node
+        node = _resolve_ref(root, node["$ref"])
+    return None
+
+
 class _StrictWalker:
     def __init__(self, root: dict[str, Any], nullable_optional: bool) -> None:
         self.root = root
@@ -391,12 +411,9 @@ class _StrictWalker:
         node["required"] = list(walked)
 
     def _resolve(self, ref: str, path: str) -> dict[str, Any]:
-        target: Any = self.root
-        for part in ref[2:].split("/"):
-            part = part.replace("~1", "/").replace("~0", "~")
-            if not isinstance(target, dict) or part not in target:
-                raise ResponseSchemaError(_path(path, "$ref"), f"{ref!r} points at nothing")
-            target = target[part]
+        target = _resolve_ref(self.root, ref)
+        if target is None:
+            raise ResponseSchemaError(_path(path, "$ref"), f"{ref!r} points at nothing")
         if not isinstance(target, dict):
             raise ResponseSchemaError(_path(path, "$ref"), f"{ref!r} is not a schema object")
         return target
@@ -794,10 +811,7 @@ class _MsgspecCompiler:
         if ref in self._active or not ref.startswith("#/"):
             self.exact = True  # recursive (or remote): checked exactly, msgspec sees Any below this point
             return Any
-        target: Any = self.root
-        for part in ref[2:].split("/"):
-            part = part.replace("~1", "/").replace("~0", "~")
-            target = target.get(part) if isinstance(target, dict) else None
+        target = _resolve_ref(self.root, ref)
         if target is None:
             self.exact = True
             return Any
@@ -864,14 +878,7 @@ class _MsgspecCompiler:
         return None
 
     def _deref(self, node: Any) -> Any:
-        for _ in range(16):
-            if not (isinstance(node, dict) and isinstance(node.get("$ref"), str)):
-                return node
-            target: Any = self.root
-            for part in node["$ref"][2:].split("/"):
-                target = target.get(part) if isinstance(target, dict) else None
-            node = target
-        return None
+        return _deref(self.root, node)
 
     def _checked_union(self, types: list[Any]) -> Any:
         if any(t is Any for t in types):
@@ -1322,12 +1329,9 @@ class _ArrowPlan:
         if isinstance(ref, str):
             if ref in self._active or not ref.startswith("#/"):
                 return self._json_text()
-            target: Any = self.root
-            for part in ref[2:].split("/"):
-                target = target.get(part) if isinstance(target, dict) else None
             self._active.add(ref)
             try:
-                return self._plan(target)
+                return self._plan(_resolve_ref(self.root, ref))
             finally:
                 self._active.discard(ref)
         values = [node["const"]] if "const" in node else node.get("enum")
@@ -1387,14 +1391,7 @@ class _ArrowPlan:
         return pa.struct(fields), (_struct_converter(converters) if converters else None)
 
     def _deref(self, node: Any) -> Any:
-        for _ in range(16):
-            if not (isinstance(node, dict) and isinstance(node.get("$ref"), str)):
-                return node
-            target: Any = self.root
-            for part in node["$ref"][2:].split("/"):
-                target = target.get(part) if isinstance(target, dict) else None
-            node = target
-        return None
+        return _deref(self.root, node)
 
     def _union(self, branches: list[Any]) -> tuple[Any, Callable[[Any], Any] | None]:
         # (the branch as written, for _plan to follow its $ref; the schema it points at, to look at)
