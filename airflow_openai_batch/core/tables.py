@@ -517,8 +517,9 @@ class TableRequests:
             *dict.fromkeys(f.column for f in self._fields.values() if f.plain and f.column != id_column),
         ]
         schema = table.schema(self._string_columns)
-        needed = [id_column, *dict.fromkeys(f.column for f in self._fields.values())]
-        missing = [c for c in needed if c not in schema.names]
+        #: The columns lines are made of (a request_builder gets every column).
+        self._read_columns = list(dict.fromkeys([id_column, *(f.column for f in self._fields.values())]))
+        missing = [c for c in self._read_columns if c not in schema.names]
         if missing:
             names = ", ".join(schema.names)
             problems = [
@@ -628,7 +629,7 @@ class TableRequests:
         pa = self.pa
         problems: list[InputProblem] = []
         counted = [0]
-        columns = None if self.request_builder is not None else self._string_columns
+        columns = None if self.request_builder is not None else self._read_columns
         batches = self.table.batches(columns, string_columns=self._string_columns, batch_rows=self.batch_rows)
         escape = _Escaper(pa)
         self.rows = 0
@@ -861,10 +862,11 @@ class TableSource:
             raise ValueError(f"TableSource.format must be one of {TABLE_FORMATS}, not {self.format!r}")
         if not isinstance(self.row_count, int) or self.row_count < 0:
             raise ValueError(f"TableSource.row_count must be a non-negative integer, not {self.row_count!r}")
-        if re.match(r"^[a-z][a-z0-9+.-]*://[^/]*@", self.uri, re.I) or "?" in self.uri:
-            # It travels in batch metadata and XCom, and lands in logs: no credentials, no signed URLs.
+        if re.match(r"^[a-z][a-z0-9+.-]*://[^/@]*:[^/@]*@", self.uri, re.I) or "?" in self.uri:
+            # It travels in batch metadata and XCom, and lands in logs: no password, no signed URL. (A
+            # connection id as the user part, s3://aws_default@bucket/..., is how Airflow names one.)
             raise ValueError(
-                "the table's location must not carry credentials or a query string (user@host, ?...); "
+                "the table's location must not carry a password or a query string (user:pass@, ?...); "
                 "use a connection for the credentials"
             )
 
