@@ -1,6 +1,6 @@
 """One measurement in a fresh interpreter: ``python -m bench.child '<spec JSON>'``.
 
-The spec names the work (``{"kind": "case" | "polling" | "e2e", ...}``) and a ``result_path`` where
+The spec names the work (``{"kind": "case" | "tables" | "polling" | "e2e", ...}``) and a ``result_path`` where
 the figures are written as JSON; the parent (:mod:`bench.__main__`) keeps this process's output in a
 log file.
 """
@@ -22,6 +22,13 @@ def main() -> None:
 
         preload(spec["case"], kwargs)
         case = CASES[spec["case"]]
+        result = measure(lambda: case(**kwargs))
+    elif kind == "tables":
+        from bench import tables
+        from bench.measure import measure
+
+        tables.preload(spec["case"])
+        case = tables.CASES[spec["case"]]
         result = measure(lambda: case(**kwargs))
     elif kind == "polling":
         from bench import polling
