@@ -31,7 +31,6 @@ __all__ = [
     "describe_api_error",
     "describe_batch_errors",
     "format_duration",
-    "normalize_batch_ids",
     "processed_fraction",
     "progress_line",
     "retry_after_seconds",
@@ -442,47 +441,3 @@ def describe_api_error(err: BaseException) -> str:
     head = type(err).__name__ + (f" (HTTP {status})" if status is not None else "")
     text = _KEYLIKE.sub(r"\1***", str(getattr(err, "message", None) or err))
     return f"{head}: {text[:500]}"
-
-
-# -- batch ids -----------------------------------------------------------------------------------
-
-
-def normalize_batch_ids(value: Any) -> tuple[list[str], dict[str, list[str]]]:
-    """Turn what a user or an upstream XCom passes as ``batch_ids`` into ``(ids, replaces)``.
-
-    Accepts one id, a list of ids, a ``{batch_id: summary}`` dict as the sensor returns (its
-    ``replaces`` lists are carried over), or the JSON text of either (a template rendered to a string).
-    Duplicates are dropped, order is kept.
-
-    :raises ValueError: nothing to wait for, or something that is not a batch id.
-    """
-    original = value
-    if isinstance(value, (bytes, bytearray)):
-        value = value.decode()
-    if isinstance(value, str):
-        text = value.strip()
-        if text[:1] in ("[", "{"):
-            import json
-
-            try:
-                value = json.loads(text)
-            except ValueError as err:
-                raise ValueError(f"batch_ids looks like JSON but does not parse: {text[:200]!r}") from err
-        else:
-            value = [text]
-    replaces: dict[str, list[str]] = {}
-    if isinstance(value, Mapping):
-        for batch_id, summary in value.items():
-            earlier = summary.get("replaces") if isinstance(summary, Mapping) else None
-            replaces[str(batch_id)] = [str(b) for b in earlier or ()]
-        value = list(value.keys())
-    if not isinstance(value, Iterable):
-        raise ValueError(f"batch_ids must be a batch id, a list of ids or a sensor result, got {original!r}")
-    ids = list(value)
-    bad = [b for b in ids if not isinstance(b, str) or not b.strip()]
-    if bad:
-        raise ValueError(f"batch_ids must be non-empty strings; got {bad[:5]!r}")
-    ids = list(dict.fromkeys(b.strip() for b in ids))
-    if not ids:
-        raise ValueError("batch_ids is empty: there is no batch to wait for")
-    return ids, {b: replaces.get(b, []) for b in ids}

@@ -1,26 +1,65 @@
-"""Bookkeeping for batches that hit the enqueued-token limit (no Airflow import).
+"""What is made again, and how it is found again (no Airflow import).
 
-OpenAI caps the prompt tokens an organisation may have enqueued per model. Batches beyond the cap are
-created and then go ``failed`` with ``token_limit_exceeded`` (Azure may instead refuse the create
-call). Such a chunk is not lost: it is re-created from the same input file once capacity frees. This
-module holds the plain-data side of that: recognising the failure, the per-chunk chain of attempts
-carried across deferrals, and the ``pending:`` placeholder for a chunk whose create was refused.
+Two things are resubmitted by the sensor: a chunk whose batch failed on the enqueued-token limit (or
+whose create call was refused for it) is re-created from the same input file; and the request lines of a
+final batch that failed for a retryable reason (expired, rate limited, server errors) are uploaded as a
+new batch, a retry round. This module holds the plain-data side: recognising capacity errors, the retry
+policy, the record sink that picks the retryable request lines out of a batch's results, the metadata
+that marks a follow-up batch, and adopting follow-ups an earlier try already made.
 """
 
 from __future__ import annotations
 
-import json
+from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from airflow_openai_batch.core.job import Attempt, Chunk, Job, Reason
+from airflow_openai_batch.limits import MAX_METADATA_PAIRS
+
+__all__ = [
+    "CAPACITY_ERROR_CODES",
+    "DEFAULT_RETRY_ERROR_CODES",
+    "METADATA_ATTEMPT",
+    "METADATA_FOLLOWS",
+    "METADATA_KEY",
+    "FoundBatch",
+    "RetryLines",
+    "RetryPolicy",
+    "adopt_follow_ups",
+    "follow_up_metadata",
+    "is_capacity_error",
+    "is_capacity_failure",
+    "may_have_follow_up",
+]
 
 #: Error codes (batch ``errors`` or a refused create call) that mean "no capacity yet, try later".
 CAPACITY_ERROR_CODES = frozenset({"token_limit_exceeded", "request_limit_exceeded"})
-#: Placeholder prefix, in a submit's returned ids, for a chunk uploaded but not yet created.
-PENDING_PREFIX = "pending:"
-#: Metadata keys on re-created batches: the chain they belong to and their attempt number.
-METADATA_ORIGIN = "aob_origin"
+#: The submit task's idempotency key of a chunk (a retried submit reuses a batch carrying it).
+METADATA_KEY = "aob_key"
+#: On a batch the sensor made: the batch it follows (the one it re-creates, or whose failures it retries).
+METADATA_FOLLOWS = "aob_follows"
+#: On a batch the sensor made: its attempt number (1 = the requests as submitted, +1 per retry round).
 METADATA_ATTEMPT = "aob_attempt"
+_CHAIN_KEYS = (METADATA_FOLLOWS, METADATA_ATTEMPT)
+
+#: Failures worth another round: they come from the provider's side, not from the request. A status
+#: code matches the line's HTTP status, a text the line's ``error_code``.
+DEFAULT_RETRY_ERROR_CODES: tuple[str | int, ...] = (
+    "batch_expired",
+    "rate_limit_exceeded",
+    "server_error",
+    "timeout",
+    429,
+    500,
+    502,
+    503,
+    504,
+)
+#: 4xx statuses that are about load, not about the request.
+_RETRYABLE_4XX = frozenset({408, 429})
 
 
 def is_capacity_error(code: Any, message: Any = "") -> bool:
@@ -38,146 +77,218 @@ def is_capacity_failure(summary: Mapping[str, Any]) -> bool:
     return any(is_capacity_error(e.get("code"), e.get("message")) for e in summary.get("errors") or ())
 
 
-@dataclass
-class CreateSpec:
-    """What ``batches.create`` needs to (re-)create a chunk's batch.
+# -- retry rounds --------------------------------------------------------------------------------
 
-    :param input_file_id: the uploaded input file, reused by every attempt.
-    :param endpoint: the batch endpoint.
-    :param completion_window: ``24h``.
-    :param metadata: the batch metadata (the chain keys are added per attempt).
-    :param output_expires_after: seconds, or ``None``.
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Which failed request lines a retry round resubmits.
+
+    :param codes: ``error_code`` values that are retried.
+    :param statuses: HTTP status codes of failed lines that are retried.
     """
 
+    codes: frozenset[str]
+    statuses: frozenset[int]
+
+    @classmethod
+    def of(cls, retry_error_codes: Iterable[str | int] | None) -> RetryPolicy:
+        """The policy of the sensor's ``retry_error_codes`` (``None``: :data:`DEFAULT_RETRY_ERROR_CODES`).
+
+        :raises ValueError: a 4xx status other than 408/429 (the request itself is at fault: it would
+            fail again), or something that is neither a code nor a status.
+        """
+        if retry_error_codes is None:
+            retry_error_codes = DEFAULT_RETRY_ERROR_CODES
+        elif isinstance(retry_error_codes, (str, int)):
+            retry_error_codes = (retry_error_codes,)
+        codes: set[str] = set()
+        statuses: set[int] = set()
+        for item in retry_error_codes:
+            if isinstance(item, str) and item.strip().isdigit():
+                item = int(item.strip())  # "500" from a template
+            if isinstance(item, bool) or not isinstance(item, (str, int)) or item == "":
+                raise ValueError(
+                    f"retry_error_codes holds {item!r}: give error codes (str) or HTTP statuses (int)"
+                )
+            if isinstance(item, str):
+                codes.add(item.strip())
+            elif 400 <= item < 500 and item not in _RETRYABLE_4XX:
+                raise ValueError(
+                    f"retry_error_codes holds HTTP {item}: a 4xx line (other than 408/429) is refused for "
+                    "the request itself and would fail again"
+                )
+            else:
+                statuses.add(item)
+        return cls(frozenset(codes), frozenset(statuses))
+
+    def retryable(self, status_code: int | None, error_code: str | None) -> bool:
+        """Whether a failed line with this HTTP status (``None``: not an HTTP failure) and code is retried."""
+        if status_code is not None and 400 <= status_code < 500 and status_code not in _RETRYABLE_4XX:
+            return False  # never a request the API refused, whatever its code says
+        return error_code in self.codes or status_code in self.statuses
+
+    def describe(self) -> str:
+        return ", ".join([*sorted(self.codes), *(f"HTTP {s}" for s in sorted(self.statuses))])
+
+
+class RetryLines:
+    """A record sink (see :class:`~airflow_openai_batch.core.reconcile.RecordSink`) that writes the
+    request lines of retryable failures to ``path``, byte for byte as the input file holds them.
+
+    :param path: the file to write (a valid batch input: one request per line).
+    :param policy: which failures are retried.
+    """
+
+    def __init__(self, path: Path, policy: RetryPolicy) -> None:
+        self.path = Path(path)
+        self.policy = policy
+        #: Lines written, by error code (what the round retries, and why).
+        self.retried_by_code: Counter[str] = Counter()
+        #: Failures left as they are, by error code.
+        self.kept_by_code: Counter[str] = Counter()
+        self._file = self.path.open("wb")
+
+    @property
+    def retried(self) -> int:
+        return sum(self.retried_by_code.values())
+
+    #: The request line is written as it is: parsed bodies and requests are not needed.
+    takes_raw_json = True
+
+    def needs_parsed_requests(self) -> bool:
+        """The request line is written as it is: no parsed copy is needed."""
+        return False
+
+    def write_success(self, record: dict[str, Any]) -> None:
+        pass
+
+    def write_failure(self, record: dict[str, Any], request_line: bytes) -> None:
+        code = str(record.get("error_code"))
+        if self.policy.retryable(record.get("status_code"), code):
+            self._file.write(request_line)
+            self._file.write(b"\n")
+            self.retried_by_code[code] += 1
+        else:
+            self.kept_by_code[code] += 1
+
+    def close(self) -> None:
+        self._file.close()
+
+
+# -- follow-up batches ---------------------------------------------------------------------------
+
+
+def follow_up_metadata(
+    base: Mapping[str, str], *, follows: str | None, number: int, retry: bool
+) -> tuple[dict[str, str], list[str]]:
+    """The metadata of a batch the sensor makes, and the user keys dropped to fit OpenAI's 16 pairs.
+
+    :param base: the metadata of the batch it follows (or of the refused create).
+    :param follows: the batch it re-creates or retries (``None`` for a chunk never created).
+    :param number: its attempt number.
+    :param retry: a retry round holds only some of the chunk's requests, so it must not carry the
+        chunk's idempotency key (a retried submit would take it for the whole chunk).
+    """
+    drop = (*_CHAIN_KEYS, METADATA_KEY) if retry else _CHAIN_KEYS
+    metadata = {k: v for k, v in base.items() if k not in drop}
+    chain = {METADATA_ATTEMPT: str(number)}
+    if follows is not None:
+        chain[METADATA_FOLLOWS] = follows
+    dropped: list[str] = []
+    # Batches made by the submit operator keep room for these keys; foreign ones may not: their last
+    # user keys give way.
+    while len(metadata) + len(chain) > MAX_METADATA_PAIRS:
+        dropped.append(metadata.popitem()[0])
+    return {**metadata, **chain}, dropped
+
+
+@dataclass(frozen=True)
+class FoundBatch:
+    """A batch found at the API that may be a follow-up of the job's.
+
+    :param batch_id: its id.
+    :param input_file_id: its input file.
+    :param metadata: its metadata.
+    :param created_at: unix seconds.
+    :param total: its request count, when known.
+    """
+
+    batch_id: str
     input_file_id: str
-    endpoint: str
-    completion_window: str = "24h"
-    metadata: dict[str, str] = field(default_factory=dict)
-    output_expires_after: int | None = None
+    metadata: Mapping[str, str]
+    created_at: int
+    total: int | None = None
 
 
-def encode_pending(spec: CreateSpec) -> str:
-    """The placeholder a submit returns for a chunk whose create call was refused for capacity."""
-    return PENDING_PREFIX + json.dumps(asdict(spec), sort_keys=True, separators=(",", ":"))
+def may_have_follow_up(chunk: Chunk) -> bool:
+    """Whether the chunk's current attempt is one the sensor makes a follow-up for: a create that was
+    refused, or a final batch that failed or holds failed requests."""
+    current = chunk.current
+    if not current.created:
+        return True
+    summary = current.summary
+    if summary is None or not current.final:
+        return False
+    return summary["status"] in ("failed", "expired") or summary["request_counts"]["failed"] > 0
 
 
-def is_pending(batch_id: str) -> bool:
-    return batch_id.startswith(PENDING_PREFIX)
+def adopt_follow_ups(job: Job, found: Iterable[FoundBatch]) -> list[str]:
+    """Add to each chunk the follow-up batches an earlier try made but did not record.
 
+    A chunk whose current batch is final (or whose create was refused) may have a follow-up at the API:
+    made by a try that crashed, or was killed, before recording it. Following the ``aob_follows`` links
+    (and, for a chunk never created, its ``aob_key``) finds it, so nothing is made twice.
 
-def decode_pending(placeholder: str) -> CreateSpec:
-    if not is_pending(placeholder):
-        raise ValueError(f"not a pending placeholder: {placeholder[:80]!r}")
-    return CreateSpec(**json.loads(placeholder[len(PENDING_PREFIX) :]))
-
-
-@dataclass
-class Chain:
-    """One chunk's batches over time: the current one, the ones it replaced, and the attempts used.
-
-    :param origin: stable id of the chunk (its submit idempotency key, else its first batch id).
-    :param current: the batch id waited on now, or a ``pending:`` placeholder while not created.
-    :param replaces: earlier batch ids of this chunk, oldest first.
-    :param attempts: re-creations made so far.
+    :return: one line per adopted batch, for the log.
     """
-
-    origin: str
-    current: str
-    replaces: list[str] = field(default_factory=list)
-    attempts: int = 0
-
-    @property
-    def pending(self) -> bool:
-        return is_pending(self.current)
-
-    def advance(self, new_current: str) -> None:
-        """Record a re-creation: ``new_current`` replaces the current batch (placeholders are not kept)."""
-        if not self.pending:
-            self.replaces.append(self.current)
-        self.current = new_current
-        self.attempts += 1
-
-
-@dataclass
-class JobState:
-    """Everything the sensor must carry across deferrals (JSON-safe via :meth:`to_dict`).
-
-    :param chains: one per chunk, in chunk order.
-    :param deadline: absolute unix time at which the wait ends.
-    :param started_at: unix time the wait began.
-    :param idle_rounds: consecutive re-creation rounds with nothing of the job running (for backoff).
-    """
-
-    chains: list[Chain]
-    deadline: float
-    started_at: float
-    idle_rounds: int = 0
-
-    @classmethod
-    def start(
-        cls, ids: Iterable[str], replaces: Mapping[str, list[str]], deadline: float, started_at: float
-    ) -> JobState:
-        chains = [Chain(origin=i, current=i, replaces=list(replaces.get(i, []))) for i in ids]
-        for chain in chains:
-            if chain.pending:
-                spec = decode_pending(chain.current)
-                chain.origin = spec.metadata.get("aob_key") or spec.input_file_id
-        return cls(chains=chains, deadline=deadline, started_at=started_at)
-
-    @property
-    def batch_ids(self) -> list[str]:
-        """The batches to poll: every current id that is a real batch."""
-        return [c.current for c in self.chains if not c.pending]
-
-    @property
-    def pending(self) -> list[Chain]:
-        return [c for c in self.chains if c.pending]
-
-    def replaces(self) -> dict[str, list[str]]:
-        return {c.current: list(c.replaces) for c in self.chains if not c.pending}
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> JobState:
-        chains = [Chain(**c) for c in data["chains"]]
-        return cls(
-            chains=chains,
-            deadline=float(data["deadline"]),
-            started_at=float(data["started_at"]),
-            idle_rounds=int(data.get("idle_rounds", 0)),
-        )
+    by_follows: dict[str, list[FoundBatch]] = {}
+    by_key: dict[str, list[FoundBatch]] = {}
+    for batch in sorted(found, key=lambda b: b.created_at):
+        follows = batch.metadata.get(METADATA_FOLLOWS)
+        if follows:
+            by_follows.setdefault(follows, []).append(batch)
+        elif batch.metadata.get(METADATA_KEY):
+            by_key.setdefault(batch.metadata[METADATA_KEY], []).append(batch)
+    known = {a.batch_id for _, a in job.attempts() if a.batch_id is not None}
+    notes: list[str] = []
+    for chunk in job.chunks:
+        while chunk.current.final or not chunk.current.created:
+            follows = chunk.last_batch_id
+            if follows is not None:
+                candidates = by_follows.get(follows, [])
+            else:
+                candidates = by_key.get(chunk.key, []) if chunk.key else []
+            batch = next((b for b in candidates if b.batch_id not in known), None)
+            if batch is None:
+                break
+            followed = (
+                chunk.current if follows is None else next(a for a in chunk.attempts if a.batch_id == follows)
+            )
+            number = _attempt_number(batch.metadata, followed.number)
+            retry = number > followed.number
+            reason: Reason = "retry" if retry else "capacity"
+            if retry:
+                followed.retried = batch.total if batch.total is not None else followed.retried
+            chunk.attempts.append(
+                Attempt(
+                    number=number,
+                    reason=reason,
+                    batch_id=batch.batch_id,
+                    input_file_id=batch.input_file_id,
+                    retry_of=follows if retry else followed.retry_of,
+                )
+            )
+            known.add(batch.batch_id)
+            what = f"retry round of {follows}" if retry else f"re-creation of {follows or 'a refused chunk'}"
+            notes.append(
+                f"following batch {batch.batch_id} ({what}, attempt {number}) made by an earlier try"
+            )
+    return notes
 
 
-def may_create(chain: Chain, max_resubmits: int) -> bool:
-    """Whether a chain may get another batch: re-creations are capped, a first creation is not."""
-    return chain.attempts < max_resubmits or (chain.pending and chain.attempts == 0)
-
-
-def waiting_chains(
-    state: JobState, summaries: Mapping[str, Mapping[str, Any]], max_resubmits: int
-) -> list[Chain]:
-    """Chains that need a (re-)creation and may still get one: pending, or failed for capacity."""
-    return [
-        c
-        for c in state.chains
-        if (c.pending or is_capacity_failure(summaries.get(c.current, {}))) and may_create(c, max_resubmits)
-    ]
-
-
-def exhausted_chains(
-    state: JobState, summaries: Mapping[str, Mapping[str, Any]], max_resubmits: int
-) -> list[Chain]:
-    """Chains stuck on the capacity limit with no attempt left."""
-    return [
-        c
-        for c in state.chains
-        if (c.pending or is_capacity_failure(summaries.get(c.current, {})))
-        and not may_create(c, max_resubmits)
-    ]
-
-
-def idle_backoff(idle_rounds: int, base: float, cap: float) -> float:
-    """Wait before re-creating when nothing of the job runs (other jobs may hold the capacity)."""
-    return min(cap, base * (2 ** max(0, idle_rounds)))
+def _attempt_number(metadata: Mapping[str, str], default: int) -> int:
+    try:
+        return max(1, int(metadata.get(METADATA_ATTEMPT, default)))
+    except ValueError:
+        return default

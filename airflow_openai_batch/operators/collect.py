@@ -10,9 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_openai_batch.compat import Asset, AssetAlias, BaseOperator
 from airflow_openai_batch.core.pricing import PriceTable
-from airflow_openai_batch.core.progress import normalize_batch_ids
+from airflow_openai_batch.core.job import read_job
 from airflow_openai_batch.core.reconcile import BatchResultFiles, Reconciler, present_file_id
-from airflow_openai_batch.core.resubmit import is_pending
 from airflow_openai_batch.core.writers import OUTPUT_FORMATS, ResultWriter, write_manifest
 from airflow_openai_batch.exceptions import OpenAIBatchFailureRatioError, OpenAIBatchXComLimitError
 from airflow_openai_batch.hooks.batch import OpenAIBatchHook
@@ -29,14 +28,8 @@ _PUBLISH_ORDER = ("successes", "failures", "retry_requests")
 
 def batch_ids_from(value: Any) -> list[str]:
     """Batch ids from what upstream tasks return: one id, a list of ids, or the sensor's result dict."""
-    ids, _ = normalize_batch_ids(value)
-    pending = [b for b in ids if is_pending(b)]
-    if pending:
-        raise ValueError(
-            f"{len(pending)} chunk(s) were never created (refused for enqueued-token capacity); pass the "
-            "OpenAIBatchSensor's result, which creates them, rather than the submit task's output"
-        )
-    return ids
+    job = read_job(value)
+    return [a.batch_id for chunk in job.chunks for a in chunk.outcome_attempts() if a.batch_id]
 
 
 class _XComSink:

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from airflow_openai_batch.compat import BaseOperator, task_state_store
+from airflow_openai_batch.core.job import Attempt, CreateSpec, Job
+from airflow_openai_batch.core.job import Chunk as JobChunk
 from airflow_openai_batch.core.jsonl import iter_lines
 from airflow_openai_batch.core.prepare import (
     Chunk,
@@ -22,9 +24,8 @@ from airflow_openai_batch.core.prepare import (
 from airflow_openai_batch.core.progress import describe_api_error
 from airflow_openai_batch.core.resubmit import (
     METADATA_ATTEMPT,
-    METADATA_ORIGIN,
-    CreateSpec,
-    encode_pending,
+    METADATA_FOLLOWS,
+    METADATA_KEY,
     is_capacity_error,
 )
 from airflow_openai_batch.exceptions import InputProblem, OpenAIBatchInputError
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
     from airflow_openai_batch.compat import Context
 
 #: Metadata keys this package adds to every batch (they count against OpenAI's 16-pair limit).
-METADATA_KEY = "aob_key"
 METADATA_CHUNK = "aob_chunk"
 METADATA_DAG = "airflow_dag_id"
 METADATA_TASK = "airflow_task_id"
@@ -61,7 +61,7 @@ OWN_METADATA_KEYS = (
     METADATA_DAG,
     METADATA_TASK,
     METADATA_RUN,
-    METADATA_ORIGIN,
+    METADATA_FOLLOWS,
     METADATA_ATTEMPT,
 )
 #: Batches older than this are never reused: their input files may have expired at OpenAI.
@@ -180,8 +180,9 @@ class OpenAIBatchSubmitOperator(BaseOperator):
         again, so it must outlive the last retry round.
     :param max_enqueued_tokens: cut batches so none holds more estimated prompt tokens than this.
     :param conn_id: the ``openai_batch`` connection.
-    :return: the batch ids, in chunk order. A chunk whose create call was refused for enqueued-token
-        capacity (Azure) appears as a ``pending:...`` placeholder that the sensor creates later.
+    :return: the batch ids, in chunk order. The job (every chunk, its input file and batch) is pushed as
+        XCom ``job``: a chunk whose create call was refused for enqueued-token capacity (Azure) has no
+        batch id yet, and the sensor, given this task's output, finds it there and creates it later.
     """
 
     template_fields: Sequence[str] = (
@@ -245,7 +246,9 @@ class OpenAIBatchSubmitOperator(BaseOperator):
                 endpoint,
             )
             submitter = _ChunkSubmitter(self, context, endpoint, user_metadata, len(prepared.chunks))
-            batch_ids = [submitter.submit(chunk) for chunk in prepared.chunks]
+            job = Job(chunks=[submitter.submit(chunk) for chunk in prepared.chunks])
+        context["ti"].xcom_push(key="job", value=job.to_dict())
+        batch_ids = job.first_batch_ids()
         persist_batch_links(context, batch_ids)
         return batch_ids
 
@@ -304,7 +307,7 @@ class _ChunkSubmitter:
             return floor
         return max(floor, int(run_after.timestamp()) - 3600)
 
-    def submit(self, chunk: Chunk) -> str:
+    def submit(self, chunk: Chunk) -> JobChunk:
         key = idempotency_key(
             self.dag_id, self.task_id, self.run_id, self.map_index, chunk.index, chunk.sha256
         )
@@ -318,7 +321,7 @@ class _ChunkSubmitter:
                 found.status,
             )
             self._remember(key, found.id)
-            return found.id
+            return JobChunk(key=key, attempts=[Attempt(batch_id=found.id, input_file_id=found.input_file_id)])
         file_id = self.hook.upload_file(
             chunk.path, filename=f"{key}.jsonl", expires_after=self.operator.input_expires_after
         ).id
@@ -337,15 +340,14 @@ class _ChunkSubmitter:
                 file_id,
                 describe_api_error(err),
             )
-            return encode_pending(
-                CreateSpec(
-                    input_file_id=file_id,
-                    endpoint=self.endpoint,
-                    completion_window=self.operator.completion_window,
-                    metadata=self._metadata(key, chunk),
-                    output_expires_after=self.operator.output_expires_after,
-                )
+            spec = CreateSpec(
+                input_file_id=file_id,
+                endpoint=self.endpoint,
+                completion_window=self.operator.completion_window,
+                metadata=self._metadata(key, chunk),
+                output_expires_after=self.operator.output_expires_after,
             )
+            return JobChunk(key=key, attempts=[Attempt(input_file_id=file_id)], create=spec)
         self._remember(key, batch.id)
         self.log.info(
             "Chunk %d/%d: %s requests, %s bytes, ~%s prompt tokens, model %s -> file %s, batch %s",
@@ -358,7 +360,7 @@ class _ChunkSubmitter:
             file_id,
             batch.id,
         )
-        return batch.id
+        return JobChunk(key=key, attempts=[Attempt(batch_id=batch.id, input_file_id=file_id)])
 
     def _metadata(self, key: str, chunk: Chunk) -> dict[str, str]:
         return {

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from functools import cached_property
 from typing import Any
 
 from airflow_openai_batch.compat import BaseTrigger, TriggerEvent
+from airflow_openai_batch.core.job import Job, read_job
 from airflow_openai_batch.core.progress import (
     CANCEL_ATTEMPTS,
-    AdaptivePollSchedule,
-    align_to_grid,
-    backoff_delay,
     batch_summary,
     classify_api_error,
     describe_api_error,
@@ -22,16 +20,19 @@ from airflow_openai_batch.core.progress import (
     progress_line,
     retry_after_seconds,
 )
-from airflow_openai_batch.core.resubmit import is_capacity_failure
+from airflow_openai_batch.core.waiting import Fault, Finish, GiveUp, Timeout, Wait, Waiting, Work
 from airflow_openai_batch.hooks.batch import OpenAIBatchHook
-from airflow_openai_batch.statuses import DEFAULT_FAIL_ON_STATUSES, is_final
+from airflow_openai_batch.statuses import DEFAULT_FAIL_ON_STATUSES
 from airflow_openai_batch.triggers import _poll_board
 
-__all__ = ["OpenAIBatchTrigger"]
+__all__ = ["EVENT_STATUSES", "OpenAIBatchTrigger"]
 
-#: Event statuses the trigger emits (exactly one event per run). ``resubmit`` hands control back to the
-#: worker to re-create batches that failed on the enqueued-token limit, once capacity frees.
+#: Event statuses the trigger emits (exactly one event per run). ``resubmit`` hands the job back to the
+#: worker for work that does not belong on the triggerer's event loop: re-creating chunks held back by
+#: the enqueued-token limit, and retry rounds (download, filter, upload, create).
 EVENT_STATUSES: tuple[str, ...] = ("success", "error", "timeout", "resubmit")
+
+_LOG_LEVELS = {"info": 20, "warning": 30, "error": 40}
 
 
 def _iso(epoch: float) -> str:
@@ -39,45 +40,38 @@ def _iso(epoch: float) -> str:
 
 
 class OpenAIBatchTrigger(BaseTrigger):
-    """Polls OpenAI batches until every one is final, the deadline passes, or the API keeps failing.
+    """Polls a job's batches until there is something for the worker, or everything is final.
 
-    Yields exactly one event, ``{"status": "success" | "error" | "timeout", "batches": {id: summary},
-    "message": str}``. ``success`` means every batch is final; whether a final status fails the task
-    (``fail_on_statuses``) is the sensor's decision. Only the async client is used, with the SDK's own
-    retries off so that this trigger sees every fault and applies its own backoff.
+    Yields exactly one event, ``{"status": "success" | "error" | "timeout" | "resubmit", "batches":
+    {id: summary}, "message": str, "job": {...}}``. ``success`` means every batch is final (whether a
+    final status fails the task is the sensor's decision); ``resubmit`` means a chunk is to be re-created
+    or retried, which the worker does before deferring again. What to do after each poll is decided by
+    :class:`~airflow_openai_batch.core.waiting.Waiting`, the same object the sensor's poke path uses.
 
-    The polls go through the process's poll board for the connection (``triggers/_poll_board.py``):
-    triggers of one triggerer share one client, and polls due at the same moment are served together
-    (one ``batches.list`` page covers up to 100 batches). Waits are aligned on a grid in absolute time
-    (never lengthened) so that triggers started at different moments poll at the same moments.
+    Only the async client is used, with the SDK's own retries off so that every fault reaches the fault
+    budget. The polls go through the process's poll board for the connection
+    (``triggers/_poll_board.py``): triggers of one triggerer share one client, and polls due at the same
+    moment are served together (one ``batches.list`` page covers up to 100 batches).
 
-    :param batch_ids: the batches to wait for.
+    :param batch_ids: the batches to wait for (or give ``job``).
     :param conn_id: the Airflow connection; the only connection detail that is serialized.
     :param poll_interval: the shortest wait between polls, seconds.
-    :param max_poll_interval: the longest wait between polls, seconds; the adaptive schedule stretches
-        toward it while progress is slow.
-    :param deadline: absolute time (unix epoch seconds) after which the wait ends with ``timeout``
-        (batches cancelled first when ``cancel_on_kill``). Absolute, so it survives triggerer restarts.
-        ``None`` waits without limit.
-    :param fail_on_statuses: final statuses the sensor will fail on; used here to flag them in the log
-        as soon as they are seen.
-    :param cancel_on_kill: cancel the non-final batches when the task is killed or the deadline passes.
-    :param fault_budget: consecutive transient faults (429, 5xx, timeouts, dropped connections)
-        tolerated on one batch's polls before giving up with an ``error`` event.
-    :param started_at: when the wait began (unix epoch seconds), for the elapsed time in the log.
-    :param resubmittable: batches that may be re-created if they fail on the enqueued-token limit;
-        when one does, the trigger ends with a ``resubmit`` event as soon as capacity frees.
-    :param pending_count: chunks not created yet (refused for capacity) that wait for capacity too.
-    :param idle_backoff: seconds to wait before a ``resubmit`` event when nothing of the job is running
-        (the capacity is held by other jobs, so it frees at an unknown time).
-    :param job: opaque JSON-safe state of the sensor, handed back untouched in the event.
-    :param known_final: summaries of batches already final when the wait began (not polled again;
-        only batches that finish during this wait count as freed capacity).
+    :param max_poll_interval: the longest wait between polls, seconds.
+    :param deadline: with ``batch_ids``: absolute unix time at which the wait ends with ``timeout``
+        (batches cancelled first when ``cancel_on_kill``); ``None`` waits without limit.
+    :param fail_on_statuses: final statuses the sensor fails on (flagged in the log as soon as seen).
+    :param cancel_on_kill: cancel the batches that are not final when the task is killed or the deadline
+        passes.
+    :param fault_budget: consecutive transient faults tolerated on one batch's polls.
+    :param started_at: with ``batch_ids``: when the wait began (unix seconds), for the log.
+    :param max_resubmits: create calls per chunk after the enqueued-token limit.
+    :param retry_failed_requests: retry rounds per request.
+    :param job: the job (its dict form), as the sensor hands it over; it holds the deadline.
     """
 
     def __init__(
         self,
-        batch_ids: Sequence[str],
+        batch_ids: Sequence[str] | str | None = None,
         conn_id: str = OpenAIBatchHook.default_conn_name,
         poll_interval: float = 60.0,
         max_poll_interval: float = 600.0,
@@ -86,70 +80,65 @@ class OpenAIBatchTrigger(BaseTrigger):
         cancel_on_kill: bool = True,
         fault_budget: int = 10,
         started_at: float | None = None,
-        resubmittable: Sequence[str] = (),
-        pending_count: int = 0,
-        idle_backoff: float = 0.0,
-        job: dict[str, Any] | None = None,
-        known_final: dict[str, dict[str, Any]] | None = None,
+        max_resubmits: int = 10,
+        retry_failed_requests: int = 2,
+        job: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(batch_ids, str):
-            batch_ids = [batch_ids]
-        self.batch_ids: list[str] = list(dict.fromkeys(batch_ids))
-        # No batch at all is fine only while chunks wait for capacity to be created.
-        if (not self.batch_ids and not pending_count) or not all(
-            isinstance(b, str) and b for b in self.batch_ids
-        ):
-            raise ValueError(f"batch_ids must be a non-empty list of batch id strings, got {batch_ids!r}")
+        if job is not None:
+            self.job = Job.from_dict(job)
+        elif batch_ids is not None:
+            self.job = read_job(batch_ids)
+            self.job.deadline = float(deadline) if deadline is not None else None
+            self.job.started_at = float(started_at) if started_at is not None else None
+        else:
+            raise ValueError("OpenAIBatchTrigger needs batch_ids or a job")
         self.conn_id = conn_id
-        self.poll_interval = float(poll_interval)
-        self.max_poll_interval = float(max_poll_interval)
-        # Validates the intervals here, in the worker, rather than later in the triggerer.
-        AdaptivePollSchedule(self.poll_interval, self.max_poll_interval)
-        self.deadline = float(deadline) if deadline is not None else None
-        self.fail_on_statuses: list[str] = list(fail_on_statuses)
-        self.cancel_on_kill = bool(cancel_on_kill)
-        if int(fault_budget) < 0:
-            raise ValueError(f"fault_budget must be >= 0, got {fault_budget}")
-        self.fault_budget = int(fault_budget)
-        self.started_at = float(started_at) if started_at is not None else None
-        self.resubmittable: list[str] = list(resubmittable)
-        self.pending_count = int(pending_count)
-        self.idle_backoff = float(idle_backoff)
-        self.job = job
+        self.fail_on_statuses = list(fail_on_statuses)
+        # Validates every setting here, in the worker, rather than later in the triggerer.
+        self.waiting = Waiting(
+            poll_interval=poll_interval,
+            max_poll_interval=max_poll_interval,
+            fail_on_statuses=self.fail_on_statuses,
+            max_resubmits=max_resubmits,
+            retry_failed_requests=retry_failed_requests,
+            fault_budget=fault_budget,
+            cancel_on_kill=cancel_on_kill,
+        )
         # Test seams, never serialized: a clock (epoch seconds) and a sleep, so a test can run a
         # simulated day of polling in milliseconds against the emulator's virtual clock.
         self._clock: Callable[[], float] = time.time
         self._sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep
-        #: Every wait between polls as ``(seconds, reason)``, for the log and for tests. An adaptive wait
-        #: is recorded after alignment (shortened to the grid, never lengthened).
+        #: Every wait between polls as ``(seconds, reason)``, for the log and for tests.
         self._waits: list[tuple[float, str]] = []
         #: The poll board while the wait runs (shared with the other triggers of this event loop).
         self._board: _poll_board.PollBoard | None = None
-        self.known_final = {b: dict(s) for b, s in (known_final or {}).items() if b in self.batch_ids}
-        #: Latest summary per batch, kept so on_kill() knows which batches are still live.
-        self._summaries: dict[str, dict[str, Any]] = dict(self.known_final)
         self.polls = 0
+
+    @property
+    def batch_ids(self) -> list[str]:
+        """Every batch of the job, in chunk order."""
+        return [a.batch_id for _, a in self.job.attempts() if a.batch_id is not None]
+
+    @property
+    def deadline(self) -> float | None:
+        return self.job.deadline
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """Class path and JSON-safe kwargs. Only the connection id travels, never the key."""
+        waiting = self.waiting
         return (
             f"{type(self).__module__}.{type(self).__qualname__}",
             {
-                "batch_ids": list(self.batch_ids),
                 "conn_id": self.conn_id,
-                "poll_interval": self.poll_interval,
-                "max_poll_interval": self.max_poll_interval,
-                "deadline": self.deadline,
+                "poll_interval": waiting.poll_interval,
+                "max_poll_interval": waiting.max_poll_interval,
                 "fail_on_statuses": list(self.fail_on_statuses),
-                "cancel_on_kill": self.cancel_on_kill,
-                "fault_budget": self.fault_budget,
-                "started_at": self.started_at,
-                "resubmittable": list(self.resubmittable),
-                "pending_count": self.pending_count,
-                "idle_backoff": self.idle_backoff,
-                "job": self.job,
-                "known_final": self.known_final,
+                "cancel_on_kill": waiting.cancel_on_kill,
+                "fault_budget": waiting.fault_budget,
+                "max_resubmits": waiting.max_resubmits,
+                "retry_failed_requests": waiting.retry_failed_requests,
+                "job": self.job.to_dict(),
             },
         )
 
@@ -195,186 +184,64 @@ class OpenAIBatchTrigger(BaseTrigger):
             await board.leave(self.batch_ids)
 
     async def _poll(self, board: _poll_board.PollBoard) -> dict[str, Any]:
-        schedule = AdaptivePollSchedule(self.poll_interval, self.max_poll_interval)
-        live = [b for b in self.batch_ids if not is_final(self._summaries.get(b, {}).get("status", ""))]
-        faults: dict[str, int] = {}
+        waiting = self.waiting
+        deadline = self.job.deadline
         self.log.info(
             "Waiting for %d batch(es) %s; polling every %s to %s%s",
-            len(self.batch_ids),
-            ", ".join(self.batch_ids),
-            format_duration(self.poll_interval),
-            format_duration(self.max_poll_interval),
-            f", deadline {_iso(self.deadline)}" if self.deadline is not None else "",
+            len(self.job.live_batch_ids()),
+            ", ".join(self.job.live_batch_ids()),
+            format_duration(waiting.poll_interval),
+            format_duration(waiting.max_poll_interval),
+            f", deadline {_iso(deadline)}" if deadline is not None else "",
         )
-        started_live = list(live)
-
+        poll: Sequence[str] = self.job.live_batch_ids()
         while True:
-            self.polls += 1
-            # The board answers every batch: its state, or the exception of the call that asked for it.
-            results = await board.fetch(live)
-            now = self._clock()
-            polled: dict[str, dict[str, Any]] = {}
-            retry_after: float | None = None
-            worst_fault = 0
-            for batch_id in live:
-                result = results[batch_id]
-                if isinstance(result, BaseException):
-                    description = describe_api_error(result)
-                    if classify_api_error(result) == "fatal":
-                        return self._payload(
-                            "error",
-                            f"Polling batch {batch_id} failed with an error that waiting will not fix: "
-                            f"{description}",
-                        )
-                    faults[batch_id] = faults.get(batch_id, 0) + 1
-                    worst_fault = max(worst_fault, faults[batch_id])
-                    if faults[batch_id] > self.fault_budget:
-                        return self._payload(
-                            "error",
-                            f"Gave up polling batch {batch_id} after {faults[batch_id]} consecutive "
-                            f"transient faults (fault_budget={self.fault_budget}); last: {description}. "
-                            "The batches were left running.",
-                        )
-                    asked = retry_after_seconds(result)
-                    if asked is not None:
-                        retry_after = max(retry_after or 0.0, asked)
-                    self.log.warning(
-                        "%s: poll failed (%s); transient fault %d of %d allowed in a row",
-                        batch_id,
-                        description,
-                        faults[batch_id],
-                        self.fault_budget,
+            results: dict[str, Mapping[str, Any] | Fault] = {}
+            if poll:
+                self.polls += 1
+                # The board answers every batch: its state, or the exception of the call that asked for it.
+                fetched = await board.fetch(poll)
+                for batch_id, result in fetched.items():
+                    results[batch_id] = (
+                        Fault.of(result) if isinstance(result, BaseException) else batch_summary(result)
                     )
-                    continue
-                faults.pop(batch_id, None)
-                summary = batch_summary(result)
-                previous = self._summaries.get(batch_id, {}).get("status")
-                polled[batch_id] = self._summaries[batch_id] = summary
-                if batch_id in self.resubmittable and is_capacity_failure(summary):
-                    if previous != summary["status"]:
-                        self.log.info(
-                            "%s failed on the enqueued-token limit: it will be re-created as capacity frees",
-                            batch_id,
-                        )
-                elif summary["status"] in self.fail_on_statuses and previous != summary["status"]:
-                    self.log.warning(
-                        "%s ended %s: the task will fail once all batches are final",
-                        batch_id,
-                        summary["status"],
-                    )
+            decision = waiting.step(self.job, results, self._clock())
+            for level, text in decision.notes:
+                self.log.log(_LOG_LEVELS[level], "%s", text)
+            if isinstance(decision, Wait):
+                self._waits.append((decision.after, decision.reason))
+                self.log.info("%s", decision.message)
+                await self._sleep(decision.after)
+                poll = decision.poll
+                continue
+            if isinstance(decision, Work):
+                return self._payload("resubmit", decision.message)
+            if isinstance(decision, Finish):
+                message = decision.message
+                if decision.warnings:
+                    message += ". Warnings: " + "; ".join(decision.warnings)
+                return self._payload("success", message, batches=decision.result)
+            if isinstance(decision, GiveUp):
+                return self._payload("error", str(decision.error))
+            assert isinstance(decision, Timeout)
+            return await self._on_deadline(decision)
 
-            # A poll where every call failed says nothing about progress: it must not stretch the schedule.
-            if polled:
-                schedule.observe(polled, now)
-            for batch_id, summary in polled.items():
-                self.log.info(
-                    "%s", progress_line(batch_id, summary, eta_seconds=schedule.eta(batch_id, summary, now))
-                )
-            live = [b for b in live if not is_final(self._summaries.get(b, {}).get("status", ""))]
-            resubmit = await self._capacity_check(started_live, live)
-            if resubmit is not None:
-                return resubmit
-            if not live:
-                return self._payload("success", self._final_message(now))
-            if self.deadline is not None and now >= self.deadline:
-                return await self._on_deadline(live)
-
-            wait = schedule.next_interval() if polled else schedule.interval
-            reason = "adaptive"
-            detail = ""
-            if worst_fault:
-                # Slow down while the API is failing; never call again before the Retry-After it asked for.
-                wait = max(wait, backoff_delay(worst_fault, self.poll_interval, self.max_poll_interval))
-                reason = "backoff"
-                if retry_after is not None and retry_after >= wait:
-                    wait, reason = retry_after, "retry-after"
-            else:
-                # On the grid, triggers that started at different moments poll together and share calls.
-                # Only shortened, so a finished batch is seen no later than the schedule promised.
-                asked = wait
-                wait, grid = align_to_grid(now, wait, self.poll_interval, self.max_poll_interval)
-                if grid is not None:
-                    detail = f", aligned to the {format_duration(grid)} grid"
-                    if wait < asked * 0.999:
-                        detail += f"; the schedule asked {format_duration(asked)}"
-            if self.deadline is not None and self.deadline - now < wait:
-                wait, reason, detail = max(0.0, self.deadline - now), "deadline", ""
-            self._waits.append((wait, reason))
-            self.log.info(
-                "%d of %d batch(es) not final yet; next poll in %s (%s%s)",
-                len(live),
-                len(self.batch_ids),
-                format_duration(wait),
-                reason,
-                detail,
-            )
-            await self._sleep(wait)
-
-    async def _capacity_check(
-        self, started_live: Sequence[str], live: Sequence[str]
-    ) -> dict[str, Any] | None:
-        """A ``resubmit`` payload when chunks wait for enqueued-token capacity and it has freed (or
-        nothing of the job runs any more); ``None`` to keep waiting."""
-        waiting = self.pending_count + sum(
-            1 for b in self.resubmittable if is_capacity_failure(self._summaries.get(b, {}))
-        )
-        if not waiting:
-            return None
-        freed = [
-            b
-            for b in started_live
-            if is_final(self._summaries.get(b, {}).get("status", ""))
-            and not is_capacity_failure(self._summaries[b])
-        ]
-        if freed:
-            message = f"{len(freed)} batch(es) finished ({', '.join(freed)}): capacity for {waiting} waiting"
-            return self._payload("resubmit", message, freed=len(freed))
-        if live:
-            return None
-        wait = self.idle_backoff
-        if self.deadline is not None:
-            wait = min(wait, max(0.0, self.deadline - self._clock()))
-        self.log.info(
-            "%d chunk(s) wait for enqueued-token capacity and none of this job runs; re-creating in %s",
-            waiting,
-            format_duration(wait),
-        )
-        self._waits.append((wait, "capacity"))
-        await self._sleep(wait)
-        return self._payload("resubmit", f"nothing running; {waiting} chunk(s) wait for capacity", freed=0)
-
-    def _final_message(self, now: float) -> str:
-        counts: dict[str, int] = {}
-        for summary in self._summaries.values():
-            counts[summary["status"]] = counts.get(summary["status"], 0) + 1
-        statuses = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-        elapsed = f" after {format_duration(now - self.started_at)}" if self.started_at else ""
-        message = f"All {len(self.batch_ids)} batch(es) are final{elapsed}: {statuses}"
-        warnings = [f"{bid}: {w}" for bid, s in self._summaries.items() for w in s.get("warnings") or ()]
-        if warnings:
-            message += ". Warnings: " + "; ".join(warnings)
-        return message
-
-    async def _on_deadline(self, live: list[str]) -> dict[str, Any]:
-        assert self.deadline is not None
-        states = ", ".join(f"{b} ({self._summaries.get(b, {}).get('status', 'unknown')})" for b in live)
-        message = f"Deadline {_iso(self.deadline)} passed with {len(live)} batch(es) not final: {states}"
-        if self.cancel_on_kill:
-            cancelled = await self._cancel(live)
+    async def _on_deadline(self, decision: Timeout) -> dict[str, Any]:
+        message = decision.message
+        if decision.cancel:
+            cancelled = await self._cancel(decision.cancel)
             message += f"; cancel requested for {len(cancelled)} of them so nothing more is spent"
-            if len(cancelled) < len(live):
-                message += f" (could not cancel: {', '.join(b for b in live if b not in cancelled)})"
-        else:
-            message += "; left running (cancel_on_kill=False)"
+            if len(cancelled) < len(decision.cancel):
+                message += (
+                    f" (could not cancel: {', '.join(b for b in decision.cancel if b not in cancelled)})"
+                )
         self.log.error("%s", message)
         return self._payload("timeout", message)
 
-    def _payload(self, status: str, message: str, **extra: Any) -> dict[str, Any]:
-        batches = {b: self._summaries[b] for b in self.batch_ids if b in self._summaries}
-        payload = {"status": status, "batches": batches, "message": message, **extra}
-        if self.job is not None:
-            payload["job"] = self.job
-        return payload
+    def _payload(self, status: str, message: str, batches: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        if batches is None:
+            batches = {a.batch_id: a.summary for _, a in self.job.attempts() if a.batch_id and a.summary}
+        return {"status": status, "batches": dict(batches), "message": message, "job": self.job.to_dict()}
 
     # -- cancel and clean-up ---------------------------------------------------------------------
 
@@ -395,8 +262,11 @@ class OpenAIBatchTrigger(BaseTrigger):
                     # Typically the batch went final meanwhile (cancel of a final batch is refused).
                     self.log.warning("%s: cancel failed: %s", batch_id, describe_api_error(err))
                     return False
-                self._summaries[batch_id] = batch_summary(batch)
-                self.log.info("%s", progress_line(batch_id, self._summaries[batch_id]))
+                summary = batch_summary(batch)
+                found = self.job.find(batch_id)
+                if found is not None:
+                    found[1].see(summary)
+                self.log.info("%s", progress_line(batch_id, summary))
                 return True
             return False
 
@@ -409,8 +279,8 @@ class OpenAIBatchTrigger(BaseTrigger):
 
         Airflow (>= 3.3) calls this only for a user action, never for a triggerer restart.
         """
-        live = [b for b in self.batch_ids if not is_final(self._summaries.get(b, {}).get("status", ""))]
-        if not self.cancel_on_kill:
+        live = self.job.live_batch_ids()
+        if not self.waiting.cancel_on_kill:
             self.log.info("Task killed; leaving %d batch(es) running (cancel_on_kill=False)", len(live))
             return
         if not live:

@@ -12,6 +12,7 @@ from unittest import mock
 
 import pytest
 
+from airflow_openai_batch.core.job import Job
 from airflow_openai_batch.exceptions import (
     OpenAIBatchCancelledError,
     OpenAIBatchFailedError,
@@ -43,11 +44,21 @@ def sensor(**kwargs: Any) -> OpenAIBatchSensor:
     kwargs.setdefault("batch_ids", ["b1", "b2"])
     kwargs.setdefault("poll_interval", 0.01)
     kwargs.setdefault("max_poll_interval", 0.05)
+    kwargs.setdefault("retry_failed_requests", 0)  # retry rounds have tests of their own
     return OpenAIBatchSensor(**kwargs)
 
 
-def event(status: str, batches: dict[str, Any], message: str = "msg") -> dict[str, Any]:
-    return {"status": status, "batches": batches, "message": message}
+def event(
+    status: str, batches: dict[str, Any], message: str = "msg", ids: list[str] | None = None
+) -> dict[str, Any]:
+    """A trigger event whose job holds the batches ``ids`` (default: those of ``batches``), each at its
+    summary in ``batches``."""
+    job = Job.of_batches(ids or list(batches))
+    for batch_id, summary in batches.items():
+        found = job.find(batch_id)
+        if found is not None and isinstance(summary, dict) and "status" in summary:
+            found[1].see(summary)
+    return {"status": status, "batches": batches, "message": message, "job": job.to_dict()}
 
 
 def create_batches(server: Any, count: int, lines: int = 3, bad: bool = False) -> list[str]:
@@ -104,32 +115,33 @@ def test_bad_arguments_are_refused(kwargs):
 # -- execute_complete ----------------------------------------------------------------------------
 
 
+def _without(key: str, payload: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in payload.items() if k != key}
+
+
 @pytest.mark.parametrize(
     ("bad_event", "reason"),
     [
         (None, "expected a dict"),
         ("success", "expected a dict"),
-        ({"batches": {}, "message": "m"}, "missing key"),
-        ({"status": "success", "message": "m"}, "missing key"),
-        ({"status": "success", "batches": {}}, "missing key"),
-        (event("done", {}), "unknown status 'done'"),
-        (event("success", {"b1": summary("completed")}), "missing or not final"),
+        (_without("status", event("success", {})), "missing key"),
+        (_without("batches", event("success", {})), "missing key"),
+        (_without("message", event("success", {})), "missing key"),
+        (_without("job", event("success", {"b1": summary("completed")})), "missing key"),
+        (event("done", {}, ids=["b1"]), "unknown status 'done'"),
+        (event("success", {"b1": summary("completed")}, ids=["b1", "b2"]), "not final"),
+        (event("success", {"b1": summary("completed"), "b2": summary("in_progress")}), "not final"),
+        (event("success", {"b1": summary("completed"), "b2": summary("cancelling")}), "not final"),
         (
-            event("success", {"b1": summary("completed"), "b2": summary("in_progress")}),
-            "missing or not final",
-        ),
-        (event("success", {"b1": summary("completed"), "b2": summary("cancelling")}), "missing or not final"),
-        (
-            event(
-                "success",
-                {"b1": summary("completed"), "b2": summary("completed"), "bx": summary("completed")},
-            ),
-            "not asked for",
+            {**event("success", {"b1": summary("completed")}), "batches": {"bx": summary("completed")}},
+            "not in the job",
         ),
         (event("success", {"b1": summary("completed"), "b2": summary("exploded")}), "known status"),
         (event("success", {"b1": summary("completed"), "b2": "completed"}), "known status"),
-        (event("success", []), "'batches' is not a dict"),
-        ({"status": "error", "batches": {}, "message": 3}, "'message' is not a string"),
+        ({**event("success", {"b1": summary("completed")}), "batches": []}, "'batches' is not a dict"),
+        ({**event("error", {}, ids=["b1"]), "message": 3}, "'message' is not a string"),
+        ({**event("success", {"b1": summary("completed")}), "job": {"version": 7}}, "version 7"),
+        ({**event("success", {"b1": summary("completed")}), "job": "b1"}, "'job' is not a dict"),
     ],
 )
 def test_execute_complete_rejects_malformed_and_unknown_events(bad_event, reason):
@@ -138,13 +150,32 @@ def test_execute_complete_rejects_malformed_and_unknown_events(bad_event, reason
     assert reason in str(err.value)
 
 
-def test_execute_complete_success_returns_summaries_in_order_with_replaces():
-    op = sensor(batch_ids={"b2": {"status": "failed", "replaces": ["b0"]}, "b1": {}})
-    result = op.execute_complete(
-        {}, event=event("success", {"b1": summary("completed", 10), "b2": summary("completed", 9, 1)})
+def test_execute_complete_success_returns_summaries_in_chunk_order_with_chains():
+    job = Job.from_dict(
+        {
+            "version": 1,
+            "chunks": [
+                {
+                    "attempts": [
+                        {"batch_id": "b0", "status": "failed"},
+                        {"batch_id": "b2", "reason": "capacity"},
+                        {"batch_id": "b3", "number": 2, "reason": "retry", "retry_of": "b2"},
+                    ]
+                },
+                {"attempts": [{"batch_id": "b1"}]},
+            ],
+        }
     )
-    assert list(result) == ["b2", "b1"]
+    for batch_id, state in (("b1", summary("completed", 10)), ("b2", summary("completed", 9, 1))):
+        job.find(batch_id)[1].see(state)
+    job.find("b2")[1].retried = 1
+    job.find("b3")[1].see(summary("completed", 1, total=1))
+    payload = {"status": "success", "batches": {}, "message": "done", "job": job.to_dict()}
+    result = sensor(batch_ids=["b0", "b1"]).execute_complete({}, event=payload)
+    assert list(result) == ["b2", "b3", "b1"]
     assert result["b2"]["replaces"] == ["b0"] and result["b1"]["replaces"] == []
+    assert (result["b2"]["attempt"], result["b2"]["retry_of"]) == (1, None)
+    assert (result["b3"]["attempt"], result["b3"]["retry_of"], result["b3"]["replaces"]) == (2, "b2", [])
     assert result["b2"]["request_counts"] == {"total": 10, "completed": 9, "failed": 1}
 
 
@@ -261,9 +292,11 @@ def test_deferred_round_trip(emulator, make_context):
     # The backstop is the time left to the deadline plus a grace period.
     backstop = deferred.value.timeout - timedelta(minutes=5)
     assert timedelta(seconds=3599) <= backstop <= timedelta(seconds=3600)
-    assert kwargs["deadline"] - time.time() <= backstop.total_seconds() + 1
-    assert before + 3600 <= kwargs["deadline"] <= time.time() + 3600
-    assert kwargs["batch_ids"] == ids and kwargs["conn_id"] == "openai_default"
+    deadline = kwargs["job"]["deadline"]
+    assert deadline - time.time() <= backstop.total_seconds() + 1
+    assert before + 3600 <= deadline <= time.time() + 3600
+    assert [c["attempts"][0]["batch_id"] for c in kwargs["job"]["chunks"]] == ids
+    assert kwargs["conn_id"] == "openai_default"
     assert TEST_API_KEY not in json.dumps(kwargs)
 
     trigger = import_string(classpath)(**json.loads(json.dumps(kwargs)))

@@ -23,7 +23,6 @@ from airflow_openai_batch.core.progress import (
     batch_summary,
     check_outcome,
     classify_api_error,
-    normalize_batch_ids,
     progress_line,
     retry_after_seconds,
 )
@@ -123,6 +122,7 @@ def make_trigger(fake: FakeTime | None = None, hook: Any = None, **kwargs: Any) 
     kwargs.setdefault("batch_ids", ["batch_a"])
     kwargs.setdefault("poll_interval", 0.01)
     kwargs.setdefault("max_poll_interval", 0.05)
+    kwargs.setdefault("retry_failed_requests", 0)  # retry rounds have tests of their own
     trigger = OpenAIBatchTrigger(**kwargs)
     if fake is not None:
         trigger._clock = fake.time
@@ -169,20 +169,20 @@ def test_serialize_is_json_safe_and_rebuilds_an_equal_trigger():
     rebuilt = import_string(classpath)(**kwargs)
     assert rebuilt.serialize() == (classpath, kwargs)
     assert kwargs == {
-        "batch_ids": ["batch_1", "batch_2"],
         "conn_id": "my_conn",
         "poll_interval": 5.0,
         "max_poll_interval": 50.0,
-        "deadline": T0 + 3600,
         "fail_on_statuses": ["failed"],
         "cancel_on_kill": False,
         "fault_budget": 3,
-        "started_at": T0,
-        "resubmittable": [],
-        "pending_count": 0,
-        "idle_backoff": 0.0,
-        "job": None,
-        "known_final": {},
+        "max_resubmits": 10,
+        "retry_failed_requests": 2,
+        "job": {
+            "version": 1,
+            "chunks": [{"attempts": [{"batch_id": "batch_1"}]}, {"attempts": [{"batch_id": "batch_2"}]}],
+            "deadline": T0 + 3600,
+            "started_at": T0,
+        },
     }
 
 
@@ -194,6 +194,9 @@ def test_serialize_is_json_safe_and_rebuilds_an_equal_trigger():
         {"batch_ids": ["b"], "poll_interval": 0},
         {"batch_ids": ["b"], "poll_interval": 10, "max_poll_interval": 5},
         {"batch_ids": ["b"], "fault_budget": -1},
+        {"batch_ids": ["b"], "retry_failed_requests": -1},
+        {},
+        {"job": {"version": 99, "chunks": []}},
     ],
 )
 def test_trigger_rejects_bad_arguments(kwargs):
@@ -234,6 +237,8 @@ def test_completed_batch_after_progress_gives_success_with_summary():
             "error_file_id": "file-err",
             "replaces": [],
             "model": "gpt-4o-mini",
+            "attempt": 1,
+            "retry_of": None,
         }
     }
     assert [c for c in hook.calls if c[0] == "retrieve"] == [("retrieve", "batch_a")] * 4
@@ -524,17 +529,6 @@ def test_error_classification_and_retry_after():
     assert retry_after_seconds(api_error(429, {"retry-after": "7"})) == 7.0
     assert retry_after_seconds(api_error(429)) is None
     assert [backoff_delay(n, 1.0, 10.0) for n in range(1, 6)] == [1.0, 2.0, 4.0, 8.0, 10.0]
-
-
-def test_normalize_batch_ids():
-    assert normalize_batch_ids("b1") == (["b1"], {"b1": []})
-    assert normalize_batch_ids(["b1", "b2", "b1"]) == (["b1", "b2"], {"b1": [], "b2": []})
-    assert normalize_batch_ids('["b1", "b2"]')[0] == ["b1", "b2"]
-    ids, replaces = normalize_batch_ids({"b2": {"status": "completed", "replaces": ["b0"]}, "b3": {}})
-    assert ids == ["b2", "b3"] and replaces == {"b2": ["b0"], "b3": []}
-    for bad in ([], "", [1], ["ok", None], 42):
-        with pytest.raises(ValueError):
-            normalize_batch_ids(bad)
 
 
 def test_schedule_stretches_while_idle_and_tightens_near_the_end():
