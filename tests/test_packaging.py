@@ -3,7 +3,6 @@ script runs on a plain install, and the README states the operator's metadata bu
 
 from __future__ import annotations
 
-import ast
 import importlib.metadata
 import re
 import sys
@@ -13,101 +12,59 @@ from packaging.requirements import Requirement
 
 import airflow_openai_batch
 from airflow_openai_batch.operators.submit import OWN_METADATA_KEYS
+from tests.support.imports import imports
 
 PACKAGE = Path(airflow_openai_batch.__file__).parent
 ROOT = PACKAGE.parent
 DISTRIBUTION = "airflow-openai-batch"
+#: Airflow is installed as several distributions; the one declared, apache-airflow, brings them all.
+AIRFLOW_PARTS = {"apache-airflow-core", "apache-airflow-task-sdk"}
 
 
 def _normalized(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _declared() -> tuple[set[str], set[str]]:
-    """The distributions the package requires: (core, core and every extra)."""
-    core: set[str] = set()
-    every: set[str] = set()
+def _declared(*, extras: bool) -> set[str]:
+    """The distributions the installed package requires: core ones, and with ``extras`` every extra's."""
+    declared = set(AIRFLOW_PARTS)
     for text in importlib.metadata.requires(DISTRIBUTION) or []:
         requirement = Requirement(text)
-        name = _normalized(requirement.name)
-        if name == DISTRIBUTION:
-            continue
-        every.add(name)
-        if requirement.marker is None or "extra" not in str(requirement.marker):
-            core.add(name)
-    return core, every
+        in_extra = requirement.marker is not None and "extra" in str(requirement.marker)
+        if _normalized(requirement.name) != DISTRIBUTION and (extras or not in_extra):
+            declared.add(_normalized(requirement.name))
+    return declared
 
 
-def _third_party_imports(paths: list[Path]) -> set[str]:
-    """Top-level modules imported by these files that are neither ours nor the standard library's.
-
-    Imports inside ``try: ... except ImportError`` are optional by construction and left out.
-    """
-    found: set[str] = set()
-    for path in paths:
-        tree = ast.parse(path.read_text(), str(path))
-        optional = {
-            id(inner)
-            for node in ast.walk(tree)
-            if isinstance(node, ast.Try) and any(_catches_import_error(h) for h in node.handlers)
-            for statement in node.body
-            for inner in ast.walk(statement)
-        }
-        for node in ast.walk(tree):
-            if id(node) in optional:
-                continue
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            else:
-                continue
-            found.update(name.partition(".")[0] for name in names)
-    return found - set(sys.stdlib_module_names) - {"airflow_openai_batch", "__future__"}
-
-
-def _catches_import_error(handler: ast.ExceptHandler) -> bool:
-    caught = handler.type
-    names = caught.elts if isinstance(caught, ast.Tuple) else [caught]
-    return any(isinstance(n, ast.Name) and n.id in ("ImportError", "ModuleNotFoundError") for n in names)
-
-
-def _distributions(modules: set[str]) -> dict[str, set[str]]:
-    """Each module's distributions (empty: no installed distribution provides it)."""
+def _undeclared(folder: Path, declared: set[str]) -> dict[str, set[str]]:
+    """Modules imported (not optionally) by the files below ``folder`` that no declared distribution
+    provides, with the distributions that do."""
+    modules = {
+        found.module.partition(".")[0]
+        for path in folder.rglob("*.py")
+        for found in imports(path.read_text(), str(path))
+        if not found.optional
+    }
+    modules -= {*sys.stdlib_module_names, "airflow_openai_batch", "__future__"}
     providers = importlib.metadata.packages_distributions()
-    return {module: {_normalized(d) for d in providers.get(module, [])} for module in modules}
+    provided = {module: {_normalized(d) for d in providers.get(module, [])} for module in modules}
+    return {module: dists for module, dists in provided.items() if not dists & declared}
 
 
 def test_every_import_of_the_package_is_a_declared_dependency() -> None:
-    _, declared = _declared()
-    # Airflow itself is installed as several distributions (apache-airflow-core, -task-sdk...): the one
-    # declared, apache-airflow, brings them all.
-    declared |= {"apache-airflow-core", "apache-airflow-task-sdk"}
-    undeclared = {
-        module: dists
-        for module, dists in _distributions(_third_party_imports(list(PACKAGE.rglob("*.py")))).items()
-        if not dists & declared
-    }
-    assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
+    missing = _undeclared(PACKAGE, _declared(extras=True))
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
 
 
 def test_the_emulator_script_needs_nothing_beyond_a_plain_install() -> None:
-    (script,) = [
-        e for e in importlib.metadata.entry_points(group="console_scripts") if e.dist.name == DISTRIBUTION
+    scripts = importlib.metadata.entry_points(group="console_scripts")
+    assert [e.value for e in scripts if e.dist and e.dist.name == DISTRIBUTION] == [
+        "airflow_openai_batch.emulator.__main__:main"
     ]
-    assert script.name == "openai-batch-emulator"
-    emulator = PACKAGE / "emulator"
-    core, _ = _declared()
-    core |= {"apache-airflow-core", "apache-airflow-task-sdk"}
-    missing = {
-        module: dists
-        for module, dists in _distributions(_third_party_imports(list(emulator.rglob("*.py")))).items()
-        if not dists & core
-    }
+    missing = _undeclared(PACKAGE / "emulator", _declared(extras=False))
     assert not missing, f"the emulator imports what only an extra installs: {missing}"
 
 
 def test_the_readme_counts_the_metadata_keys_the_operator_adds() -> None:
     readme = (ROOT / "README.md").read_text()
-    stated = re.findall(r"the operator adds (\d+) keys of its own", readme)
-    assert stated == [str(len(OWN_METADATA_KEYS))]
+    assert re.findall(r"the operator adds (\d+) keys of its own", readme) == [str(len(OWN_METADATA_KEYS))]
