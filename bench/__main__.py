@@ -276,7 +276,6 @@ def bench_collect(run: Runner, results: int) -> list[Row]:
                     folder=str(folder),
                     work_dir=out,
                     output_format=fmt,
-                    expected_results=results,
                 )
                 for fmt in ("jsonl", "parquet")
             },

@@ -83,13 +83,8 @@ def _streamed(stream: Any) -> Any:
     return lines_from_raw_blocks(blocks())
 
 
-def collect_ours(
-    folder: str, work_dir: str, output_format: str, expected_results: int | None = None
-) -> dict[str, Any]:
-    """What the collect operator does once the files stream in: reconcile by custom_id, write results.
-
-    :param expected_results: the batch's request count, as the operator knows it from the batch.
-    """
+def collect_ours(folder: str, work_dir: str, output_format: str) -> dict[str, Any]:
+    """What the collect operator does once the files stream in: reconcile by custom_id, write results."""
     from airflow_openai_batch.core.reconcile import BatchResultFiles, Reconciler
     from airflow_openai_batch.core.writers import ResultWriter
 
@@ -109,7 +104,6 @@ def collect_ours(
                 _streamed(inp),
                 _streamed(outp),
                 _streamed(err),
-                expected_results=expected_results,
             )
         )
     summary = reconciler.summary()
@@ -218,10 +212,5 @@ def preload(case: str, kwargs: dict[str, Any]) -> None:
         import airflow_openai_batch.core.reconcile
         import airflow_openai_batch.core.writers  # noqa: F401
     if kwargs.get("output_format") == "parquet":
-        if case == "collect_ours":
-            # pyarrow loaded the way the collect operator loads it (writers._pyarrow picks its allocator).
-            from airflow_openai_batch.core.writers import successes_schema
-
-            successes_schema()
         import pyarrow
         import pyarrow.parquet  # noqa: F401

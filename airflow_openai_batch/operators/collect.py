@@ -12,7 +12,7 @@ from airflow_openai_batch.compat import Asset, AssetAlias, BaseOperator
 from airflow_openai_batch.core.pricing import PriceTable
 from airflow_openai_batch.core.job import read_job
 from airflow_openai_batch.core.reconcile import BatchResultFiles, Reconciler, present_file_id
-from airflow_openai_batch.core.writers import OUTPUT_FORMATS, ResultWriter, write_manifest
+from airflow_openai_batch.core.writers import OUTPUT_FORMATS, RecordSink, ResultWriter, write_manifest
 from airflow_openai_batch.exceptions import OpenAIBatchFailureRatioError, OpenAIBatchXComLimitError
 from airflow_openai_batch.hooks.batch import OpenAIBatchHook
 from airflow_openai_batch.links import OpenAIBatchesPageLink, OpenAIBatchLink, persist_batch_links
@@ -32,7 +32,7 @@ def batch_ids_from(value: Any) -> list[str]:
     return [a.batch_id for chunk in job.chunks for a in chunk.outcome_attempts() if a.batch_id]
 
 
-class _XComSink:
+class _XComSink(RecordSink):
     """Keeps records in memory for XCom, refusing past a limit (XCom lives in the metadata DB)."""
 
     def __init__(self, limit: int) -> None:
@@ -168,7 +168,6 @@ class OpenAIBatchCollectOperator(BaseOperator):
             output_lines=self.hook.iter_file_lines(output_id) if output_id else None,
             error_lines=self.hook.iter_file_lines(error_id) if error_id else None,
             model=getattr(batch, "model", None),
-            expected_results=getattr(getattr(batch, "request_counts", None), "total", None),
         )
 
     def _summary(self, reconciler: Reconciler) -> dict[str, Any]:
@@ -181,6 +180,7 @@ class OpenAIBatchCollectOperator(BaseOperator):
             "succeeded": data["succeeded"],
             "failed": data["failed"],
             "failed_by_code": data["failed_by_code"],
+            "retried": data["retried"],
             "usage": {
                 "input_tokens": usage.get("input_tokens", 0),
                 "output_tokens": usage.get("output_tokens", 0),

@@ -24,11 +24,10 @@ from airflow_openai_batch.core.reconcile import (
     MAX_ANOMALY_EXAMPLES,
     BatchResultFiles,
     Reconciler,
-    endpoint_kind,
-    extract_content,
     present_file_id,
-    usage_counts,
 )
+from airflow_openai_batch.core.records import endpoint_kind, extract_content, usage_counts
+from airflow_openai_batch.core.writers import RecordSink
 from airflow_openai_batch.statuses import BatchStatus
 
 CHAT = "/v1/chat/completions"
@@ -96,7 +95,7 @@ def error_line(
     )
 
 
-class MemorySink:
+class MemorySink(RecordSink):
     """A RecordSink that keeps everything (tests only: small inputs)."""
 
     def __init__(self) -> None:
@@ -181,7 +180,16 @@ def test_completed_batch_mixes_successes_http_errors_non_http_errors_and_missing
     assert success["r3"]["status_code"] == 200
     assert success["r3"]["usage"] == chat_body("three", 7, 3, 4)["usage"]
     assert success["r3"]["body"]["choices"][0]["message"]["content"] == "three"
-    assert set(success["r3"]) == {"custom_id", "batch_id", "status_code", "body", "usage", "content"}
+    assert set(success["r3"]) == {
+        "custom_id",
+        "batch_id",
+        "status_code",
+        "body",
+        "usage",
+        "content",
+        "attempts",
+    }
+    assert {r["attempts"] for r in sink.successes + sink.failures} == {1}
 
     # usage: 7+10+10*3 prompt, 3+2+2*3 completion; per model keyed by the response's model
     assert summary.usage == {
@@ -505,7 +513,7 @@ def test_convenience_fields_for_every_endpoint(tmp_path: Path) -> None:
         extra = {
             k: v
             for k, v in record.items()
-            if k not in ("custom_id", "batch_id", "status_code", "body", "usage")
+            if k not in ("custom_id", "batch_id", "status_code", "body", "usage", "attempts")
         }
         assert extra == expected, url
         assert record["body"] == body

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -9,9 +10,9 @@ from typing import Any
 import orjson
 import pytest
 
-from airflow_openai_batch.core import reconcile
+from airflow_openai_batch.core.jsonl import iter_lines
 from airflow_openai_batch.core.reconcile import BatchResultFiles, Reconciler
-from airflow_openai_batch.core.writers import ResultWriter, read_records, write_manifest
+from airflow_openai_batch.core.writers import RecordSink, ResultWriter, read_records, write_manifest
 
 CHAT = "/v1/chat/completions"
 
@@ -118,7 +119,8 @@ def test_parquet_round_trip(tmp_path: Path) -> None:
     assert got[0]["usage"] == {"input_tokens": 10, "output_tokens": 3, "total_tokens": 13}
     assert got[1]["usage"] == {"input_tokens": 4, "output_tokens": 5, "total_tokens": 9}
     assert got[2]["usage"] is None
-    assert list(read_records(paths["failures"])) == [record for record, _ in failures()]
+    # (records written without ``attempts``: the fixed schema has the column, null)
+    assert list(read_records(paths["failures"])) == [{**record, "attempts": None} for record, _ in failures()]
     # the request column holds the submitted text byte for byte
     table = pq.read_table(paths["failures"])
     assert table.column("request").to_pylist() == [line.decode() for _, line in failures()]
@@ -128,7 +130,19 @@ def test_parquet_schemas_are_fixed(tmp_path: Path) -> None:
     writer = write_all(tmp_path, "parquet")
     writer.close()
     schema = pq.read_schema(writer.paths()["successes"])
-    assert schema.names == ["custom_id", "batch_id", "status_code", "content", "embedding", "body", "usage"]
+    assert schema.names == [
+        "custom_id",
+        "batch_id",
+        "status_code",
+        "content",
+        "embedding",
+        "body",
+        "usage",
+        "embeddings",
+        "attempts",
+    ]
+    assert schema.field("embeddings").type == pa.list_(pa.list_(pa.float32()))
+    assert schema.field("attempts").type == pa.int32()
     assert schema.field("status_code").type == pa.int32()
     assert schema.field("embedding").type == pa.list_(pa.float32())
     assert schema.field("body").type == pa.string()
@@ -143,6 +157,7 @@ def test_parquet_schemas_are_fixed(tmp_path: Path) -> None:
         "error_code",
         "error_message",
         "request",
+        "attempts",
     ]
     assert failure_schema.field("status_code").type == pa.int32()
 
@@ -288,120 +303,115 @@ def test_reconciler_into_writer_end_to_end(tmp_path: Path, output_format: str) -
     assert manifest["usage_by_model"] == {"text-embedding-3-small": manifest["usage"]}
 
 
-@pytest.mark.parametrize("expected", [None, 999, 1000], ids=["unknown", "below", "at-threshold"])
-def test_the_batch_request_count_decides_the_helper_before_anything_is_read(
-    tmp_path: Path, expected: int | None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A request count at or past the threshold starts the helper before the first input line is read (it
-    imports meanwhile); one below it means no helper at all, however large the input; without one, the
-    input's size decides, once that much is copied."""
-    from airflow_openai_batch.core.jsonl import BlockHelper, iter_lines
+class MemorySink(RecordSink):
+    """Keeps the records, parsed (what any sink that does not take raw JSON gets)."""
 
-    monkeypatch.setenv("OPENAI_BATCH_HELPER_PROCESS", "1")
-    monkeypatch.setattr(reconcile, "_RESULT_HELPER_MIN", {"jsonl": (1000, 64 << 10)})
-    events: list[str] = []
-    real_start = BlockHelper.start.__func__  # type: ignore[attr-defined]
+    def __init__(self) -> None:
+        self.successes: list[dict[str, Any]] = []
+        self.failures: list[dict[str, Any]] = []
 
-    def observed_start(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
-        events.append("helper")
-        return real_start(cls, *args, **kwargs)
+    def write_success(self, record: dict[str, Any]) -> None:
+        self.successes.append(record)
 
-    monkeypatch.setattr(BlockHelper, "start", classmethod(observed_start))
-    n = 3000  # ~600 KB of input, ~10 times the size threshold
-    pad = "x" * 150
-    inputs = [
-        orjson.dumps({"custom_id": f"r{i}", "method": "POST", "url": CHAT, "body": {"model": "m", "p": pad}})
-        for i in range(n)
+    def write_failure(self, record: dict[str, Any], request_line: bytes) -> None:
+        self.failures.append(record)
+
+    def close(self) -> None:
+        pass
+
+
+def chat_ok(cid: str, usage: Any = None, content: str | None = None) -> bytes:
+    body = {
+        "model": "m",
+        "choices": [{"message": {"content": content or f"a-{cid}"}}],
+        "usage": usage if usage is not None else {"total_tokens": 1},
+    }
+    return orjson.dumps({"custom_id": cid, "response": {"status_code": 200, "body": body}, "error": None})
+
+
+def chat_request(cid: str, pad: str = "") -> bytes:
+    return orjson.dumps({"custom_id": cid, "method": "POST", "url": CHAT, "body": {"model": "m", "pad": pad}})
+
+
+def lines_of(lines: list[bytes]) -> Any:
+    """Lines as the collect operator reads them (iter_lines over a downloaded file)."""
+    return iter_lines(io.BytesIO(b"".join(line + b"\n" for line in lines)))
+
+
+def reconciled(
+    sink: RecordSink,
+    tmp_path: Path,
+    inputs: list[bytes],
+    output: list[bytes],
+    errors: list[bytes],
+    status: str = "completed",
+    attempt: int = 1,
+) -> Any:
+    rec = Reconciler(sink, tmp_path / "work")
+    rec.add_batch(
+        BatchResultFiles("b", status, lines_of(inputs), lines_of(output), lines_of(errors)), attempt=attempt
+    )
+    sink.close()
+    return rec.summary()
+
+
+def comparable(record: dict[str, Any], output_format: str) -> dict[str, Any]:
+    """A record as both formats read it back: Parquet has a column for every field (null when absent)
+    and its own usage columns (see test_parquet_usage_column_and_sums_read_usage_alike)."""
+    skip = ("usage",) if output_format == "parquet" else ()
+    return {k: v for k, v in record.items() if v is not None and k not in skip}
+
+
+@pytest.mark.parametrize("output_format", FORMATS)
+def test_the_files_hold_what_a_sink_of_parsed_records_gets(tmp_path: Path, output_format: str) -> None:
+    """Records reach a writer as raw JSON and any other sink parsed: read back, the files hold the same
+    records, for a batch of several thousand lines with every outcome."""
+    n = 3000
+    inputs = [chat_request(f"r{i}", "x" * (i % 300)) for i in range(n)]
+    usage = {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9, "prompt_tokens_details": {}}
+    output = [chat_ok(f"r{i}", usage) for i in range(n) if i % 7]
+    errors = [
+        orjson.dumps(
+            {"custom_id": f"r{i}", "response": None, "error": {"code": "server_error", "message": "m"}}
+        )
+        for i in range(0, n, 14)
     ]
-
-    def input_lines():  # type: ignore[no-untyped-def]
-        events.append("input")
-        yield from inputs
-
-    body = {"model": "m", "choices": [{"message": {"content": "a"}}], "usage": {"total_tokens": 1}}
-    output = b"".join(
-        orjson.dumps({"custom_id": f"r{i}", "response": {"status_code": 200, "body": body}, "error": None})
-        + b"\n"
-        for i in range(n)
-    )
-    import io
-
-    writer = ResultWriter(tmp_path / "stage", "jsonl")
-    rec = Reconciler(writer, tmp_path / "work")
-    files = BatchResultFiles(
-        "b", "completed", input_lines(), iter_lines(io.BytesIO(output)), None, expected_results=expected
-    )
-    tally = rec.add_batch(files)
-    writer.close()
-    assert (tally.total, tally.succeeded) == (n, n)
-    assert sum(1 for _ in read_records(tmp_path / "stage" / "successes.jsonl")) == n
-    if expected is None:
-        assert events == ["input", "helper"]
-    elif expected < 1000:
-        assert events == ["input"]
-    else:
-        assert events == ["helper", "input"]
+    memory = MemorySink()
+    expected = reconciled(memory, tmp_path / "memory", inputs, output, errors)
+    writer = ResultWriter(tmp_path / "stage", output_format)
+    got = reconciled(writer, tmp_path / "files", inputs, output, errors)
+    assert got.to_dict() == expected.to_dict()
+    assert got.failed_by_code == {"server_error": len(errors), "missing": n // 7 + 1 - len(errors)}
+    paths = writer.paths()
+    successes = list(read_records(paths["successes"]))
+    assert [comparable(r, output_format) for r in successes] == [
+        comparable(r, output_format) for r in memory.successes
+    ]
+    failures = list(read_records(paths["failures"]))
+    assert [comparable(r, output_format) for r in failures] == [
+        comparable(r, output_format) for r in memory.failures
+    ]
+    assert all(r["request"] == orjson.loads(inputs[int(r["custom_id"][1:])]) for r in failures)
+    retry = paths["retry_requests"].read_bytes().splitlines()
+    assert retry == [inputs[int(r["custom_id"][1:])] for r in memory.failures]
 
 
 @pytest.mark.parametrize("where", ["late", "early"])
-@pytest.mark.parametrize("helper", ["1", "0"], ids=["helper-process", "one-process"])
-@pytest.mark.parametrize("output_format", ["jsonl", "parquet"])
-def test_block_path_reports_repeats_across_blocks_and_unknown_ids(
-    tmp_path: Path, output_format: str, helper: str, where: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("output_format", FORMATS)
+def test_repeats_and_unknown_ids_in_a_large_file_are_reported(
+    tmp_path: Path, output_format: str, where: str
 ) -> None:
-    """Large files go through the block path (and a helper process): answered ids leave the index there,
-    so a later repeat must still be told apart from an id the input never had. "early" puts the odd lines
-    in the first output block, which the helper scans while the input is still being copied."""
-    import io
-
-    from airflow_openai_batch.core.jsonl import BlockPipeline, iter_lines
-
-    sent_ahead: list[bool] = []
-    real_send_ahead = BlockPipeline.send_ahead
-
-    def observed(self, block, data, limit):  # type: ignore[no-untyped-def]
-        sent_ahead.append(real_send_ahead(self, block, data, limit))
-        return sent_ahead[-1]
-
-    monkeypatch.setattr(BlockPipeline, "send_ahead", observed)
-    monkeypatch.setenv("OPENAI_BATCH_HELPER_PROCESS", helper)
-    # The helper starts from 1 MB of input here (its usual size would make a slow test).
-    monkeypatch.setattr(reconcile, "_RESULT_HELPER_MIN", {"jsonl": (1, 1 << 20), "parquet": (1, 1 << 20)})
-    n = 30_000  # ~7 MB of input
-    pad = "x" * 150
-    inputs = b"".join(
-        orjson.dumps(
-            {"custom_id": f"r{i}", "method": "POST", "url": CHAT, "body": {"model": "m", "pad": pad}}
-        )
-        + b"\n"
-        for i in range(n)
-    )
-
-    def ok(cid: str) -> bytes:
-        body = {"model": "m", "choices": [{"message": {"content": f"a-{cid}"}}], "usage": {"total_tokens": 1}}
-        return orjson.dumps({"custom_id": cid, "response": {"status_code": 200, "body": body}, "error": None})
-
+    """Answered ids leave the join's set of ids waiting for an answer: a later repeat must still be told
+    apart from an id the input never had, wherever in the file the odd lines are."""
+    n = 30_000
+    inputs = [chat_request(f"r{i}", "x" * 150) for i in range(n)]
     answered = [f"r{i}" for i in range(n) if i % 10]  # every tenth request gets no result
-    lines = [ok(cid) for cid in answered]
-    odd = [ok("r1"), ok("nobody")]  # r1 answered again; an id never asked
+    lines = [chat_ok(cid) for cid in answered]
+    odd = [chat_ok("r1"), chat_ok("nobody")]  # r1 answered again; an id never asked
     lines = odd[:1] + lines + odd[1:] if where == "early" else lines + odd
-    output = b"\n".join(lines) + b"\n"
-    errors = orjson.dumps({"custom_id": "r2", "response": None, "error": {"code": "x", "message": "y"}})
-
+    errors = [orjson.dumps({"custom_id": "r2", "response": None, "error": {"code": "x", "message": "y"}})]
     writer = ResultWriter(tmp_path / "stage", output_format)
-    rec = Reconciler(writer, tmp_path / "work")
-    rec.add_batch(
-        BatchResultFiles(
-            "b",
-            "completed",
-            iter_lines(io.BytesIO(inputs)),
-            iter_lines(io.BytesIO(output)),
-            iter_lines(io.BytesIO(errors + b"\n")),
-        )
-    )
-    writer.close()
-    summary = rec.summary()
-    assert any(sent_ahead) == (helper == "1")  # the helper got output blocks while the input was read
+    summary = reconciled(writer, tmp_path, inputs, lines, errors)
     assert summary.anomalies["counts"] == {"duplicate_result": 2, "unknown_custom_id": 1}
     kinds = {(e["kind"], e["custom_id"], e["source"]) for e in summary.anomalies["examples"]}
     # "early": the first r1 is the odd line, and the one in its place later is the repeat.
@@ -417,12 +427,9 @@ def test_block_path_reports_repeats_across_blocks_and_unknown_ids(
     assert got.count("r1") == 1
 
 
-def test_scanned_parquet_rows_read_usage_like_written_records() -> None:
-    """The scanner's fast path (counts read once for the sums) fills the usage column exactly as a record
-    written one by one would: input_tokens before prompt_tokens, nulls where a count is missing."""
-    from airflow_openai_batch.core.reconcile import _ResultScanner
-    from airflow_openai_batch.core.writers import successes_schema
-
+def test_parquet_usage_column_and_sums_read_usage_alike(tmp_path: Path) -> None:
+    """The usage column and the summary's sums read a usage object by the same rule: input_tokens before
+    prompt_tokens, a missing count null in the column and 0 in the sums."""
     usages = [
         {
             "prompt_tokens": 7,
@@ -430,87 +437,85 @@ def test_scanned_parquet_rows_read_usage_like_written_records() -> None:
             "total_tokens": 9,
             "prompt_tokens_details": {"cached_tokens": 1},
         },
-        {
-            "prompt_tokens": 7,
-            "input_tokens": 8,
-            "completion_tokens": 2,
-            "total_tokens": 9,
-            "prompt_tokens_details": {"cached_tokens": 0},
-        },
+        {"prompt_tokens": 7, "input_tokens": 8, "completion_tokens": 2, "total_tokens": 10},
         {"prompt_tokens": 5, "total_tokens": 5},
-        None,
+        {"prompt_tokens": "many", "completion_tokens": 1},
     ]
-    lines = [
+    ids = [f"c{i}" for i in range(len(usages) + 1)]
+    output = [chat_ok(cid, usage, "x") for cid, usage in zip(ids, usages, strict=False)]
+    output.append(
         orjson.dumps(
-            {
-                "custom_id": f"c{i}",
-                "response": {
-                    "status_code": 200,
-                    "body": {"choices": [{"message": {"content": "x"}}], "usage": u},
-                },
-                "error": None,
-            }
+            {"custom_id": ids[-1], "response": {"status_code": 200, "body": {"choices": []}}, "error": None}
         )
-        for i, u in enumerate(usages)
-    ]
-    scan = _ResultScanner("b", "m", "chat", "parquet").scan(lines)
-    assert scan is not None and scan.succeeded == 4
-    rows = pa.ipc.read_record_batch(pa.py_buffer(scan.payload), successes_schema()).to_pylist()
+    )
+    writer = ResultWriter(tmp_path / "stage", "parquet")
+    summary = reconciled(writer, tmp_path, [chat_request(cid) for cid in ids], output, [])
+    rows = list(read_records(writer.paths()["successes"]))
     assert [r["usage"] for r in rows] == [
         {"input_tokens": 7, "output_tokens": 2, "total_tokens": 9},
-        {"input_tokens": 8, "output_tokens": 2, "total_tokens": 9},
+        {"input_tokens": 8, "output_tokens": 2, "total_tokens": 10},
         {"input_tokens": 5, "output_tokens": None, "total_tokens": 5},
+        {"input_tokens": None, "output_tokens": 1, "total_tokens": None},
         None,
     ]
-    # The sums count every success's usage, normalized (a missing count is 0).
-    assert scan.usage == [["m", 7 + 7 + 5, 2 + 2, 9 + 9 + 5, 1]]
-    assert [r["content"] for r in rows] == ["x"] * 4 and rows[0]["embedding"] is None
+    assert summary.usage == {
+        "input_tokens": 7 + 8 + 5,
+        "output_tokens": 2 + 2 + 1,
+        "total_tokens": 9 + 10 + 5 + 1,
+        "cached_input_tokens": 1,
+    }
+    assert [r["content"] for r in rows] == ["x"] * 4 + [None] and rows[0]["embedding"] is None
 
 
-def test_success_blocks_are_built_without_loading_pyarrow_compute() -> None:
-    """A helper process builds Parquet blocks: importing pyarrow.compute (what masks and casts load) or
-    pyarrow.parquet would cost it ~0.1 s at every start, before its first answer."""
-    import subprocess
-    import sys
+@pytest.mark.parametrize("output_format", FORMATS)
+def test_every_vector_of_a_multi_input_embedding_request_is_kept(tmp_path: Path, output_format: str) -> None:
+    vectors = [[0.5, 1.5], [2.0, -1.0], [0.25, 0.0]]
+    body = {
+        "object": "list",
+        "model": "text-embedding-3-small",
+        "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+        "usage": {"prompt_tokens": 6, "total_tokens": 6},
+    }
+    single = dict(body, data=body["data"][:1])
+    inputs = [
+        orjson.dumps({"custom_id": cid, "method": "POST", "url": "/v1/embeddings", "body": {"model": "e"}})
+        for cid in ("many", "one")
+    ]
+    output = [
+        orjson.dumps({"custom_id": cid, "response": {"status_code": 200, "body": b}, "error": None})
+        for cid, b in (("many", body), ("one", single))
+    ]
+    writer = ResultWriter(tmp_path / "stage", output_format)
+    reconciled(writer, tmp_path, inputs, output, [])
+    got = {r["custom_id"]: r for r in read_records(writer.paths()["successes"])}
+    assert got["many"]["embedding"] == vectors[0]
+    assert got["many"]["embeddings"] == vectors
+    assert got["one"]["embedding"] == vectors[0]
+    assert got["one"].get("embeddings") is None
 
-    code = """
-import sys
-from airflow_openai_batch.core.writers import success_block, success_columns
-rows = success_columns()
-usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
-rows.add_row("a", "b", 200, {"x": 1}, usage, "hi", None)
-rows.add_row("c", "b", 200, {"x": 2}, None, None, [0.5, 1.5])
-assert len(success_block(rows)) > 0
-print(sorted(m for m in ("pyarrow.compute", "pyarrow.parquet") if m in sys.modules))
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+
+@pytest.mark.parametrize("output_format", FORMATS)
+def test_records_carry_their_attempt(tmp_path: Path, output_format: str) -> None:
+    inputs = [chat_request("a"), chat_request("b")]
+    writer = ResultWriter(tmp_path / "stage", output_format)
+    summary = reconciled(writer, tmp_path, inputs, [chat_ok("a")], [], status="expired", attempt=3)
+    paths = writer.paths()
+    assert [(r["custom_id"], r["attempts"]) for r in read_records(paths["successes"])] == [("a", 3)]
+    assert [(r["custom_id"], r["attempts"]) for r in read_records(paths["failures"])] == [("b", 3)]
+    assert summary.retried == 1
 
 
-def test_failure_records_carry_the_parsed_request_only_where_a_sink_needs_it(tmp_path: Path) -> None:
-    """Into Parquet the request line is stored as it is, so it is not parsed; a wrapped write_failure (or
-    JSONL) still gets it parsed. Either way the files hold the request."""
-    import io
-
-    from airflow_openai_batch.core.jsonl import iter_lines
-
+def test_failure_records_carry_the_request_into_every_sink(tmp_path: Path) -> None:
+    """Parsed for a sink of parsed records; as JSON text into the files, read back as the same object;
+    byte for byte in the retry file; None where the line is not JSON."""
     request = {"custom_id": "r1", "method": "POST", "url": CHAT, "body": {"model": "m", "n": 1}}
-    line = orjson.dumps(request) + b"\n"
-    wrapped_saw: list[Any] = []
-    for fmt, wrap in (("parquet", False), ("parquet", True), ("jsonl", False)):
-        writer = ResultWriter(tmp_path / f"{fmt}-{wrap}", fmt)
-        if wrap:
-            real = writer.write_failure
-
-            def observed(record: dict[str, Any], request_line: bytes, real: Any = real) -> None:
-                wrapped_saw.append(record["request"])
-                real(record, request_line)
-
-            writer.write_failure = observed  # type: ignore[method-assign]
-        assert writer.needs_parsed_requests() == (fmt == "jsonl" or wrap)
-        rec = Reconciler(writer, tmp_path / "work")
-        rec.add_batch(BatchResultFiles("b", "expired", iter_lines(io.BytesIO(line)), None, None))
-        writer.close()
-        assert [f["request"] for f in read_records(writer.paths()["failures"])] == [request]
-        assert writer.paths()["retry_requests"].read_bytes() == line
-    assert wrapped_saw == [request]
+    line = json.dumps(request).encode()  # spaced: the retry file keeps the bytes
+    broken = b'{"custom_id": "r2", "body": '
+    memory = MemorySink()
+    reconciled(memory, tmp_path / "memory", [line, broken], [], [], status="expired")
+    assert [f["request"] for f in memory.failures] == [request, None]
+    for fmt in FORMATS:
+        writer = ResultWriter(tmp_path / fmt, fmt)
+        reconciled(writer, tmp_path / f"work-{fmt}", [line, broken], [], [], status="expired")
+        assert [f["request"] for f in read_records(writer.paths()["failures"])] == [request, None]
+        assert writer.paths()["retry_requests"].read_bytes() == line + b"\n" + broken + b"\n"

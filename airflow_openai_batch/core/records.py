@@ -1,0 +1,413 @@
+"""What a batch's answers hold, and the one place their records are made (no Airflow import).
+
+- :func:`endpoint_kind` sorts an endpoint into a *kind* (``chat``, ``completions``, ``responses``,
+  ``embeddings``, ``other``).
+- Each kind says, once, where its answer lives in a response body: a typed view of the body (a msgspec
+  ``Struct`` naming only the fields read, so decoding skips everything else) and a function that turns
+  that view into the success record's convenience fields (``content``, ``embedding``...). A new field or
+  a new kind is one more ``Struct`` field and a line in its function (see :data:`_KINDS`).
+- :class:`RecordBuilder` makes every success and failure record of one batch attempt, whichever path
+  the line took through :mod:`airflow_openai_batch.core.reconcile`.
+
+A body's JSON text is kept as it came (``msgspec.Raw``): a sink that only writes records out (see
+:attr:`airflow_openai_batch.core.writers.RecordSink.takes_raw_json`) gets it as such and never pays for
+parsing and re-serializing it.
+"""
+
+from __future__ import annotations
+
+import array
+import base64
+import contextlib
+import operator
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import orjson
+
+__all__ = [
+    "RecordBuilder",
+    "endpoint_kind",
+    "error_fields",
+    "extract_content",
+    "usage_counts",
+    "usage_fields",
+]
+
+Raw = msgspec.Raw
+
+
+def endpoint_kind(endpoint: str | None) -> str:
+    """Classify a batch endpoint: ``chat``, ``completions``, ``responses``, ``embeddings`` or ``other``.
+
+    Accepts OpenAI's spelling (``/v1/chat/completions``) and Azure's older one (``/chat/completions``).
+
+    :param endpoint: the endpoint or a request line's ``url``.
+    """
+    if not endpoint:
+        return "other"
+    path = endpoint.split("?", 1)[0].rstrip("/")
+    if path.endswith("/chat/completions"):
+        return "chat"
+    if path.endswith("/completions"):
+        return "completions"
+    if path.endswith("/responses"):
+        return "responses"
+    if path.endswith("/embeddings"):
+        return "embeddings"
+    return "other"
+
+
+# -- typed views of response bodies -----------------------------------------------------------------------
+# Fields typed ``Any`` take whatever the API sends (a shape it documents loosely); a field of the wrong
+# type makes the whole view fail, and the answer's fields are then those of an empty body.
+
+_NULL = Raw(b"null")
+
+
+class _Body(msgspec.Struct):
+    """What every kind reads: the model that answered (prices go by it) and the token usage (as JSON
+    text: it is written out as it is, and its counts are read by :func:`usage_fields`)."""
+
+    model: Any = None
+    usage: Raw = _NULL
+
+
+class _Message(msgspec.Struct):
+    content: Any = None  # a string, null, or (some models) a list of content parts
+
+
+class _ChatChoice(msgspec.Struct):
+    message: _Message | None = None
+
+
+class _ChatBody(_Body):
+    choices: list[_ChatChoice] = []
+
+
+class _TextChoice(msgspec.Struct):
+    text: Any = None
+
+
+class _CompletionsBody(_Body):
+    choices: list[_TextChoice] = []
+
+
+class _OutputItem(msgspec.Struct):
+    content: Any = None  # message items: a list of parts; reasoning items, tool calls...: no text
+
+
+class _ResponsesBody(_Body):
+    output: list[_OutputItem] = []
+
+
+class _EmbeddingItem(msgspec.Struct):
+    index: Any = None
+    embedding: list[float] | str | None = None  # a list of floats, or base64 float32s
+
+
+class _EmbeddingsBody(_Body):
+    data: list[_EmbeddingItem] = []
+
+
+def _parts_text(parts: Any, part_type: str | None) -> str | None:
+    """The text of a list of content parts (only those of ``part_type``, unless ``None``)."""
+    if not isinstance(parts, list):
+        return None
+    texts = [
+        p["text"]
+        for p in parts
+        if isinstance(p, dict) and isinstance(p.get("text"), str) and part_type in (None, p.get("type"))
+    ]
+    return "".join(texts) if texts else None
+
+
+def _chat_fields(body: _ChatBody, record: dict[str, Any]) -> None:
+    """``content``: the first choice's message content (text parts joined)."""
+    message = body.choices[0].message if body.choices else None
+    content = message.content if message is not None else None
+    record["content"] = content if isinstance(content, str) or content is None else _parts_text(content, None)
+
+
+def _completions_fields(body: _CompletionsBody, record: dict[str, Any]) -> None:
+    """``content``: the first choice's text."""
+    text = body.choices[0].text if body.choices else None
+    record["content"] = text if isinstance(text, str) else None
+
+
+def _responses_fields(body: _ResponsesBody, record: dict[str, Any]) -> None:
+    """``content``: the ``output_text`` parts of every message item, joined."""
+    texts = [t for item in body.output if (t := _parts_text(item.content, "output_text")) is not None]
+    record["content"] = "".join(texts) if texts else None
+
+
+def _vector(value: list[float] | str | None) -> list[float] | None:
+    if isinstance(value, str):
+        # encoding_format="base64": little-endian float32, as the SDK decodes it.
+        try:
+            vec = array.array("f", base64.b64decode(value))
+        except ValueError:
+            return None
+        if sys.byteorder != "little":
+            vec.byteswap()
+        return vec.tolist()
+    return value
+
+
+def _embeddings_fields(body: _EmbeddingsBody, record: dict[str, Any]) -> None:
+    """``embedding``: the (first) vector; ``embeddings``: all of them, when the request had several inputs."""
+    data = body.data
+    if len(data) > 1:
+        # The API documents ``index`` as the position of the input: follow it, not the list order.
+        with contextlib.suppress(TypeError):
+            data = sorted(data, key=operator.attrgetter("index"))
+    vectors = [_vector(item.embedding) for item in data]
+    record["embedding"] = vectors[0] if vectors else None
+    if len(vectors) > 1:
+        record["embeddings"] = vectors
+
+
+def _no_fields(body: _Body, record: dict[str, Any]) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """Where one kind of endpoint puts its answer.
+
+    :param view: the typed view of a response body (with defaults for every field: built empty, it
+        stands for a body the view does not fit).
+    :param fields: writes the success record's convenience fields, read from the view.
+    """
+
+    view: type[_Body]
+    fields: Callable[[Any, dict[str, Any]], None]
+
+
+#: Every endpoint kind, by the name :func:`endpoint_kind` gives it.
+_KINDS: dict[str, _Kind] = {
+    "chat": _Kind(_ChatBody, _chat_fields),
+    "completions": _Kind(_CompletionsBody, _completions_fields),
+    "responses": _Kind(_ResponsesBody, _responses_fields),
+    "embeddings": _Kind(_EmbeddingsBody, _embeddings_fields),
+    "other": _Kind(_Body, _no_fields),
+}
+_BODY = msgspec.json.Decoder(_Body)
+
+
+def extract_content(kind: str, body: Any) -> dict[str, Any]:
+    """A success record's convenience fields for a response body.
+
+    :param kind: the endpoint kind (see :func:`endpoint_kind`).
+    :param body: the response body (``response.body`` of a result line), parsed.
+    :return: ``{"content": str | None}`` for text endpoints, ``{"embedding": [...] | None}`` (plus
+        ``"embeddings"`` when the request had several inputs) for embeddings, ``{}`` otherwise.
+    """
+    build = RecordBuilder("", kind)
+    fields: dict[str, Any] = {}
+    build.fields(build.view(Raw(orjson.dumps(body))), fields)
+    return fields
+
+
+# -- usage ---------------------------------------------------------------------------------------------------
+
+
+class _Details(msgspec.Struct):
+    cached_tokens: int | None = None
+
+
+class _Usage(msgspec.Struct):
+    """The counts a ``usage`` object may state (chat, completions and embeddings say ``prompt_tokens`` /
+    ``completion_tokens``, the Responses API ``input_tokens`` / ``output_tokens``)."""
+
+    input_tokens: int | None = None
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    input_tokens_details: _Details | None = None
+    prompt_tokens_details: _Details | None = None
+
+
+_COUNT_NAMES = ("input_tokens", "prompt_tokens", "output_tokens", "completion_tokens", "total_tokens")
+_DETAILS_NAMES = ("input_tokens_details", "prompt_tokens_details")
+_decode_usage = msgspec.json.Decoder(_Usage).decode
+
+
+def usage_fields(usage: Any) -> tuple[int | None, int | None, int | None, int | None] | None:
+    """The token counts a body's ``usage`` states: ``(input, output, total, cached_input)``.
+
+    ``input_tokens`` / ``output_tokens`` are preferred to ``prompt_tokens`` / ``completion_tokens`` when
+    both are there; cached tokens are under ``*_tokens_details``. A count that is missing or not an
+    integer is ``None``.
+
+    :param usage: ``body["usage"]``, parsed (any value) or as JSON text (``msgspec.Raw`` or bytes).
+    :return: the four counts, or ``None`` when ``usage`` is not an object.
+    """
+    if usage is _NULL:
+        return None
+    if type(usage) is Raw or type(usage) is bytes:
+        try:
+            view = _decode_usage(usage)
+        except msgspec.DecodeError:  # a count that is not an integer, or not an object at all
+            usage = msgspec.json.decode(usage)
+    if type(usage) is dict:
+        # Only the integer counts, as the typed view would read them.
+        counts = {name: n for name in _COUNT_NAMES if type(n := usage.get(name)) is int}
+        for name in _DETAILS_NAMES:
+            details = usage.get(name)
+            if type(details) is dict:
+                cached = details.get("cached_tokens")
+                counts[name] = _Details(cached if type(cached) is int else None)
+        view = _Usage(**counts)
+    elif type(usage) is not Raw and type(usage) is not bytes:
+        return None
+    inp = view.input_tokens
+    if inp is None:
+        inp = view.prompt_tokens
+    out = view.output_tokens
+    if out is None:
+        out = view.completion_tokens
+    details = view.input_tokens_details or view.prompt_tokens_details
+    return inp, out, view.total_tokens, None if details is None else details.cached_tokens
+
+
+def usage_counts(usage: Any) -> tuple[int, int, int, int] | None:
+    """:func:`usage_fields` as numbers to add up: a missing count is 0, a missing total ``input + output``.
+
+    :param usage: as for :func:`usage_fields`.
+    :return: ``(input, output, total, cached_input)``, or ``None`` when ``usage`` is not an object.
+    """
+    fields = usage_fields(usage)
+    if fields is None:
+        return None
+    inp, out, total, cached = fields
+    inp = inp or 0
+    out = out or 0
+    return inp, out, inp + out if total is None else total, cached or 0
+
+
+# -- failures ------------------------------------------------------------------------------------------------
+
+
+def error_fields(line: dict[str, Any]) -> tuple[int | None, str, str]:
+    """``(status_code, error_code, error_message)`` of a failed result line.
+
+    :param line: the result line, parsed.
+    """
+    response = line.get("response")
+    top_error = line.get("error")
+    top_error = top_error if isinstance(top_error, dict) else {}
+    if isinstance(response, dict):
+        status = response.get("status_code")
+        status = status if type(status) is int else None
+        body = response.get("body")
+        err = body.get("error") if isinstance(body, dict) else None
+        # A 2xx response next to a non-null ``error``: the error object is what explains the failure.
+        err = err if isinstance(err, dict) else top_error
+        code = err.get("code") or (f"http_{status}" if status is not None else "error")
+        message = err.get("message") or (
+            f"HTTP {status}" if status is not None else "The request failed without a message."
+        )
+        return status, str(code), str(message)
+    code = top_error.get("code") or "error"
+    message = top_error.get("message") or "The request failed without a message."
+    return None, str(code), str(message)
+
+
+# -- the records ---------------------------------------------------------------------------------------------
+
+
+class RecordBuilder:
+    """Makes the success and failure records of one batch attempt.
+
+    A success record is ``custom_id``, ``batch_id``, ``status_code``, ``body`` (the response body),
+    ``usage`` (the body's), the kind's convenience fields (see :func:`extract_content`) and ``attempts``.
+    A failure record is ``custom_id``, ``batch_id``, ``status_code`` (or ``None``), ``error_code``,
+    ``error_message``, ``request`` (the request line, or ``None`` where it is not JSON) and ``attempts``.
+
+    :param batch_id: the batch the records come from.
+    :param kind: the batch's endpoint kind (see :func:`endpoint_kind`).
+    :param attempt: which attempt of its chunk the batch is (1 for the first), stamped as ``attempts``.
+    :param raw_json: give ``body``, ``usage`` and ``request`` as ``msgspec.Raw`` (their JSON text)
+        instead of parsed objects.
+    """
+
+    def __init__(self, batch_id: str, kind: str, *, attempt: int = 1, raw_json: bool = False) -> None:
+        self.batch_id = batch_id
+        self.attempt = attempt
+        self.raw_json = raw_json
+        spec = _KINDS.get(kind, _KINDS["other"])
+        self._view_type = spec.view
+        self._decode_view = msgspec.json.Decoder(spec.view).decode
+        #: Writes the kind's convenience fields into a record, from a :meth:`view`.
+        self.fields = spec.fields
+
+    def view(self, body: Raw) -> Any:
+        """The typed view of a response body (its ``model`` and ``usage`` are what totals need).
+
+        :param body: the body's JSON text.
+        """
+        try:
+            return self._decode_view(body)
+        except msgspec.DecodeError:
+            # Not the documented shape: no convenience fields, but whatever model and usage it states
+            # still count.
+            try:
+                common = _BODY.decode(body)
+            except msgspec.DecodeError:  # not an object at all
+                return self._view_type()
+            return self._view_type(model=common.model, usage=common.usage)
+
+    def success(self, custom_id: str, status_code: int, body: Raw, view: Any) -> dict[str, Any]:
+        """:param body: the response body's JSON text; :param view: its :meth:`view`."""
+        if self.raw_json:
+            record = {
+                "custom_id": custom_id,
+                "batch_id": self.batch_id,
+                "status_code": status_code,
+                "body": body,
+                "usage": view.usage,
+            }
+        else:
+            record = {
+                "custom_id": custom_id,
+                "batch_id": self.batch_id,
+                "status_code": status_code,
+                "body": msgspec.json.decode(body),
+                "usage": msgspec.json.decode(view.usage),
+            }
+        self.fields(view, record)
+        record["attempts"] = self.attempt
+        return record
+
+    def failure(
+        self,
+        custom_id: str | None,
+        status_code: int | None,
+        error_code: str,
+        error_message: str,
+        request_line: bytes,
+    ) -> dict[str, Any]:
+        """:param request_line: the request as in the input file (no newline)."""
+        try:
+            # orjson checks what msgspec.Raw would not (UTF-8, lone surrogates): a Raw request must be
+            # JSON a reader can load back.
+            request = orjson.loads(request_line)
+        except orjson.JSONDecodeError:
+            request = None
+        else:
+            if self.raw_json:
+                request = Raw(request_line)
+        return {
+            "custom_id": custom_id,
+            "batch_id": self.batch_id,
+            "status_code": status_code,
+            "error_code": error_code,
+            "error_message": error_message,
+            "request": request,
+            "attempts": self.attempt,
+        }
