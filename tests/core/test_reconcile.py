@@ -778,9 +778,8 @@ def test_reconcile_python_heap_peak_is_well_below_the_data_size(tmp_path: Path) 
         tracemalloc.stop()
     data = _data_bytes(n, pad_words)
     assert data > 80_000_000
-    # Held at the peak: the id index and the ids not answered yet (~3 MB), the blocks in the helper
-    # pipeline and their answers (a bounded number of one-megabyte blocks: 18-22 MB in all, by timing),
-    # one row group. Never the bodies: the data is four to five times that.
+    # Held at the peak: the id index and the ids not answered yet (~3 MB), one block of result lines and
+    # its decoded lines, one row group. Never the bodies: the data is four to five times that.
     assert peak < data / 3, f"peak {peak / 1e6:.0f} MB for {data / 1e6:.0f} MB of data"
 
 
@@ -793,3 +792,40 @@ def test_long_request_lines_come_back_whole_for_the_retry_file(tmp_path: Path) -
     sink, summary = reconcile(tmp_path, inputs, [ok_line("long-1")], None)
     assert summary.failed == 4
     assert sorted(sink.request_lines) == sorted(line for line in inputs if b'"long-1"' not in line)
+
+
+# -- retry chains -------------------------------------------------------------------------------------
+
+
+def test_a_chain_of_attempts_reports_each_request_once_from_its_last_attempt(tmp_path: Path) -> None:
+    """Attempts reconciled last to first: an earlier attempt leaves out, silently, what a later one
+    answered (in its input, results and repeats), and every record says which attempt it came from."""
+    first_inputs = [request(c) for c in ("a", "b", "c", "d", "b")]  # "b" repeated: OpenAI would refuse
+    first_output = [ok_line("a"), http_error_line("b", 500, "server_error")]
+    first_errors = [error_line("c", "batch_expired")]  # "d": no result at all
+    retry_inputs = [request(c) for c in ("b", "c", "d")]
+    retry_output = [ok_line("b"), ok_line("c")]
+    retry_errors = [http_error_line("d", 429, "rate_limit_exceeded")]
+    sink = MemorySink()
+    rec = Reconciler(sink, tmp_path)
+    retry = rec.add_batch(
+        BatchResultFiles("batch_2", "completed", retry_inputs, retry_output, retry_errors), attempt=2
+    )
+    answered = set(sink.ids())
+    first = rec.add_batch(
+        BatchResultFiles("batch_1", "expired", first_inputs, first_output, first_errors),
+        skip_ids=frozenset(answered),
+        attempt=1,
+    )
+    summary = rec.summary()
+    assert_invariant(sink, summary, ["a", "b", "c", "d"])
+    assert {r["custom_id"]: r["attempts"] for r in sink.successes} == {"a": 1, "b": 2, "c": 2}
+    assert [(r["custom_id"], r["attempts"], r["error_code"]) for r in sink.failures] == [
+        ("d", 2, "rate_limit_exceeded")
+    ]
+    assert (retry.total, retry.succeeded, retry.retried, retry.skipped) == (3, 2, 2, 0)
+    assert (first.total, first.succeeded, first.failed, first.skipped) == (1, 1, 0, 4)
+    assert (summary.retried, summary.failed_by_code) == (2, {"rate_limit_exceeded": 1})
+    assert summary.anomalies["counts"] == {}
+    assert summary.to_dict()["retried"] == 2
+    assert summary.to_dict()["batches"]["batch_2"]["attempt"] == 2
