@@ -313,7 +313,8 @@ def bench(run: Any, rows: int, join_rows: int) -> list[Row]:
             rows / bare["seconds"],
             target=">= 0.30x",
             goal=lambda r: r >= 0.3,
-            note=f"{ours['bytes'] / 1e6:,.0f} MB of lines",
+            note=f"{ours['bytes'] / 1e6:,.0f} MB of lines; CPU s: ours {ours['cpu_seconds']:.2f}, "
+            f"scan {bare['cpu_seconds']:.2f}",
         )
     )
     result.append(

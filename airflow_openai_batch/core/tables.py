@@ -104,8 +104,9 @@ _BATCH_ROWS = 16_384
 _JOIN_BATCH_ROWS = 65_536
 #: Rows turned into Python objects at a time when writing ``answers.jsonl``.
 _JSONL_ROWS = 4096
-#: Answers held in memory for the join before they are spilled to row-range partitions on disk.
-JOIN_MEMORY_BUDGET = 256 << 20
+#: Bytes of answers held in memory for the join before they are spilled to row-range partitions on disk
+#: (while they are indexed they are held twice: ~200 MB at peak, with pyarrow's own ~70 MB).
+JOIN_MEMORY_BUDGET = 96 << 20
 #: Bytes that need escaping in a JSON string: every control character, the quote and the backslash.
 _SPECIAL_BYTES = bytes(range(0x20)) + b'"\\'
 _PLAIN_BYTES = bytes(b for b in range(256) if b not in _SPECIAL_BYTES)
@@ -421,6 +422,23 @@ def _as_text(pa: Any, array: Any) -> Any:
     return array if array.type == pa.string() else array.cast(pa.string())
 
 
+class _Problems:
+    """Row problems found while reading: the first ``limit`` kept, all counted."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.listed: list[InputProblem] = []
+        self.count = 0
+
+    def add(self, row: int, column: str | None, reason: str) -> None:
+        self.count += 1
+        if len(self.listed) < self.limit:
+            self.listed.append(InputProblem(row, column, reason, unit="row"))
+
+    def error(self) -> OpenAIBatchInputError:
+        return OpenAIBatchInputError(self.listed, self.count)
+
+
 class TableRequests:
     """The request lines of a table: one per row, from a prompt template or a ``request_builder``.
 
@@ -627,8 +645,7 @@ class TableRequests:
         :raises OpenAIBatchInputError: at the end of the input, if any row had a problem.
         """
         pa = self.pa
-        problems: list[InputProblem] = []
-        counted = [0]
+        problems = _Problems(self.max_problems)
         columns = None if self.request_builder is not None else self._read_columns
         batches = self.table.batches(columns, string_columns=self._string_columns, batch_rows=self.batch_rows)
         escape = _Escaper(pa)
@@ -638,32 +655,25 @@ class TableRequests:
             self.rows += batch.num_rows
             if batch.num_rows == 0:
                 continue
-            ids = self._ids(batch, first_row, problems, counted)
+            ids = self._ids(batch, first_row, problems)
             if self.request_builder is not None:
-                data = self._built_lines(batch, ids, first_row, problems, counted)
-                if data and not counted[0]:
+                data = self._built_lines(batch, ids, first_row, problems)
+                if data and not problems.count:
                     yield from _cut(data)
                 continue
-            texts = self._field_texts(batch, first_row, problems, counted)
-            if counted[0]:
+            texts = self._field_texts(batch, first_row, problems)
+            if problems.count:
                 continue  # only checking from here on: nothing more is handed on
             escaped = {key: escape(text) for key, text in texts.items()}
             escaped[_ID.text] = escape(ids)
             parts = [p if isinstance(p, str) else escaped[p.text] for p in self._layout]
             lines = pa.compute.binary_join_element_wise(*parts, "")
             yield from _cut_array(lines)
-        if counted[0]:
-            raise OpenAIBatchInputError(problems, counted[0])
+        if problems.count:
+            raise problems.error()
         self._finished = True
 
-    def _add(
-        self, problems: list[InputProblem], counted: list[int], row: int, column: str | None, reason: str
-    ) -> None:
-        counted[0] += 1
-        if len(problems) < self.max_problems:
-            problems.append(InputProblem(row, column, reason, unit="row"))
-
-    def _ids(self, batch: Any, first_row: int, problems: list[InputProblem], counted: list[int]) -> Any:
+    def _ids(self, batch: Any, first_row: int, problems: _Problems) -> Any:
         pa = self.pa
         pc = pa.compute
         ids = _as_text(pa, batch.column(self.id_column))
@@ -672,18 +682,14 @@ class TableRequests:
             for index in pc.indices_nonzero(empty).to_pylist():
                 value = ids[index].as_py()
                 what = "null" if value is None else "an empty string"
-                self._add(
-                    problems,
-                    counted,
+                problems.add(
                     first_row + index,
                     self.id_column,
                     f"the id is {what}; every row needs a non-empty id",
                 )
         return ids
 
-    def _field_texts(
-        self, batch: Any, first_row: int, problems: list[InputProblem], counted: list[int]
-    ) -> dict[str, Any]:
+    def _field_texts(self, batch: Any, first_row: int, problems: _Problems) -> dict[str, Any]:
         """Each template field's text for the batch's rows (nulls reported, or made empty)."""
         pa = self.pa
         pc = pa.compute
@@ -693,15 +699,13 @@ class TableRequests:
             if fld.plain and (_is_text(pa, column.type) or pa.types.is_integer(column.type)):
                 text = _as_text(pa, column)
             else:
-                text = self._python_text(fld, column, first_row, problems, counted)
+                text = self._python_text(fld, column, first_row, problems)
             if text.null_count:
                 if self.on_null == "empty":
                     text = pc.fill_null(text, "")
                 else:
                     for index in pc.indices_nonzero(pc.is_null(text)).to_pylist():
-                        self._add(
-                            problems,
-                            counted,
+                        problems.add(
                             first_row + index,
                             fld.column,
                             f"null in a prompt column (field {{{fld.text}}}); on_null='empty' reads it as ''",
@@ -709,9 +713,7 @@ class TableRequests:
             texts[key] = text
         return texts
 
-    def _python_text(
-        self, fld: _Field, column: Any, first_row: int, problems: list[InputProblem], counted: list[int]
-    ) -> Any:
+    def _python_text(self, fld: _Field, column: Any, first_row: int, problems: _Problems) -> Any:
         """Python formatting, value by value: format specs, conversions, ``{col[key]}``, floats, dates."""
         formatter = string.Formatter()
         nested = fld.name != fld.column
@@ -726,9 +728,7 @@ class TableRequests:
                     else formatter.format_field(formatter.convert_field(value, fld.conversion), fld.spec)
                 )
             except (KeyError, IndexError, AttributeError, TypeError, ValueError) as err:
-                self._add(
-                    problems,
-                    counted,
+                problems.add(
                     first_row + index,
                     fld.column,
                     f"cannot format {{{fld.text}}} with value {_short(value)}: {type(err).__name__}: {err}",
@@ -736,9 +736,7 @@ class TableRequests:
                 out.append("")
         return self.pa.array(out, self.pa.string())
 
-    def _built_lines(
-        self, batch: Any, ids: Any, first_row: int, problems: list[InputProblem], counted: list[int]
-    ) -> bytes:
+    def _built_lines(self, batch: Any, ids: Any, first_row: int, problems: _Problems) -> bytes:
         builder = self.request_builder
         assert builder is not None
         base = self._base
@@ -750,14 +748,10 @@ class TableRequests:
             try:
                 built = builder(row)
             except Exception as err:  # the user's code: any error is this row's problem
-                self._add(
-                    problems, counted, row_no, None, f"request_builder raised {type(err).__name__}: {err}"
-                )
+                problems.add(row_no, None, f"request_builder raised {type(err).__name__}: {err}")
                 continue
             if not isinstance(built, Mapping):
-                self._add(
-                    problems,
-                    counted,
+                problems.add(
                     row_no,
                     None,
                     f"request_builder returned {type(built).__name__}, not a dict (the request body)",
@@ -768,9 +762,7 @@ class TableRequests:
             try:
                 out.append(dumps({"custom_id": cid, "method": "POST", "url": url, "body": {**base, **built}}))
             except TypeError as err:
-                self._add(
-                    problems,
-                    counted,
+                problems.add(
                     row_no,
                     None,
                     f"the body request_builder returned is not JSON-serializable: {err}",
