@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import operator
 import os
 import re
 import string
@@ -985,10 +986,6 @@ class _FailureView(msgspec.Struct):
     error_message: Any = None
 
 
-def _int_or_none(value: Any) -> int | None:
-    return value if type(value) is int else None
-
-
 class _AnswerReader:
     """The success and failure records of a collect as Arrow batches of one shape (:meth:`schema`).
 
@@ -1119,39 +1116,44 @@ class _AnswerReader:
         unset = msgspec.UNSET
         for data in _jsonl_blocks(path):
             views = decoder.decode_lines(data)
-            counts: list[list[int | None]] = [[], [], []]
-            unused: list[bool] = []
-            for view in views:
-                usage = view.usage
-                if usage is None:
-                    for column in counts:
-                        column.append(None)
-                    unused.append(True)
-                    continue
-                inp = usage.input_tokens if usage.input_tokens is not None else usage.prompt_tokens
-                out = usage.output_tokens if usage.output_tokens is not None else usage.completion_tokens
-                counts[0].append(_int_or_none(inp))
-                counts[1].append(_int_or_none(out))
-                counts[2].append(_int_or_none(usage.total_tokens))
-                unused.append(False)
+            usages = [_NO_USAGE if u is None else u for u in map(_get_usage, views)]
+            counts = (
+                [u.input_tokens if u.input_tokens is not None else u.prompt_tokens for u in usages],
+                [u.output_tokens if u.output_tokens is not None else u.completion_tokens for u in usages],
+                [u.total_tokens for u in usages],
+            )
             columns: dict[str, Any] = {
-                "custom_id": [v.custom_id for v in views],
-                self.answer: [v.embedding if self.embeddings else v.content for v in views],
+                "custom_id": list(map(_get_id, views)),
+                self.answer: list(map(operator.attrgetter(self.answer), views)),
                 "usage": pa.StructArray.from_arrays(
-                    [pa.array(c, pa.int64()) for c in counts],
+                    [_int64_array(pa, c) for c in counts],
                     fields=list(self.usage_type),
-                    mask=pa.array(unused, pa.bool_()),
+                    mask=pa.array([u is _NO_USAGE for u in usages], pa.bool_()),
                 ),
             }
             for name in optional:
-                values = [getattr(v, name) for v in views]
-                if any(v is not unset for v in values):
-                    self.present.add(name)
-                    if name in self.json_text:
-                        columns[name] = [None if v is unset else bytes(v).decode() for v in values]
-                    else:
-                        columns[name] = [None if v is unset else v for v in values]
+                values = list(map(operator.attrgetter(name), views))
+                if values.count(unset) == len(values):
+                    continue
+                self.present.add(name)
+                if name in self.json_text:
+                    columns[name] = [None if v is unset else bytes(v).decode() for v in values]
+                else:
+                    columns[name] = [None if v is unset else v for v in values]
             yield self._shaped(len(views), SUCCEEDED, columns)
+
+
+_NO_USAGE = _UsageView()
+_get_usage = operator.attrgetter("usage")
+_get_id = operator.attrgetter("custom_id")
+
+
+def _int64_array(pa: Any, values: list[Any]) -> Any:
+    """Token counts as int64; a count that is not an integer (never seen, but not ours to trust) is null."""
+    try:
+        return pa.array(values, pa.int64())
+    except (TypeError, ValueError, pa.ArrowException):
+        return pa.array([v if type(v) is int else None for v in values], pa.int64())
 
 
 class _IdView(msgspec.Struct):
