@@ -819,3 +819,13 @@ def test_doubled_braces_are_literal_braces_not_columns(tmp_path) -> None:
         TableInput(path), endpoint="/v1/responses", id_column="id", prompt='{{"q": "{text}"}}'
     )
     assert lines_of(requests)[0]["body"]["input"] == '{"q": "x"}'
+
+
+def test_a_pre_encoded_body_part_is_spliced_into_every_line(tmp_path) -> None:
+    """How a response schema's format arrives (structured answers encode it once, as an orjson
+    Fragment): written into each line as it is, at no cost per row."""
+    path = write_parquet(tmp_path / "t.parquet", {"id": ["a", "b"], "text": ["x", "y"]})
+    response_format = {"type": "json_schema", "json_schema": {"name": "label", "strict": True, "schema": {}}}
+    body = {"response_format": orjson.Fragment(orjson.dumps(response_format))}
+    requests = TableRequests(TableInput(path), endpoint=CHAT, id_column="id", prompt="{text}", body=body)
+    assert [line["body"]["response_format"] for line in lines_of(requests)] == [response_format] * 2
