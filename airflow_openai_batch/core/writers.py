@@ -13,6 +13,7 @@ with its final name is always complete, and a folder with a ``manifest.json`` is
 from __future__ import annotations
 
 import functools
+import operator
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -221,68 +222,39 @@ class _JsonlFile(_PartialFile):
         self._file.close()
 
 
-def _success_row(record: dict[str, Any], request_line: bytes) -> tuple[tuple[Any, ...], int]:
-    """A success record as a row of :func:`successes_schema`, and its estimated size."""
-    get = record.get
-    body = _json_text(get("body"))
-    content = get("content")
-    embedding = get("embedding")
-    embeddings = get("embeddings")
-    usage = usage_fields(get("usage"))
-    size = _ROW_OVERHEAD + len(body) + (len(content) if isinstance(content, str) else 0)
-    if embedding is not None:
-        size += 4 * (len(embedding) if embeddings is None else sum(map(len, embeddings)))
-    row = (
-        get("custom_id"),
-        get("batch_id"),
-        get("status_code"),
-        content,
-        embedding,
-        body,
-        None if usage is None else usage[:3],
-        embeddings,
-        get("attempts"),
-    )
-    return row, size
+def _usage_column(usage: Any) -> tuple[int | None, int | None, int | None] | None:
+    """A record's ``usage`` as the ``usage`` struct column holds it."""
+    counts = usage_fields(usage)
+    return None if counts is None else counts[:3]
 
 
-def _failure_row(record: dict[str, Any], request_line: bytes) -> tuple[tuple[Any, ...], int]:
-    """A failure record as a row of :func:`failures_schema` (the request line stored as it is)."""
-    get = record.get
-    request = request_line or (None if get("request") is None else _json_text(get("request")))
-    row = (
-        get("custom_id"),
-        get("batch_id"),
-        get("status_code"),
-        get("error_code"),
-        get("error_message"),
-        request,
-        get("attempts"),
-    )
-    return row, _ROW_OVERHEAD + (len(request) if request is not None else 0)
+def _request_column(request: Any) -> bytes | None:
+    """A failure's request as JSON text: the line as submitted, when the writer was given it."""
+    return request if request is None or type(request) is bytes else _json_text(request)
+
+
+#: How record values become column values, per column (the others are taken as they are).
+_CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    "body": _json_text,
+    "usage": _usage_column,
+    "request": _request_column,
+}
 
 
 class _ParquetFile(_PartialFile):
     """Records as Parquet, in row groups of at most ``rows_limit`` rows or about ``bytes_limit`` bytes.
 
-    :param to_row: a record (and request line) as a row of ``schema``, and its estimated size.
+    Records are buffered as they come and turned into the schema's columns (a field a record lacks is
+    null) when their row group is written: one C-level pass per column rather than Python per value.
     """
 
-    def __init__(
-        self,
-        path: Path,
-        schema: Any,
-        to_row: Callable[[dict[str, Any], bytes], tuple[tuple[Any, ...], int]],
-        rows_limit: int,
-        bytes_limit: int,
-    ) -> None:
+    def __init__(self, path: Path, schema: Any, rows_limit: int, bytes_limit: int) -> None:
         super().__init__(path)
         self._pa = _pyarrow()
         self.schema = schema
-        self._to_row = to_row
         self._rows_limit = rows_limit
         self._bytes_limit = bytes_limit
-        self._rows: list[tuple[Any, ...]] = []
+        self._records: list[dict[str, Any]] = []
         self._bytes = 0
         # zstd: several times smaller than snappy on JSON text and no slower to write. Dictionary encoding
         # and min/max statistics only where they help (ids, codes): on unique JSON bodies they are cost.
@@ -296,21 +268,28 @@ class _ParquetFile(_PartialFile):
         )
 
     def add(self, record: dict[str, Any], request_line: bytes = b"") -> None:
-        row, size = self._to_row(record, request_line)
-        self._rows.append(row)
-        self._bytes += size
+        if request_line:  # stored as submitted, byte for byte
+            record = {**record, "request": request_line}
+        self._records.append(record)
+        body = record.get("body")
+        # Body and request line are most of a row (content and vectors are in the body too).
+        self._bytes += _ROW_OVERHEAD + len(request_line) + (len(body) if type(body) is _Raw else 0)
         self.count += 1
-        if len(self._rows) >= self._rows_limit or self._bytes >= self._bytes_limit:
+        if len(self._records) >= self._rows_limit or self._bytes >= self._bytes_limit:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._rows:
+        if not self._records:
             return
         pa = self._pa
-        columns = zip(*self._rows, strict=True)
-        self._rows = []
+        records = self._records
+        self._records = []
         self._bytes = 0
-        arrays = [_arrow_array(pa, values, f.type) for values, f in zip(columns, self.schema, strict=True)]
+        arrays = []
+        for f in self.schema:
+            values = list(map(operator.methodcaller("get", f.name), records))
+            convert = _CONVERTERS.get(f.name)
+            arrays.append(_arrow_array(pa, values if convert is None else list(map(convert, values)), f.type))
         self._writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
 
     def _finish(self) -> None:
@@ -318,11 +297,11 @@ class _ParquetFile(_PartialFile):
         self._writer.close()
 
     def _discard(self) -> None:
-        self._rows = []
+        self._records = []
         self._writer.close()
 
 
-def _arrow_array(pa: Any, values: tuple[Any, ...], arrow_type: Any) -> Any:
+def _arrow_array(pa: Any, values: list[Any], arrow_type: Any) -> Any:
     try:
         return pa.array(values, type=arrow_type)
     except pa.ArrowInvalid:
@@ -382,8 +361,8 @@ class ResultWriter(RecordSink):
         if output_format == "parquet":
             success_schema, failure_schema = _schemas()
             limits = (row_group_rows, row_group_bytes)
-            self._successes = _ParquetFile(self._paths["successes"], success_schema, _success_row, *limits)
-            self._failures = _ParquetFile(self._paths["failures"], failure_schema, _failure_row, *limits)
+            self._successes = _ParquetFile(self._paths["successes"], success_schema, *limits)
+            self._failures = _ParquetFile(self._paths["failures"], failure_schema, *limits)
         else:
             self._successes = _JsonlFile(self._paths["successes"])
             self._failures = _JsonlFile(self._paths["failures"])
