@@ -1,5 +1,6 @@
 """Tables in, tables out: rows of a Parquet or CSV table become request lines, and answers come back
-joined to their rows (plain Python and pyarrow, no Airflow import; pyarrow is the ``parquet`` extra).
+joined to their rows (plain Python and pyarrow, no Airflow import). Importing it needs pyarrow (the
+``parquet`` extra): import it where a table is used.
 
 Submit side. :class:`TableInput` opens a table (one file or a folder of them, on any filesystem: a local
 path, or an fsspec filesystem such as the one behind an ``ObjectStoragePath``) and reads it in record
@@ -39,6 +40,11 @@ from typing import Any
 
 import msgspec
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from airflow_openai_batch.core.jsonl import DEFAULT_CHUNK_SIZE, LineIterator, lines_from_raw_blocks
 from airflow_openai_batch.core.prepare import normalize_endpoint
@@ -118,17 +124,6 @@ _FIELD_ROOT = re.compile(r"[^.\[]*")
 _PARTIAL = ".partial"
 
 
-def _pa() -> Any:
-    try:
-        import pyarrow
-        import pyarrow.compute
-    except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise ImportError(
-            "Parquet/CSV table inputs need pyarrow: pip install 'airflow-openai-batch[parquet]'"
-        ) from exc
-    return pyarrow
-
-
 def table_format(name: str) -> str | None:
     """The table format a file name says, or ``None`` (e.g. a JSONL file, or a folder).
 
@@ -178,8 +173,6 @@ class TableInput:
         format: str | None = None,
         uri: str | None = None,
     ) -> None:
-        pa = _pa()
-        import pyarrow.fs as pafs
 
         self.path = os.fspath(path)
         self.uri = uri if uri is not None else self.path
@@ -197,7 +190,7 @@ class TableInput:
             if info.type == pafs.FileType.File:
                 files = [self.path]
             elif info.type == pafs.FileType.Directory:
-                files = self._folder_files(pafs, format)
+                files = self._folder_files(format)
             else:
                 raise _problem(f"no table at {self.uri}")
         except (OSError, pa.ArrowException) as err:
@@ -206,7 +199,7 @@ class TableInput:
         self.files: list[str] = files
         self._schemas: dict[tuple[str, ...], Any] = {}
 
-    def _folder_files(self, pafs: Any, format: str | None) -> list[str]:
+    def _folder_files(self, format: str | None) -> list[str]:
         selector = pafs.FileSelector(self.path, recursive=True)
         root = self.path.rstrip("/") + "/"
         files = []
@@ -237,9 +230,6 @@ class TableInput:
         )
 
     def _csv_options(self, key: tuple[str, ...], columns: Sequence[str] | None = None) -> Any:
-        import pyarrow.csv as pacsv
-
-        pa = _pa()
         return pacsv.ConvertOptions(
             column_types=dict.fromkeys(key, pa.string()),
             include_columns=list(columns) if columns is not None else None,
@@ -259,16 +249,12 @@ class TableInput:
             path = self.files[0]
             try:
                 if self.format == "parquet":
-                    import pyarrow.parquet as pq
-
                     with self._fs.open_input_file(path) as file:
                         schema = pq.ParquetFile(file).schema_arrow
                 else:
-                    import pyarrow.csv as pacsv
-
                     with self._fs.open_input_stream(path) as stream:
                         schema = pacsv.open_csv(stream, convert_options=self._csv_options(key)).schema
-            except (OSError, _pa().ArrowException) as err:
+            except (OSError, pa.ArrowException) as err:
                 raise _problem(f"cannot read {path} as {self.format}: {err}") from err
             self._schemas[key] = schema
         return self._schemas[key]
@@ -289,7 +275,6 @@ class TableInput:
         :param batch_rows: rows per batch, at most (CSV: about a megabyte of text per batch).
         :raises OpenAIBatchInputError: a file cannot be read (corrupt, not of the format, a column missing).
         """
-        pa = _pa()
         key = self._key(string_columns)
         schema = self.schema(string_columns)
         names = list(columns) if columns is not None else schema.names
@@ -305,13 +290,9 @@ class TableInput:
         self, path: str, key: tuple[str, ...], names: list[str], batch_rows: int
     ) -> Iterator[Any]:
         if self.format == "parquet":
-            import pyarrow.parquet as pq
-
             with self._fs.open_input_file(path) as file:
                 yield from pq.ParquetFile(file).iter_batches(batch_size=batch_rows, columns=names)
         else:
-            import pyarrow.csv as pacsv
-
             with self._fs.open_input_stream(path) as stream:
                 yield from pacsv.open_csv(stream, convert_options=self._csv_options(key, names))
 
@@ -370,7 +351,7 @@ def _json_text(value: str) -> str:
     return orjson.dumps(value).decode()[1:-1]
 
 
-def _value_bytes(pa: Any, array: Any) -> bytes:
+def _value_bytes(array: Any) -> bytes:
     """The UTF-8 bytes of all values of a string array, back to back (one copy)."""
     buffers = array.buffers()
     data = buffers[2]
@@ -381,44 +362,35 @@ def _value_bytes(pa: Any, array: Any) -> bytes:
     return bytes(memoryview(data)[offsets[array.offset] : offsets[array.offset + len(array)]])
 
 
-class _Escaper:
-    """Makes a string column JSON-string-safe, a batch at a time, doing only the work its values need."""
-
-    def __init__(self, pa: Any) -> None:
-        self.pa = pa
-        self.pc = pa.compute
-
-    def __call__(self, array: Any) -> Any:
-        pc = self.pc
-        data = _value_bytes(self.pa, array)
-        if not data:
-            return array
-        if pc.all(pc.ascii_is_printable(array)).as_py() is not False:
-            # Printable ASCII (the common case, checked by a fast kernel): only quotes and backslashes.
-            present = {c for c in b'"\\' if c in data}
-        else:
-            present = set(data.translate(None, _PLAIN_BYTES))
-        if not present:
-            return array
-        if present <= _SIMPLE_SPECIALS:
-            for special, escaped in _SIMPLE_ESCAPES:
-                if special[0] in present:
-                    array = pc.replace_substring(array, special.decode(), escaped)
-            return array
-        # Other control characters (rare): orjson writes them as \u00XX, one value at a time.
-        return self.pa.array(
-            [None if v is None else _json_text(v) for v in array.to_pylist()], self.pa.string()
-        )
+def _escaped(array: Any) -> Any:
+    """A string column made JSON-string-safe, doing only the work its values need."""
+    data = _value_bytes(array)
+    if not data:
+        return array
+    if pc.all(pc.ascii_is_printable(array)).as_py() is not False:
+        # Printable ASCII (the common case, checked by a fast kernel): only quotes and backslashes.
+        present = {c for c in b'"\\' if c in data}
+    else:
+        present = set(data.translate(None, _PLAIN_BYTES))
+    if not present:
+        return array
+    if present <= _SIMPLE_SPECIALS:
+        for special, escaped in _SIMPLE_ESCAPES:
+            if special[0] in present:
+                array = pc.replace_substring(array, special.decode(), escaped)
+        return array
+    # Other control characters (rare): orjson writes them as \u00XX, one value at a time.
+    return pa.array([None if v is None else _json_text(v) for v in array.to_pylist()], pa.string())
 
 
-def _is_text(pa: Any, type_: Any) -> bool:
+def _is_text(type_: Any) -> bool:
     t = pa.types
     if t.is_dictionary(type_):
-        return _is_text(pa, type_.value_type)
+        return _is_text(type_.value_type)
     return t.is_string(type_) or t.is_large_string(type_) or t.is_string_view(type_)
 
 
-def _as_text(pa: Any, array: Any) -> Any:
+def _as_text(array: Any) -> Any:
     """A text or integer column as ``string`` values (integers as Python writes them)."""
     return array if array.type == pa.string() else array.cast(pa.string())
 
@@ -494,7 +466,6 @@ class TableRequests:
         max_problems: int = 50,
         batch_rows: int = _BATCH_ROWS,
     ) -> None:
-        self.pa = pa = _pa()
         self.table = table
         self.endpoint = normalize_endpoint(endpoint)
         self.id_column = id_column
@@ -551,7 +522,7 @@ class TableRequests:
             ]
             raise OpenAIBatchInputError(problems)
         id_type = schema.field(id_column).type
-        if not (_is_text(pa, id_type) or pa.types.is_integer(id_type)):
+        if not (_is_text(id_type) or pa.types.is_integer(id_type)):
             raise _problem(
                 f"column {id_column!r} has type {id_type}; ids must be text or integers", "id_column"
             )
@@ -645,11 +616,9 @@ class TableRequests:
 
         :raises OpenAIBatchInputError: at the end of the input, if any row had a problem.
         """
-        pa = self.pa
         problems = _Problems(self.max_problems)
         columns = None if self.request_builder is not None else self._read_columns
         batches = self.table.batches(columns, string_columns=self._string_columns, batch_rows=self.batch_rows)
-        escape = _Escaper(pa)
         self.rows = 0
         for batch in batches:
             first_row = self.rows + 1
@@ -665,19 +634,17 @@ class TableRequests:
             texts = self._field_texts(batch, first_row, problems)
             if problems.count:
                 continue  # only checking from here on: nothing more is handed on
-            escaped = {key: escape(text) for key, text in texts.items()}
-            escaped[_ID.text] = escape(ids)
+            escaped = {key: _escaped(text) for key, text in texts.items()}
+            escaped[_ID.text] = _escaped(ids)
             parts = [p if isinstance(p, str) else escaped[p.text] for p in self._layout]
-            lines = pa.compute.binary_join_element_wise(*parts, "")
+            lines = pc.binary_join_element_wise(*parts, "")
             yield from _cut_array(lines)
         if problems.count:
             raise problems.error()
         self._finished = True
 
     def _ids(self, batch: Any, first_row: int, problems: _Problems) -> Any:
-        pa = self.pa
-        pc = pa.compute
-        ids = _as_text(pa, batch.column(self.id_column))
+        ids = _as_text(batch.column(self.id_column))
         empty = pc.equal(pc.binary_length(pc.fill_null(ids, "")), 0)
         if pc.any(empty).as_py():
             for index in pc.indices_nonzero(empty).to_pylist():
@@ -692,13 +659,11 @@ class TableRequests:
 
     def _field_texts(self, batch: Any, first_row: int, problems: _Problems) -> dict[str, Any]:
         """Each template field's text for the batch's rows (nulls reported, or made empty)."""
-        pa = self.pa
-        pc = pa.compute
         texts: dict[str, Any] = {}
         for key, fld in self._fields.items():
             column = batch.column(fld.column)
-            if fld.plain and (_is_text(pa, column.type) or pa.types.is_integer(column.type)):
-                text = _as_text(pa, column)
+            if fld.plain and (_is_text(column.type) or pa.types.is_integer(column.type)):
+                text = _as_text(column)
             else:
                 text = self._python_text(fld, column, first_row, problems)
             if text.null_count:
@@ -735,7 +700,7 @@ class TableRequests:
                     f"cannot format {{{fld.text}}} with value {_short(value)}: {type(err).__name__}: {err}",
                 )
                 out.append("")
-        return self.pa.array(out, self.pa.string())
+        return pa.array(out, pa.string())
 
     def _built_lines(self, batch: Any, ids: Any, first_row: int, problems: _Problems) -> bytes:
         builder = self.request_builder
@@ -994,8 +959,7 @@ class _AnswerReader:
     record (its ``body`` above all); ``parsed`` and ``tool_calls`` are kept as their JSON text.
     """
 
-    def __init__(self, pa: Any, successes: Path | None, failures: Path | None, embeddings: bool) -> None:
-        self.pa = pa
+    def __init__(self, successes: Path | None, failures: Path | None, embeddings: bool) -> None:
         self.successes = successes
         self.failures = failures
         self.embeddings = embeddings
@@ -1013,7 +977,7 @@ class _AnswerReader:
         #: Optional columns that hold JSON text (from JSONL records).
         self.json_text: set[str] = set()
         if successes is not None and _is_parquet(successes):
-            schema = _pq().ParquetFile(str(successes)).schema_arrow
+            schema = pq.ParquetFile(str(successes)).schema_arrow
             for name in _OPTIONAL_ANSWERS:
                 if name in schema.names:
                     self.types[name] = schema.field(name).type
@@ -1027,7 +991,7 @@ class _AnswerReader:
         self.types.update(error_code=pa.string(), error_message=pa.string(), usage=self.usage_type)
 
     def schema(self) -> Any:
-        return self.pa.schema(list(self.types.items()))
+        return pa.schema(list(self.types.items()))
 
     def batches(self) -> Iterator[Any]:
         """All answers (successes, then failures), as batches of :meth:`schema`."""
@@ -1063,11 +1027,10 @@ class _AnswerReader:
                     yield batch.column(0)
             else:
                 for data in _jsonl_blocks(path):
-                    yield self.pa.array([v.custom_id for v in decoder.decode_lines(data)], self.pa.string())
+                    yield pa.array([v.custom_id for v in decoder.decode_lines(data)], pa.string())
 
     def _shaped(self, rows: int, status: str, columns: Mapping[str, Any]) -> Any:
         """A batch of the common shape: the given columns, nulls for the others."""
-        pa = self.pa
         arrays = []
         for name, type_ in self.types.items():
             value = columns.get(name)
@@ -1082,7 +1045,7 @@ class _AnswerReader:
         return pa.RecordBatch.from_arrays(arrays, schema=self.schema())
 
     def _parquet_successes(self, path: Path) -> Iterator[Any]:
-        names = _pq().ParquetFile(str(path)).schema_arrow.names
+        names = pq.ParquetFile(str(path)).schema_arrow.names
         wanted = [n for n in self.types if n in names and n not in ("status", "error_code", "error_message")]
         for batch in _row_groups(path, wanted):
             columns = dict(zip(wanted, batch.columns, strict=True))
@@ -1093,8 +1056,6 @@ class _AnswerReader:
 
     def _usage_struct(self, usage: Any) -> Any:
         """A usage struct of another shape (e.g. with more counts) as the three counts answers keep."""
-        pa = self.pa
-        pc = pa.compute
         names = [f.name for f in usage.type]
         fields = []
         for name, alias in (
@@ -1110,7 +1071,6 @@ class _AnswerReader:
         return pa.StructArray.from_arrays(fields, fields=list(self.usage_type), mask=usage.is_null())
 
     def _jsonl_successes(self, path: Path) -> Iterator[Any]:
-        pa = self.pa
         decoder = msgspec.json.Decoder(_SuccessView)
         optional = [n for n in _OPTIONAL_ANSWERS if n in self.types]
         unset = msgspec.UNSET
@@ -1126,7 +1086,7 @@ class _AnswerReader:
                 "custom_id": list(map(_get_id, views)),
                 self.answer: list(map(operator.attrgetter(self.answer), views)),
                 "usage": pa.StructArray.from_arrays(
-                    [_int64_array(pa, c) for c in counts],
+                    [_int64_array(c) for c in counts],
                     fields=list(self.usage_type),
                     mask=pa.array([u is _NO_USAGE for u in usages], pa.bool_()),
                 ),
@@ -1148,7 +1108,7 @@ _get_usage = operator.attrgetter("usage")
 _get_id = operator.attrgetter("custom_id")
 
 
-def _int64_array(pa: Any, values: list[Any]) -> Any:
+def _int64_array(values: list[Any]) -> Any:
     """Token counts as int64; a count that is not an integer (never seen, but not ours to trust) is null."""
     try:
         return pa.array(values, pa.int64())
@@ -1162,16 +1122,9 @@ class _IdView(msgspec.Struct):
 
 def _row_groups(path: Path, columns: list[str]) -> Iterator[Any]:
     """A Parquet file's columns a row group at a time (batches that span row groups cost a copy)."""
-    reader = _pq().ParquetFile(str(path))
+    reader = pq.ParquetFile(str(path))
     for index in range(reader.num_row_groups):
         yield from reader.read_row_group(index, columns=columns).to_batches()
-
-
-def _pq() -> Any:
-    _pa()
-    import pyarrow.parquet
-
-    return pyarrow.parquet
 
 
 def _is_parquet(path: Path) -> bool:
@@ -1190,8 +1143,7 @@ class _Spill:
     """Answers too large to hold, in Arrow IPC files in ``work_dir``: one per range of input rows, each
     small enough to be held on its own while its rows are written."""
 
-    def __init__(self, pa: Any, schema: Any, work_dir: Path, rows: int, count: int) -> None:
-        self.pa = pa
+    def __init__(self, schema: Any, work_dir: Path, rows: int, count: int) -> None:
         self.part_rows = max(1, -(-rows // count))
         self.paths = [work_dir / f"answers-{i:04d}.arrow" for i in range(-(-max(rows, 1) // self.part_rows))]
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -1200,7 +1152,6 @@ class _Spill:
 
     def add(self, batch: Any, rows: Any) -> None:
         """Append answers with the input row each one answers (answers of no row are dropped)."""
-        pc = self.pa.compute
         part = pc.divide(rows, self.part_rows)
         batch = batch.append_column("__row", rows)
         for index in pc.unique(part).drop_null().to_pylist():
@@ -1212,8 +1163,8 @@ class _Spill:
 
     def partition(self, index: int) -> Any:
         """The answers of the ``index``-th row range, as one table."""
-        with self.pa.memory_map(str(self.paths[index])) as source:
-            return self.pa.ipc.open_file(source).read_all()
+        with pa.memory_map(str(self.paths[index])) as source:
+            return pa.ipc.open_file(source).read_all()
 
     def cleanup(self) -> None:
         with contextlib.suppress(Exception):
@@ -1256,8 +1207,6 @@ def join_answers(
     :raises OpenAIBatchJoinError: the table changed since submit (another row count, or answers whose
         ``custom_id`` is no row's id).
     """
-    pa = _pa()
-    pc = pa.compute
     destination = Path(destination)
     fmt = (
         "parquet" if destination.suffix == ".parquet" else "jsonl" if destination.suffix == ".jsonl" else None
@@ -1276,13 +1225,11 @@ def join_answers(
             f"the table's column(s) {clash} have the names of answer columns; "
             "leave them out with keep_columns"
         )
-    answers = _AnswerReader(
-        pa, _opt_path(successes), _opt_path(failures), source.endpoint == "/v1/embeddings"
-    )
+    answers = _AnswerReader(_opt_path(successes), _opt_path(failures), source.endpoint == "/v1/embeddings")
     # The input's ids first (one pass over one column): the row count is checked before anything is
     # written, and the answers are found by row with one hash lookup over all of them.
     chunks = table.batches([id_column], string_columns=[id_column], batch_rows=_JOIN_BATCH_ROWS)
-    ids = pa.chunked_array([_as_text(pa, b.column(0)) for b in chunks], pa.string()).combine_chunks()
+    ids = pa.chunked_array([_as_text(b.column(0)) for b in chunks], pa.string()).combine_chunks()
     if len(ids) != source.row_count:
         raise _changed(table, source, f"it has {len(ids):,} rows, {source.row_count:,} at submit")
     held: list[Any] | None = []
@@ -1306,7 +1253,7 @@ def join_answers(
             rows = pc.index_in(answer_ids, value_set=ids).cast(pa.int64())
             unmatched = rows.null_count
             del answer_ids
-            spill = _Spill(pa, answer_schema, scratch, len(ids), _partition_count(answers, memory_budget))
+            spill = _Spill(answer_schema, scratch, len(ids), _partition_count(answers, memory_budget))
             done = 0
             for batch in answers.batches():
                 spill.add(batch, rows.slice(done, batch.num_rows))
@@ -1330,14 +1277,14 @@ def join_answers(
             [schema.field(c) for c in columns]
             + [answer_schema.field(n) for n in answer_schema.names[1:] if n in answers.present]
         )
-        writer = _AnswersWriter(pa, partial, out_schema, fmt, answers.json_text)
+        writer = _AnswersWriter(partial, out_schema, fmt, answers.json_text)
         read = columns or [id_column]  # some column, so that batches count rows
         stream = _RowStream(table.batches(read, string_columns=[id_column], batch_rows=_JOIN_BATCH_ROWS))
         if spill is None:
             values = values.select([n for n in values.column_names if n in answers.present])
             for batch, first in stream.take(source.row_count):
                 taken = positions.slice(first, batch.num_rows)
-                _write_joined(pa, writer, batch, columns, values.take(taken), taken, counts)
+                _write_joined(writer, batch, columns, values.take(taken), taken, counts)
         else:
             for part in range(len(spill.paths)):
                 start = part * spill.part_rows
@@ -1349,7 +1296,7 @@ def join_answers(
                 for batch, first in stream.take(stop - start):
                     wanted = pa.array(range(start + first, start + first + batch.num_rows), pa.int64())
                     taken = pc.index_in(wanted, value_set=row_numbers)
-                    _write_joined(pa, writer, batch, columns, values.take(taken), taken, counts)
+                    _write_joined(writer, batch, columns, values.take(taken), taken, counts)
                 del values, row_numbers
         if counts["rows"] != source.row_count or stream.more():
             raise _changed(table, source, "its row count changed while it was read")
@@ -1424,7 +1371,6 @@ class _RowStream:
 
 
 def _write_joined(
-    pa: Any,
     writer: _AnswersWriter,
     batch: Any,
     columns: list[str],
@@ -1432,7 +1378,6 @@ def _write_joined(
     positions: Any,
     counts: dict[str, int],
 ) -> None:
-    pc = pa.compute
     arrays = [batch.column(c) for c in columns] + [
         taken.column(i).combine_chunks() for i in range(taken.num_columns)
     ]
@@ -1440,12 +1385,12 @@ def _write_joined(
     status = taken.column("status")
     counts["rows"] += batch.num_rows
     counts["unanswered"] += positions.null_count
-    for value, n in zip(*_value_counts(pc, status), strict=True):
+    for value, n in zip(*_value_counts(status), strict=True):
         if value in (SUCCEEDED, FAILED):
             counts[value] += n
 
 
-def _value_counts(pc: Any, array: Any) -> tuple[list[Any], list[int]]:
+def _value_counts(array: Any) -> tuple[list[Any], list[int]]:
     counted = pc.value_counts(array)
     return counted.field("values").to_pylist(), counted.field("counts").to_pylist()
 
@@ -1465,14 +1410,14 @@ def _json_default(value: Any) -> Any:
 class _AnswersWriter:
     """``answers.parquet`` (zstd, a row group per batch) or ``answers.jsonl`` (a line per row)."""
 
-    def __init__(self, pa: Any, path: Path, schema: Any, fmt: str, json_text: set[str]) -> None:
+    def __init__(self, path: Path, schema: Any, fmt: str, json_text: set[str]) -> None:
         self.path = path
         self.schema = schema
         self.fmt = fmt
         self.json_text = [n for n in json_text if n in schema.names]
         path.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "parquet":
-            self._parquet = _pq().ParquetWriter(str(path), schema, compression="zstd")
+            self._parquet = pq.ParquetWriter(str(path), schema, compression="zstd")
         else:
             self._file = open(path, "wb")  # noqa: SIM115 - closed by close() / abort()
 
