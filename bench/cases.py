@@ -111,6 +111,14 @@ def collect_ours(folder: str, work_dir: str, output_format: str) -> dict[str, An
     return {"rows": summary.total, "succeeded": summary.succeeded, "failed": summary.failed}
 
 
+def collect_ours_line_by_line(folder: str, work_dir: str, output_format: str) -> dict[str, Any]:
+    """:func:`collect_ours` with the block decode off: every result line decoded on its own (an ablation)."""
+    from airflow_openai_batch.core import reconcile
+
+    reconcile._decode_block = lambda block, lines: None  # type: ignore[assignment]
+    return collect_ours(folder, work_dir, output_format)
+
+
 def collect_bare(folder: str, work_dir: str, output_format: str = "") -> dict[str, Any]:
     """The parse limit: parse every line of the input, output and error files with orjson."""
     loads = orjson.loads
@@ -199,6 +207,7 @@ CASES = {
     "prep_bare": prep_bare,
     "prep_naive": prep_naive,
     "collect_ours": collect_ours,
+    "collect_ours_line_by_line": collect_ours_line_by_line,
     "collect_bare": collect_bare,
     "collect_naive": collect_naive,
 }
