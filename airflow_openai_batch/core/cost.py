@@ -28,7 +28,6 @@ from __future__ import annotations
 import heapq
 import importlib.resources
 import json
-import operator
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -634,14 +633,6 @@ def _completions_cap(max_tokens: Any, n: Any, best_of: Any) -> int:
     return cap * max(_times(n), _times(best_of))
 
 
-def _no_output() -> int:
-    return 0
-
-
-def _unbounded() -> None:
-    return None
-
-
 #: The body fields each endpoint's output cap is read from, in the order its rule takes them. A decoder that
 #: names only some fields of the body (a msgspec Struct) names these for :func:`output_cap_of_struct`.
 OUTPUT_CAP_FIELDS: dict[str, tuple[str, ...]] = {
@@ -652,13 +643,26 @@ OUTPUT_CAP_FIELDS: dict[str, tuple[str, ...]] = {
     "/moderations": (),
 }
 
-_CAP_RULES: dict[str, Callable[..., int | None]] = {
-    "/chat/completions": _chat_cap,
-    "/responses": _responses_cap,
-    "/completions": _completions_cap,
-    "/embeddings": _no_output,
-    "/moderations": _no_output,
+# Each rule read from a dict body and from a typed struct that names OUTPUT_CAP_FIELDS: plain attribute
+# and key reads (a generic reader through map / attrgetter costs twice as much per line).
+_CAP_READERS: dict[str, tuple[Callable[[Mapping[str, Any]], int | None], Callable[[Any], int | None]]] = {
+    "/chat/completions": (
+        lambda body: _chat_cap(body.get("max_completion_tokens"), body.get("max_tokens"), body.get("n")),
+        lambda body: _chat_cap(body.max_completion_tokens, body.max_tokens, body.n),
+    ),
+    "/responses": (
+        lambda body: _responses_cap(body.get("max_output_tokens")),
+        lambda body: _responses_cap(body.max_output_tokens),
+    ),
+    "/completions": (
+        lambda body: _completions_cap(body.get("max_tokens"), body.get("n"), body.get("best_of")),
+        lambda body: _completions_cap(body.max_tokens, body.n, body.best_of),
+    ),
+    "/embeddings": (lambda body: 0, lambda body: 0),
+    "/moderations": (lambda body: 0, lambda body: 0),
 }
+#: Endpoints without a token-priced output (images, videos): no cap.
+_NO_CAP: tuple[Callable[[Any], None], Callable[[Any], None]] = (lambda body: None, lambda body: None)
 
 
 def output_cap_fields(endpoint: str) -> tuple[str, ...]:
@@ -677,13 +681,7 @@ def output_cap_reader(endpoint: str) -> Callable[[Mapping[str, Any]], int | None
 
     :param endpoint: the batch endpoint, with or without ``/v1``.
     """
-    path = _endpoint_path(endpoint)
-    rule = _CAP_RULES.get(path, _unbounded)
-    fields = OUTPUT_CAP_FIELDS.get(path, ())
-    if len(fields) == 1:
-        (name,) = fields
-        return lambda body: rule(body.get(name))
-    return lambda body: rule(*map(body.get, fields))
+    return _CAP_READERS.get(_endpoint_path(endpoint), _NO_CAP)[0]
 
 
 def output_cap_of_struct(endpoint: str) -> Callable[[Any], int | None]:
@@ -692,15 +690,7 @@ def output_cap_of_struct(endpoint: str) -> Callable[[Any], int | None]:
 
     :param endpoint: the batch endpoint, with or without ``/v1``.
     """
-    path = _endpoint_path(endpoint)
-    rule = _CAP_RULES.get(path, _unbounded)
-    fields = OUTPUT_CAP_FIELDS.get(path, ())
-    if not fields:
-        return lambda body: rule()
-    read = operator.attrgetter(*fields)
-    if len(fields) == 1:
-        return lambda body: rule(read(body))
-    return lambda body: rule(*read(body))
+    return _CAP_READERS.get(_endpoint_path(endpoint), _NO_CAP)[1]
 
 
 def cap_summary(caps: Sequence[int | None], first_line: int) -> tuple[int, int, list[int]]:
