@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_openai_batch.core.job import Attempt, Chunk, Job, Reason
+from airflow_openai_batch.core.writers import RecordSink
 from airflow_openai_batch.limits import MAX_METADATA_PAIRS
 
 __all__ = [
@@ -132,9 +133,9 @@ class RetryPolicy:
         return ", ".join([*sorted(self.codes), *(f"HTTP {s}" for s in sorted(self.statuses))])
 
 
-class RetryLines:
-    """A record sink (see :class:`~airflow_openai_batch.core.reconcile.RecordSink`) that writes the
-    request lines of retryable failures to ``path``, byte for byte as the input file holds them.
+class RetryLines(RecordSink):
+    """A record sink that writes the request lines of retryable failures to ``path``, byte for byte as
+    the input file holds them (the records come from the one record builder, through the Reconciler).
 
     :param path: the file to write (a valid batch input: one request per line).
     :param policy: which failures are retried.
@@ -155,10 +156,6 @@ class RetryLines:
 
     #: The request line is written as it is: parsed bodies and requests are not needed.
     takes_raw_json = True
-
-    def needs_parsed_requests(self) -> bool:
-        """The request line is written as it is: no parsed copy is needed."""
-        return False
 
     def write_success(self, record: dict[str, Any]) -> None:
         pass

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow_openai_batch.compat import Asset, AssetAlias, BaseOperator
+from airflow_openai_batch.core.job import Attempt, Chunk, Job, read_job
 from airflow_openai_batch.core.pricing import PriceTable
-from airflow_openai_batch.core.job import read_job
 from airflow_openai_batch.core.reconcile import BatchResultFiles, Reconciler, present_file_id
 from airflow_openai_batch.core.writers import OUTPUT_FORMATS, RecordSink, ResultWriter, write_manifest
 from airflow_openai_batch.exceptions import OpenAIBatchFailureRatioError, OpenAIBatchXComLimitError
@@ -28,8 +28,53 @@ _PUBLISH_ORDER = ("successes", "failures", "retry_requests")
 
 def batch_ids_from(value: Any) -> list[str]:
     """Batch ids from what upstream tasks return: one id, a list of ids, or the sensor's result dict."""
-    job = read_job(value)
-    return [a.batch_id for chunk in job.chunks for a in chunk.outcome_attempts() if a.batch_id]
+    return [a.batch_id for a in _answering_attempts(read_job(value)) if a.batch_id]
+
+
+def _answering_attempts(job: Job) -> list[Attempt]:
+    return [attempt for chunk in job.chunks for attempt in chunk.outcome_attempts()]
+
+
+def batch_result_files(hook: OpenAIBatchHook, batch: Any) -> BatchResultFiles:
+    """A final batch's status and its input, output and error files as line sources (read lazily)."""
+    output_id = present_file_id(batch.output_file_id)
+    error_id = present_file_id(batch.error_file_id)
+    return BatchResultFiles(
+        batch_id=batch.id,
+        status=batch.status,
+        input_lines=hook.iter_file_lines(batch.input_file_id),
+        output_lines=hook.iter_file_lines(output_id) if output_id else None,
+        error_lines=hook.iter_file_lines(error_id) if error_id else None,
+        model=getattr(batch, "model", None),
+    )
+
+
+class _AnsweredIds(RecordSink):
+    """Passes every record on to ``sink`` and notes the custom_ids answered while ``noting``.
+
+    A retry batch holds just the requests an earlier batch of its chunk failed; the ids it answers are
+    left out of the earlier batches (``skip_ids``), so each request is reported once, from its last
+    attempt.
+    """
+
+    def __init__(self, sink: RecordSink) -> None:
+        self.sink = sink
+        self.takes_raw_json = sink.takes_raw_json
+        self.noting = False
+        self.ids: set[str] = set()
+
+    def write_success(self, record: dict[str, Any]) -> None:
+        if self.noting:
+            self.ids.add(record["custom_id"])
+        self.sink.write_success(record)
+
+    def write_failure(self, record: dict[str, Any], request_line: bytes) -> None:
+        if self.noting and record["custom_id"] is not None:
+            self.ids.add(record["custom_id"])
+        self.sink.write_failure(record, request_line)
+
+    def close(self) -> None:
+        self.sink.close()
 
 
 class _XComSink(RecordSink):
@@ -120,28 +165,22 @@ class OpenAIBatchCollectOperator(BaseOperator):
         return OpenAIBatchHook(conn_id=self.conn_id)
 
     def execute(self, context: Context) -> dict[str, Any]:
-        ids = batch_ids_from(self.batch_ids)
+        job = read_job(self.batch_ids)
+        ids = [a.batch_id for a in _answering_attempts(job) if a.batch_id]
         persist_batch_links(context, ids)
         batches = [self.hook.get_batch(batch_id) for batch_id in ids]
+        by_id = {batch.id: batch for batch in batches}
         with task_work_dir(context, "collect") as work_dir:
             if self.output_uri:
                 sink: Any = ResultWriter(work_dir / "staging", self.output_format)
             else:
                 sink = _XComSink(self.max_xcom_records)
-            reconciler = Reconciler(sink, work_dir)
+            answered = _AnsweredIds(sink)
+            reconciler = Reconciler(answered, work_dir)
             try:
-                for batch in batches:
-                    tally = reconciler.add_batch(self._result_files(batch))
-                    self.log.info(
-                        "Batch %s (%s): %s requests, %s succeeded, %s failed %s",
-                        batch.id,
-                        batch.status,
-                        f"{tally.total:,}",
-                        f"{tally.succeeded:,}",
-                        f"{tally.failed:,}",
-                        tally.failed_by_code or "",
-                    )
-                sink.close()
+                for chunk in job.chunks:
+                    self._collect_chunk(reconciler, answered, chunk, by_id)
+                answered.close()
             except BaseException:
                 if isinstance(sink, ResultWriter):
                     sink.abort()
@@ -158,17 +197,30 @@ class OpenAIBatchCollectOperator(BaseOperator):
             self._delete_remote_files(batches)
         return summary
 
-    def _result_files(self, batch: Any) -> BatchResultFiles:
-        output_id = present_file_id(batch.output_file_id)
-        error_id = present_file_id(batch.error_file_id)
-        return BatchResultFiles(
-            batch_id=batch.id,
-            status=batch.status,
-            input_lines=self.hook.iter_file_lines(batch.input_file_id),
-            output_lines=self.hook.iter_file_lines(output_id) if output_id else None,
-            error_lines=self.hook.iter_file_lines(error_id) if error_id else None,
-            model=getattr(batch, "model", None),
-        )
+    def _collect_chunk(
+        self, reconciler: Reconciler, answered: _AnsweredIds, chunk: Chunk, batches: Mapping[str, Any]
+    ) -> None:
+        """Reconcile a chunk's batches from its last attempt to its first, each request once."""
+        attempts = chunk.outcome_attempts()
+        answered.ids = set()
+        for attempt in reversed(attempts):
+            batch = batches[attempt.batch_id or ""]
+            # Only a later attempt's ids are needed: the first attempt's are never skipped anywhere.
+            answered.noting = attempt is not attempts[0]
+            tally = reconciler.add_batch(
+                batch_result_files(self.hook, batch), skip_ids=frozenset(answered.ids), attempt=attempt.number
+            )
+            self.log.info(
+                "Batch %s (%s%s): %s requests, %s succeeded, %s failed %s",
+                batch.id,
+                batch.status,
+                f", attempt {attempt.number}, retries {attempt.retry_of}" if attempt.retry_of else "",
+                f"{tally.total:,}",
+                f"{tally.succeeded:,}",
+                f"{tally.failed:,}",
+                tally.failed_by_code or "",
+            )
+        answered.noting = False
 
     def _summary(self, reconciler: Reconciler) -> dict[str, Any]:
         result = reconciler.summary()

@@ -29,7 +29,6 @@ from airflow_openai_batch.core.progress import (
     progress_line,
     retry_after_seconds,
 )
-from airflow_openai_batch.core.reconcile import BatchResultFiles, Reconciler, present_file_id
 from airflow_openai_batch.core.resubmit import (
     METADATA_ATTEMPT,
     METADATA_FOLLOWS,
@@ -445,10 +444,14 @@ class OpenAIBatchSensor(BaseSensorOperator):
         """Resubmit the retryable failed requests of the chunk's current batch as a new batch."""
         current = chunk.current
         batch_id = current.batch_id or ""
+        # Imported here: the collect side's modules are not needed to parse a DAG or to wait.
+        from airflow_openai_batch.core.reconcile import Reconciler
+        from airflow_openai_batch.operators.collect import batch_result_files
+
         batch = self.hook.get_batch(batch_id)
         lines = RetryLines(work_dir / f"retry-{batch_id}.jsonl", self.retry_policy)
         try:
-            Reconciler(lines, work_dir / "reconcile").add_batch(self._result_files(batch))
+            Reconciler(lines, work_dir / "reconcile").add_batch(batch_result_files(self.hook, batch))
         finally:
             lines.close()
         kept = ", ".join(f"{code} {n}" for code, n in lines.kept_by_code.most_common())
@@ -530,18 +533,6 @@ class OpenAIBatchSensor(BaseSensorOperator):
             metadata=metadata,
             output_expires_after=spec.output_expires_after,
             is_reusable=lambda b: (b.metadata or {}).get(METADATA_ATTEMPT, "1") == str(number),
-        )
-
-    def _result_files(self, batch: Batch) -> BatchResultFiles:
-        output_id = present_file_id(batch.output_file_id)
-        error_id = present_file_id(batch.error_file_id)
-        return BatchResultFiles(
-            batch_id=batch.id,
-            status=batch.status,
-            input_lines=self.hook.iter_file_lines(batch.input_file_id),
-            output_lines=self.hook.iter_file_lines(output_id) if output_id else None,
-            error_lines=self.hook.iter_file_lines(error_id) if error_id else None,
-            model=getattr(batch, "model", None),
         )
 
     @staticmethod

@@ -177,14 +177,20 @@ def test_estimate_is_within_tolerance_of_the_emulators_count(emulator, make_cont
 def test_poke_mode_re_creates_as_capacity_frees(emulator, limited, make_context) -> None:
     from airflow_openai_batch.operators.submit import OpenAIBatchSubmitOperator
 
-    emulator.configure(time_scale=0)  # the test moves time: one poke per simulated second
+    emulator.configure(time_scale=0)  # the test moves time: the sensor's clock and the emulator's
+    now = [float(emulator.stats()["now"])]
+
+    class SimulatedSensor(OpenAIBatchSensor):
+        clock = staticmethod(lambda: now[0])
+
     ids = OpenAIBatchSubmitOperator(
         task_id="submit", requests=str(limited), max_requests_per_batch=PER_CHUNK
     ).execute(make_context())
-    sensor = OpenAIBatchSensor(task_id="wait", batch_ids=ids, deferrable=False, poll_interval=1)
+    sensor = SimulatedSensor(task_id="wait", batch_ids=ids, deferrable=False, poll_interval=1)
     context = make_context(task_id="wait")
     for _ in range(200):
         emulator.advance(0.2)
+        now[0] += 0.2
         result = sensor.poke(context)
         if result.is_done:
             break
