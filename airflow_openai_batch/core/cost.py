@@ -744,7 +744,7 @@ class ChunkTally:
 
     Three ways to feed it, from the simplest to the cheapest per line:
 
-    * :meth:`add` per line: reads the cap, samples or counts the prompt (~0.3 us a line on top of the
+    * :meth:`add` per line: reads the cap, samples or counts the prompt (~0.4 us a line on top of the
       parse, see ``make bench --only cost``);
     * :meth:`add_counted` per line, for a caller that has the line's cap and prompt tokens already (e.g.
       from a helper process, counted with :meth:`CostEstimator.prompt_tokens`);
