@@ -203,7 +203,7 @@ class OpenAIBatchSensor(BaseSensorOperator):
             self.log.error("%s", message)
             error = OpenAIBatchTimeoutError if status == "timeout" else OpenAIBatchPollingError
             raise _outcome_error(error, message, job)
-        self.log.info("%s", message)
+        # What the trigger saw is decided again here (and logged once, by the decision).
         return self._carry_out(context, job, self._waiting_now().decide(job, self.clock()))
 
     def poke(self, context: Context) -> PokeReturnValue:
