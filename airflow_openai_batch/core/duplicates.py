@@ -93,7 +93,7 @@ class DuplicateFinder:
         log += b"\n"
         if len(log) >= self._log_bytes:
             self._flush_log()
-        present = [cid for cid in ids if cid is not None]
+        present = ids if all(ids) else [cid for cid in ids if cid is not None]  # ids are never ""
         if not self.ordered:
             self._hash(present)
         elif present and _ascending(present) and (self._last is None or _id_key(present[0]) > self._last):

@@ -37,10 +37,9 @@ import orjson
 from airflow_openai_batch.core.duplicates import DuplicateFinder
 from airflow_openai_batch.core.jsonl import LineIterator, iter_lines, unix_line_ends
 from airflow_openai_batch.core.requests import (
-    CheckedLine,
     NotALine,
     RequestRules,
-    ValidBlock,
+    ValidLines,
     describe,
     normalize_endpoint,
 )
@@ -266,20 +265,11 @@ class _Splitter:
         #: Each model's rank by first appearance, and how many chunks it has had.
         self.models: dict[str, list[int]] = {}
 
-    def place_block(self, block: ValidBlock) -> None:
-        if isinstance(block.models, str):
-            self._place(block.models, _Run(block.lines, block.ids, block.inputs, block.tokens, block.data))
+    def place(self, valid: ValidLines) -> None:
+        if isinstance(valid.models, str):
+            self._place(valid.models, _Run(valid.lines, valid.ids, valid.inputs, valid.tokens, valid.data))
         else:
-            self._place_grouped(block.models, block.lines, block.ids, block.inputs, block.tokens)
-
-    def place_lines(self, checked: list[CheckedLine], *, inputs: bool, tokens: bool) -> None:
-        self._place_grouped(
-            [c.model for c in checked],
-            [c.line for c in checked],
-            [c.custom_id for c in checked],  # type: ignore[misc]
-            [c.inputs for c in checked] if inputs else None,
-            [c.tokens for c in checked] if tokens else None,
-        )
+            self._place_grouped(valid.models, valid.lines, valid.ids, valid.inputs, valid.tokens)
 
     def _place_grouped(
         self,
@@ -365,54 +355,39 @@ class _Preparer:
         """Newline-terminated lines."""
         lines = data.split(b"\n")
         lines.pop()  # after the last newline
-        valid = self.rules.check_block(lines, data)
-        if valid is None:
-            self._take_one_by_one(lines)
-        else:
-            self._take_valid(valid)
+        self._take(lines, data)
 
     def take_lines(self, lines: list[Any]) -> None:
         """Lines without their newline."""
         try:
-            data = b"\n".join(lines) + b"\n"
+            data: bytes | None = b"\n".join(lines) + b"\n"
         except TypeError:
             data = None  # not all bytes: only the line by line check knows what to say
-        # A line with a newline inside is checked on its own (it would be two lines in a chunk file).
-        valid = None
-        if data is not None and data.count(b"\n") == len(lines):
-            valid = self.rules.check_block(lines, data)
-        if valid is None:
-            self._take_one_by_one(lines)
+        if data is not None and data.count(b"\n") != len(lines):
+            data = None  # a line with a newline inside (two lines in a chunk file): checked on its own
+        self._take(lines, data)
+
+    def _take(self, lines: list[Any], data: bytes | None) -> None:
+        """Validate consecutive lines (as a block when ``data``, the lines with their newlines, is given),
+        then place the valid ones, unless the input is rejected already."""
+        valid = self.rules.check_block(lines, data) if data is not None else None
+        ids: list[str | None]
+        if valid is not None:
+            ids = valid.ids  # type: ignore[assignment]
+            self.requests_read += len(lines)
         else:
-            self._take_valid(valid)
-
-    def _take_valid(self, valid: ValidBlock) -> None:
-        self.ids.add(self.lines_read + 1, valid.ids)  # type: ignore[arg-type]
-        self.lines_read += len(valid.ids)
-        self.requests_read += len(valid.ids)
-        if not self.problems.total:  # once the input is rejected, the rest is validated, not written
-            self.splitter.place_block(valid)
-
-    def _take_one_by_one(self, lines: list[Any]) -> None:
-        first = self.lines_read + 1
-        ids: list[str | None] = []
-        valid: list[CheckedLine] = []
-        for number, line in enumerate(lines, first):
-            checked = self.rules.check_line(line)
-            if checked is None:  # blank
-                ids.append(None)
-                continue
-            self.requests_read += 1
-            ids.append(checked.custom_id)
-            for field, reason in checked.problems:
-                self.problems.add(number, field, reason)
-            if not checked.problems:
-                valid.append(checked)
-        self.ids.add(first, ids)
+            checked, valid = self.rules.check_lines(lines)
+            ids = []
+            for number, one in enumerate(checked, self.lines_read + 1):
+                ids.append(one.custom_id if one is not None else None)
+                if one is not None:  # not blank
+                    self.requests_read += 1
+                    for field, reason in one.problems:
+                        self.problems.add(number, field, reason)
+        self.ids.add(self.lines_read + 1, ids)
         self.lines_read += len(lines)
-        if valid and not self.problems.total:
-            rules = self.rules
-            self.splitter.place_lines(valid, inputs=rules.counts_inputs, tokens=rules.max_tokens is not None)
+        if valid.ids and not self.problems.total:  # once the input is rejected, nothing more is written
+            self.splitter.place(valid)
 
     def problems_at_end(self) -> None:
         """Add what only the whole input shows (emptiness, repeated custom_ids); raise if any problem."""

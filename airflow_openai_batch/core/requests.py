@@ -2,7 +2,7 @@
 
 A request line is valid when:
 
-- it is a JSON object;
+- it is a JSON object, in UTF-8, nested at most :data:`MAX_NESTING` levels deep;
 - ``custom_id`` is a non-empty string (unique across the input: checked by
   :class:`~airflow_openai_batch.core.duplicates.DuplicateFinder`);
 - ``method`` is ``"POST"`` and ``url`` is the batch endpoint;
@@ -23,8 +23,11 @@ is never valid, whatever the field checks find.
 
 from __future__ import annotations
 
+import itertools
 import operator
-from collections.abc import Callable, Mapping
+import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -40,11 +43,12 @@ from airflow_openai_batch.limits import (
 )
 
 __all__ = [
+    "MAX_NESTING",
     "CheckedLine",
     "FieldRule",
     "NotALine",
     "RequestRules",
-    "ValidBlock",
+    "ValidLines",
     "describe",
     "json_type",
     "normalize_endpoint",
@@ -53,6 +57,9 @@ __all__ = [
 NonEmptyString = Annotated[str, msgspec.Meta(min_length=1)]
 #: A field that is not in the line.
 _MISSING: Any = msgspec.UNSET
+#: JSON nested deeper than this is refused (the decoders that read the line after us, the API's and our
+#: collect's, refuse it too).
+MAX_NESTING = 1000
 #: What a decoder raises on a line it refuses (RecursionError: nesting deeper than it follows).
 _REFUSED = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
 
@@ -166,11 +173,11 @@ class CheckedLine:
 
 
 @dataclass
-class ValidBlock:
-    """A block whose every line is a valid request, needing no change: written as it is.
+class ValidLines:
+    """Valid request lines, in input order, as the splitter takes them.
 
-    :param lines: the lines, without their newline.
-    :param data: the same lines each ending with a newline, or ``None`` if not at hand.
+    :param lines: the lines to write, without their newline.
+    :param data: the same lines each ending with a newline, when at hand (then written as they are).
     :param ids: the custom_id of each line.
     :param models: the model of every line, or of each line when they differ.
     :param inputs: embedding inputs of each line (embeddings endpoint only).
@@ -289,30 +296,36 @@ class RequestRules:
             return "body", f"~{tokens} estimated prompt tokens, above max_enqueued_tokens={self.max_tokens}"
         return None
 
-    def estimate_tokens(self, body: Mapping[str, Any]) -> int:
-        """The estimate the chunks are cut by (see :mod:`~airflow_openai_batch.core.tokens`)."""
-        assert self._estimate is not None
-        return self._estimate(body)
+    def model_of(self, request: Any) -> str:
+        """The model a decoded request is grouped under."""
+        return request.body.model or self.default_model  # type: ignore[no-any-return]
 
     # -- the fast path: a block of lines ------------------------------------------------------------------
 
-    def check_block(self, lines: list[bytes], data: bytes | None = None) -> ValidBlock | None:
-        """A block whose lines are all valid and need no change, or ``None`` to check it line by line.
+    def check_block(self, lines: list[bytes], data: bytes) -> ValidLines | None:
+        """The lines of a block when all are valid and need no change, or ``None``: check them one by one.
 
         :param lines: the lines, without their newline.
-        :param data: the same lines each ending with a newline, when at hand (then written as it is).
+        :param data: the same lines each ending with a newline.
         """
         try:
             requests = list(map(self._decoder.decode, lines))
         except _REFUSED:
             return None
-        models = list(map(_model_of, requests))
-        distinct = set(models)
-        if not all(distinct):  # lines without a model (None, or "" where the model argument fills it)
-            if self.fill_model is not None:
-                return None  # lines to fill in: line by line
-            models = [m or self.default_model for m in models]
-            distinct = set(models)
+        if not data.isascii() and not all(map(_is_utf8, lines)):
+            return None
+        if sys.getrecursionlimit() > MAX_NESTING and any(map(_too_deep, lines)):
+            return None
+        models: str | list[str]
+        distinct = set(map(_model_of, requests))
+        if len(distinct) == 1 and all(distinct):
+            models = distinct.pop()  # the usual case: one model, named on every line
+        elif self.fill_model is not None and not all(distinct):
+            return None  # lines to fill in: line by line
+        else:
+            models = list(map(self.model_of, requests))
+            if len(set(models)) == 1:
+                models = models[0]
         inputs = list(map(count_inputs, map(_input_of, requests))) if self.counts_inputs else None
         tokens = None
         if self._estimate is not None:
@@ -322,19 +335,32 @@ class RequestRules:
                 return None
             tokens = list(map(self._estimate, map(_body_of, bodies)))
         # No line is longer than the whole block.
-        longest = max(map(len, lines)) + 1 if data is None or len(data) > self.max_bytes else 0
+        longest = max(map(len, lines)) + 1 if len(data) > self.max_bytes else 0
         if self.limit_problem(longest, max(inputs or [0]), max(tokens or [0])):
             return None
-        return ValidBlock(
+        return ValidLines(
             lines,
             data,
             list(map(_custom_id_of, requests)),
-            distinct.pop() if len(distinct) == 1 else models,  # type: ignore[arg-type]
+            models,
             inputs,
             tokens,
         )
 
     # -- the diagnosis: one line -----------------------------------------------------------------------------
+
+    def check_lines(self, lines: list[Any]) -> tuple[list[CheckedLine | None], ValidLines]:
+        """:meth:`check_line` of each line, and the valid ones as the splitter takes them."""
+        checked = list(map(self.check_line, lines))
+        valid = [c for c in checked if c is not None and not c.problems]
+        return checked, ValidLines(
+            [c.line for c in valid],
+            None,
+            [c.custom_id for c in valid],  # type: ignore[misc]
+            [c.model for c in valid],
+            [c.inputs for c in valid] if self.counts_inputs else None,
+            [c.tokens for c in valid] if self.max_tokens is not None else None,
+        )
 
     def check_line(self, line: Any) -> CheckedLine | None:
         """Check one line and name every problem it has; ``None`` for a blank line.
@@ -356,11 +382,15 @@ class RequestRules:
             return _invalid(None, None, "a line break inside the line: one request per line")
         try:
             request = self._decoder.decode(line)
+            if not _is_utf8(line):
+                raise msgspec.DecodeError("not UTF-8")
         except _REFUSED as refused:
             return self._diagnose(line, refused)
+        if _too_deep(line):
+            return _invalid(request.custom_id, None, f"JSON nested more than {MAX_NESTING} levels deep")
         cid = request.custom_id
         body = request.body
-        model = body.model or self.default_model
+        model = self.model_of(request)
         tokens = 0
         try:
             if not body.model and self.fill_model is not None:
@@ -421,6 +451,35 @@ def _with_model(line: bytes, model: str) -> bytes:
     obj = msgspec.json.decode(line)
     obj["body"]["model"] = model
     return msgspec.json.encode(obj)
+
+
+def _is_utf8(line: bytes) -> bool:
+    """Whether a line is UTF-8: the decoder checks the strings it reads, not those it skips."""
+    if line.isascii():
+        return True
+    try:
+        line.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_LEVEL = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+
+
+def _too_deep(line: bytes) -> bool:
+    """Whether a decoded line nests deeper than :data:`MAX_NESTING` levels.
+
+    The decoder recurses once per level and stops at the interpreter's recursion limit, which at its
+    default (1000) refuses such lines already; only where the limit was raised does a line have to be
+    measured, and only a line long enough to hold that many levels (two bytes each at least).
+    """
+    if sys.getrecursionlimit() <= MAX_NESTING or len(line) <= 2 * MAX_NESTING:
+        return False
+    brackets = _JSON_STRING.sub(b"", line).translate(None, _NOT_BRACKETS)  # strings hold text, not levels
+    return max(itertools.accumulate(map(_LEVEL.__getitem__, brackets)), default=0) > MAX_NESTING
 
 
 def _why(error: BaseException) -> str:

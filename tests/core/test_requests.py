@@ -4,6 +4,8 @@ of one line; both must accept exactly the same lines."""
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -11,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from airflow_openai_batch.core.requests import NotALine, RequestRules, normalize_endpoint
+from airflow_openai_batch.core.requests import MAX_NESTING, NotALine, RequestRules, normalize_endpoint
 from airflow_openai_batch.exceptions import OpenAIBatchInputError
 
 CHAT = "/v1/chat/completions"
@@ -70,6 +72,9 @@ def test_blank_lines_are_no_requests() -> None:
             "invalid JSON",
         ),
         (orjson.dumps(chat()).replace(b"[]", b"[" * 2000 + b"]" * 2000), None, "nested too deeply"),
+        # Bytes that are not UTF-8, where the decoder skips them (the body) or reads them (the id).
+        (orjson.dumps(chat()).replace(b"[]", b'["\xff\xfe"]'), None, "invalid JSON"),
+        (orjson.dumps(chat(cid="BROKEN")).replace(b"BROKEN", b"BR\xc0\xafOKEN"), None, "invalid JSON"),
     ],
 )
 def test_each_problem_names_its_field_and_reason(line: bytes, field: str | None, words: str) -> None:
@@ -137,6 +142,31 @@ def test_embedding_inputs_and_token_estimates_are_limits_of_a_line() -> None:
     assert checked is not None and checked.tokens == 3 + 4 + 100
 
 
+@pytest.fixture
+def raised_recursion_limit() -> Iterator[None]:
+    """As some frameworks (and Hypothesis) run code: the decoder then follows deeper nesting."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10 * MAX_NESTING)
+    yield
+    sys.setrecursionlimit(limit)
+
+
+@pytest.mark.usefixtures("raised_recursion_limit")
+def test_nesting_is_limited_whatever_the_recursion_limit() -> None:
+    def nested(levels: int) -> bytes:  # the line itself and its body are two levels
+        return orjson.dumps(chat()).replace(b"[]", b"[" * (levels - 2) + b"]" * (levels - 2))
+
+    the_rules = rules(max_bytes=100_000)
+    for levels, accepted in ((MAX_NESTING, True), (MAX_NESTING + 1, False)):
+        line = nested(levels)
+        checked = the_rules.check_line(line)
+        assert checked is not None
+        assert checked.problems == (
+            [] if accepted else [(None, f"JSON nested more than {MAX_NESTING} levels deep")]
+        )
+        assert (the_rules.check_block([line], line + b"\n") is not None) == accepted
+
+
 def test_retired_and_unknown_endpoints() -> None:
     with pytest.raises(OpenAIBatchInputError, match="no longer accepts"):
         normalize_endpoint("/v1/videos")
@@ -163,6 +193,8 @@ ODD_LINES = [
     orjson.dumps(chat()) + b"\r",
     orjson.dumps(chat(pad="x" * 300)),
     json.dumps(chat(cid="\ud800"), ensure_ascii=True).encode(),
+    orjson.dumps(chat()).replace(b"[]", b'["\xed\xa0\x80"]'),
+    orjson.dumps(chat(content="é 漢字")),
 ]
 
 
@@ -182,7 +214,7 @@ def test_block_and_line_agree(picks: list[Any], model: str | None, endpoint: str
     ]
     the_rules = rules(endpoint, model=model, max_bytes=max_bytes)
     one_by_one = [the_rules.check_line(line) for line in lines]
-    block = the_rules.check_block(lines)
+    block = the_rules.check_block(lines, b"".join(line + b"\n" for line in lines))
     unchanged = all(
         c is not None and not c.problems and c.line == line for c, line in zip(one_by_one, lines, strict=True)
     )
