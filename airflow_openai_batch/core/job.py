@@ -281,8 +281,8 @@ def read_job(value: Any, *, upstream: Iterable[Any] = ()) -> Job:
     if not ids:
         raise ValueError("batch_ids is empty: there is no batch to wait for")
     for candidate in upstream:
-        if not isinstance(candidate, Mapping):
-            continue
+        if not isinstance(candidate, Mapping) or "chunks" not in candidate or "version" not in candidate:
+            continue  # an XCom "job" of some other task
         job = Job.from_dict(candidate)
         if job.first_batch_ids() == ids:
             return job

@@ -94,6 +94,9 @@ def test_defaults_and_stored_arguments():
     assert (op.poll_interval, op.max_poll_interval, op.poke_interval) == (60.0, 600.0, 60.0)
     assert op.fail_on_statuses == ("failed", "cancelled")
     assert op.cancel_on_kill is True and op.max_resubmits == 10
+    assert op.retry_failed_requests == 2 and op.retry_error_codes is None
+    assert op.retry_policy.codes == {"batch_expired", "rate_limit_exceeded", "server_error", "timeout"}
+    assert op.retry_policy.statuses == {429, 500, 502, 503, 504}
     assert op.timeout == 25 * 3600
     assert op.template_fields == ("batch_ids",)
 
@@ -105,6 +108,9 @@ def test_defaults_and_stored_arguments():
         {"fail_on_statuses": "in_progress"},
         {"poll_interval": 10, "max_poll_interval": 1},
         {"max_resubmits": -1},
+        {"retry_failed_requests": -1},
+        {"retry_error_codes": [400]},
+        {"retry_error_codes": ["server_error", 422]},
     ],
 )
 def test_bad_arguments_are_refused(kwargs):

@@ -17,6 +17,7 @@ import openai
 import pytest
 from openai.types import Batch
 
+from airflow_openai_batch.core.job import Job
 from airflow_openai_batch.core.progress import (
     AdaptivePollSchedule,
     backoff_delay,
@@ -319,6 +320,43 @@ def test_mixed_batches_each_polled_until_final_and_no_more():
     assert retrieves.count("b_fail") == 2
     assert retrieves.count("b_slow") == 3
     assert "1 completed, 1 expired, 1 failed" in payload["message"]
+
+
+def test_failed_requests_end_the_wait_with_a_resubmit_event_for_the_worker():
+    hook = ScriptedHook(
+        {
+            "batch_a": [
+                make_batch("batch_a", "in_progress", completed=4),
+                make_batch("batch_a", "completed", completed=8, failed=2, error_file_id="file-err"),
+            ],
+            "batch_b": [make_batch("batch_b", "in_progress", completed=1)],
+        }
+    )
+    trigger = make_trigger(FakeTime(), hook, batch_ids=["batch_a", "batch_b"], retry_failed_requests=2)
+    payload = first_event(trigger)
+    # The round (download, filter, upload, create) is the worker's: the trigger hands the job back.
+    assert payload["status"] == "resubmit"
+    assert payload["message"] == "retry round for the failed requests of batch_a"
+    job = Job.from_dict(payload["job"])
+    assert job.find("batch_a")[1].summary["request_counts"]["failed"] == 2
+    assert job.live_batch_ids() == ["batch_b"]
+    assert [c for c in hook.calls if c[0] == "retrieve"].count(("retrieve", "batch_a")) == 2
+
+
+def test_capacity_freed_by_a_finished_batch_ends_the_wait_with_a_resubmit_event():
+    capacity = {
+        "object": "list",
+        "data": [{"code": "token_limit_exceeded", "message": "Enqueued token limit"}],
+    }
+    hook = ScriptedHook(
+        {
+            "b1": [make_batch("b1", "in_progress", completed=1), make_batch("b1", "completed", completed=10)],
+            "b2": [make_batch("b2", "failed", total=0, errors=capacity)],
+        }
+    )
+    payload = first_event(make_trigger(FakeTime(), hook, batch_ids=["b1", "b2"]))
+    assert payload["status"] == "resubmit" and "re-creating 1 chunk(s)" in payload["message"]
+    assert Job.from_dict(payload["job"]).capacity_credits == 1
 
 
 # -- faults (scripted hook) ----------------------------------------------------------------------
