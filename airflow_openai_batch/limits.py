@@ -49,3 +49,7 @@ EMBEDDINGS_ENDPOINT = "/v1/embeddings"
 #: ``body.model`` out and are grouped under it. (The image endpoints have a default too, but which one
 #: depends on the other parameters, so their lines must name a model.)
 API_DEFAULT_MODELS: dict[str, str] = {"/v1/moderations": "omni-moderation-latest"}
+
+#: JSON nested deeper than this in a request line is refused before upload: the parsers that read the line
+#: after submit (the API's; orjson, in collect and the emulator, stops at 1024) refuse such lines too.
+MAX_JSON_NESTING = 1000

@@ -2,7 +2,8 @@
 
 A request line is valid when:
 
-- it is a JSON object, in UTF-8, nested at most :data:`MAX_NESTING` levels deep;
+- it is a JSON object, in UTF-8, nested at most
+  :data:`~airflow_openai_batch.limits.MAX_JSON_NESTING` levels deep;
 - ``custom_id`` is a non-empty string (unique across the input: checked by
   :class:`~airflow_openai_batch.core.duplicates.DuplicateFinder`);
 - ``method`` is ``"POST"`` and ``url`` is the batch endpoint;
@@ -39,11 +40,11 @@ from airflow_openai_batch.limits import (
     API_DEFAULT_MODELS,
     BATCH_ENDPOINTS,
     EMBEDDINGS_ENDPOINT,
+    MAX_JSON_NESTING,
     RETIRED_BATCH_ENDPOINTS,
 )
 
 __all__ = [
-    "MAX_NESTING",
     "CheckedLine",
     "FieldRule",
     "NotALine",
@@ -57,9 +58,6 @@ __all__ = [
 NonEmptyString = Annotated[str, msgspec.Meta(min_length=1)]
 #: A field that is not in the line.
 _MISSING: Any = msgspec.UNSET
-#: JSON nested deeper than this is refused (the decoders that read the line after us, the API's and our
-#: collect's, refuse it too).
-MAX_NESTING = 1000
 #: What a decoder raises on a line it refuses (RecursionError: nesting deeper than it follows).
 _REFUSED = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
 
@@ -314,7 +312,7 @@ class RequestRules:
             return None
         if not data.isascii() and not all(map(_is_utf8, lines)):
             return None
-        if sys.getrecursionlimit() > MAX_NESTING and any(map(_too_deep, lines)):
+        if sys.getrecursionlimit() > MAX_JSON_NESTING and any(map(_too_deep, lines)):
             return None
         models: str | list[str]
         distinct = set(map(_model_of, requests))
@@ -387,7 +385,7 @@ class RequestRules:
         except _REFUSED as refused:
             return self._diagnose(line, refused)
         if _too_deep(line):
-            return _invalid(request.custom_id, None, f"JSON nested more than {MAX_NESTING} levels deep")
+            return _invalid(request.custom_id, None, f"JSON nested more than {MAX_JSON_NESTING} levels deep")
         cid = request.custom_id
         body = request.body
         model = self.model_of(request)
@@ -470,16 +468,16 @@ _LEVEL = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 
 
 def _too_deep(line: bytes) -> bool:
-    """Whether a decoded line nests deeper than :data:`MAX_NESTING` levels.
+    """Whether a decoded line nests deeper than :data:`~airflow_openai_batch.limits.MAX_JSON_NESTING` levels.
 
     The decoder recurses once per level and stops at the interpreter's recursion limit, which at its
     default (1000) refuses such lines already; only where the limit was raised does a line have to be
     measured, and only a line long enough to hold that many levels (two bytes each at least).
     """
-    if sys.getrecursionlimit() <= MAX_NESTING or len(line) <= 2 * MAX_NESTING:
+    if sys.getrecursionlimit() <= MAX_JSON_NESTING or len(line) <= 2 * MAX_JSON_NESTING:
         return False
     brackets = _JSON_STRING.sub(b"", line).translate(None, _NOT_BRACKETS)  # strings hold text, not levels
-    return max(itertools.accumulate(map(_LEVEL.__getitem__, brackets)), default=0) > MAX_NESTING
+    return max(itertools.accumulate(map(_LEVEL.__getitem__, brackets)), default=0) > MAX_JSON_NESTING
 
 
 def _why(error: BaseException) -> str:

@@ -13,8 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from airflow_openai_batch.core.requests import MAX_NESTING, NotALine, RequestRules, normalize_endpoint
+from airflow_openai_batch.core.requests import NotALine, RequestRules, normalize_endpoint
 from airflow_openai_batch.exceptions import OpenAIBatchInputError
+from airflow_openai_batch.limits import MAX_JSON_NESTING
 
 CHAT = "/v1/chat/completions"
 MODERATIONS = "/v1/moderations"
@@ -146,7 +147,7 @@ def test_embedding_inputs_and_token_estimates_are_limits_of_a_line() -> None:
 def raised_recursion_limit() -> Iterator[None]:
     """As some frameworks (and Hypothesis) run code: the decoder then follows deeper nesting."""
     limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(10 * MAX_NESTING)
+    sys.setrecursionlimit(10 * MAX_JSON_NESTING)
     yield
     sys.setrecursionlimit(limit)
 
@@ -157,12 +158,12 @@ def test_nesting_is_limited_whatever_the_recursion_limit() -> None:
         return orjson.dumps(chat()).replace(b"[]", b"[" * (levels - 2) + b"]" * (levels - 2))
 
     the_rules = rules(max_bytes=100_000)
-    for levels, accepted in ((MAX_NESTING, True), (MAX_NESTING + 1, False)):
+    for levels, accepted in ((MAX_JSON_NESTING, True), (MAX_JSON_NESTING + 1, False)):
         line = nested(levels)
         checked = the_rules.check_line(line)
         assert checked is not None
         assert checked.problems == (
-            [] if accepted else [(None, f"JSON nested more than {MAX_NESTING} levels deep")]
+            [] if accepted else [(None, f"JSON nested more than {MAX_JSON_NESTING} levels deep")]
         )
         assert (the_rules.check_block([line], line + b"\n") is not None) == accepted
 
