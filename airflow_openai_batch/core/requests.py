@@ -51,7 +51,6 @@ __all__ = [
     "RequestRules",
     "ValidLines",
     "describe",
-    "json_type",
     "normalize_endpoint",
 ]
 
@@ -92,7 +91,7 @@ def describe(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def json_type(value: Any) -> str:
+def _json_type(value: Any) -> str:
     """The JSON type of a decoded value, with its article: ``an object``, ``a string``..."""
     if value is None:
         return "null"
@@ -224,10 +223,10 @@ class RequestRules:
         self.max_tokens = max_tokens
         self.fields = self._field_rules()
         self._decoder = msgspec.json.Decoder(_request_struct(self.fields))
-        #: Token estimates need the whole body: decoded for that alone, only when asked for.
+        #: The chunk-cut token estimate (see :mod:`~airflow_openai_batch.core.tokens`), only when asked for.
+        #: It needs the whole body, decoded for that alone.
         self._estimate = request_token_estimator(self.endpoint) if max_tokens is not None else None
-        whole_body = msgspec.defstruct("WholeBody", [("body", dict[str, Any])], gc=False)
-        self._bodies = msgspec.json.Decoder(whole_body)
+        self._bodies = msgspec.json.Decoder(msgspec.defstruct("WholeBody", [("body", dict[str, Any])]))
 
     # -- the rules -------------------------------------------------------------------------------------
 
@@ -237,7 +236,7 @@ class RequestRules:
         def custom_id(value: Any) -> str:
             if value is _MISSING:
                 return "missing"
-            return "empty" if value == "" else f"must be a non-empty string, got {json_type(value)}"
+            return "empty" if value == "" else f"must be a non-empty string, got {_json_type(value)}"
 
         def method(value: Any) -> str:
             return 'missing; must be "POST"' if value is _MISSING else f'{describe(value)}, must be "POST"'
@@ -248,7 +247,7 @@ class RequestRules:
             return f'{describe(value)} does not match the endpoint "{endpoint}"'
 
         def body(value: Any) -> str:
-            return "missing" if value is _MISSING else f"must be an object, got {json_type(value)}"
+            return "missing" if value is _MISSING else f"must be an object, got {_json_type(value)}"
 
         def model_type(value: Any) -> str:
             return f"must be a non-empty string, got {describe(value)}"
@@ -256,7 +255,7 @@ class RequestRules:
         def model_required(value: Any) -> str:
             if value is _MISSING or value is None or value == "":
                 return "missing or empty, and no model argument was given"
-            return f"must be a string, got {json_type(value)}"
+            return f"must be a string, got {_json_type(value)}"
 
         def stream(value: Any) -> str:
             return f"streaming is not supported in a batch (must be false or left out, got {describe(value)})"
@@ -277,7 +276,7 @@ class RequestRules:
         ]
         if self.counts_inputs:
             # Any value: the API judges it; read to count the inputs.
-            rules.append(FieldRule("body.input", Any, json_type, optional=True))
+            rules.append(FieldRule("body.input", Any, _json_type, optional=True))
         return rules
 
     def limit_problem(self, size: int, inputs: int, tokens: int) -> tuple[str | None, str] | None:
@@ -410,7 +409,7 @@ class RequestRules:
         except _REFUSED as error:
             return _invalid(None, None, f"invalid JSON: {_why(error)}")
         if type(obj) is not dict:
-            return _invalid(None, None, f"not a JSON object (got {json_type(obj)})")
+            return _invalid(None, None, f"not a JSON object (got {_json_type(obj)})")
         cid = obj.get("custom_id")
         checked = CheckedLine(line, cid if type(cid) is str and cid else None)
         body = obj.get("body")
