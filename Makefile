@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: test test-floor lint format demo bench emulator clean
+.PHONY: test test-floor airflow lint format demo bench emulator clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python >= 3.10 is needed"'
@@ -34,6 +34,11 @@ $(FLOOR_STAMP): pyproject.toml $(FLOOR_CONSTRAINTS) $(STAMP)
 test-floor: $(FLOOR_STAMP)
 	$(FLOOR_VENV)/bin/python -c 'import airflow; print("Airflow", airflow.__version__)'
 	$(FLOOR_VENV)/bin/pytest -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
+
+# A local deployment (api-server, scheduler, dag-processor, triggerer, emulator) with the example DAGs;
+# prints the UI's URL and login, stops everything on Ctrl-C.
+airflow: $(STAMP)
+	$(BIN)/python -m scripts.airflow_local $(AIRFLOW_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -7,18 +7,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+
+from tests.support.polling import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Every figures line printed by this suite, repeated in pytest's terminal summary (see conftest.py).
 FIGURES: list[str] = []
 CHAT = "/v1/chat/completions"
-
-T = TypeVar("T")
 
 
 def report(test: str, **figures: Any) -> str:
@@ -34,26 +33,6 @@ def report(test: str, **figures: Any) -> str:
     print(line, flush=True)
     FIGURES.append(line)
     return line
-
-
-def wait_until(
-    condition: Callable[[], T],
-    *,
-    timeout: float,
-    what: str,
-    interval: float = 0.05,
-    details: Callable[[], str] | None = None,
-) -> T:
-    """Poll an external condition until it is truthy (bounded); return its value or fail clearly."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            extra = f"\n{details()}" if details is not None else ""
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{extra}")
-        time.sleep(interval)
 
 
 def reseed(emulator: Any, seed: int) -> None:

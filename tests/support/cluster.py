@@ -1,9 +1,10 @@
-"""A real Airflow 3 deployment for tests: api-server, scheduler, dag-processor and triggerer processes.
+"""A real Airflow 3 deployment: api-server, scheduler, dag-processor and triggerer processes.
 
-LocalExecutor on SQLite, a fresh AIRFLOW_HOME, loopback only, a free port. Each component runs in its
-own process group, so a SIGKILL of the group takes the triggerer's runner subprocess down with it (a
-crashed node), and a stop never leaves a worker behind. Everything the tests read goes through
-Airflow's REST API or the metadata DB.
+LocalExecutor on SQLite, a fresh AIRFLOW_HOME, loopback only, a free port (or a given one). Each component
+runs in its own process group, so a SIGKILL of the group takes the triggerer's runner subprocess down with
+it (a crashed node), and a stop never leaves a worker behind. Everything the tests read goes through
+Airflow's REST API (``/api/v2``, with a JWT from the simple auth manager's ``/auth/token``, as any client
+would) or the metadata DB. Used by the reliability and deployment tests and by ``make airflow``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import sqlite3
@@ -18,11 +20,12 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.reliability.helpers import wait_until
+from tests.support.polling import wait_until
 
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 COMPONENTS: dict[str, list[str]] = {
@@ -40,15 +43,36 @@ def free_port() -> int:
 
 
 class AirflowCluster:
-    """Start with :meth:`start`, always :meth:`stop` (a fixture finalizer does)."""
+    """Start with :meth:`start`, always :meth:`stop` (a fixture finalizer does).
 
-    def __init__(self, home: Path, dags_folder: Path, extra_env: dict[str, str]) -> None:
+    :param home: a fresh, empty AIRFLOW_HOME (DB, logs, the login's password file).
+    :param dags_folder: the DAGS_FOLDER the dag-processor parses.
+    :param extra_env: more environment for every component (connections, DAG knobs).
+    :param port: the api-server's port on 127.0.0.1; a free one when ``None``.
+    :param parallelism: the LocalExecutor's number of task slots.
+    """
+
+    #: The simple auth manager's one user; the password is made per cluster and written to its home.
+    username = "admin"
+
+    def __init__(
+        self,
+        home: Path,
+        dags_folder: Path,
+        extra_env: dict[str, str],
+        *,
+        port: int | None = None,
+        parallelism: int = 4,
+    ) -> None:
         from cryptography.fernet import Fernet
 
         self.home = home
-        self.port = free_port()
+        self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.fernet_key = Fernet.generate_key().decode()
+        self.password = secrets.token_urlsafe(12)
+        self.password_file = home / "simple_auth_manager_passwords.json"
+        self._token: str | None = None
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "OPENAI_"))}
         env.update(
             {
@@ -56,16 +80,21 @@ class AirflowCluster:
                 "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder),
                 "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                 "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-                "AIRFLOW__CORE__PARALLELISM": "4",
+                "AIRFLOW__CORE__PARALLELISM": str(parallelism),
                 "AIRFLOW__CORE__FERNET_KEY": self.fernet_key,
                 "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+                # A real login (user + password -> JWT), as a user of the UI or the REST API has.
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{self.username}:admin",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.password_file),
                 "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base}/execution/",
                 "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
                 "AIRFLOW__API__HOST": "127.0.0.1",
                 "AIRFLOW__API__PORT": str(self.port),
                 "AIRFLOW__API__BASE_URL": self.base,
+                "AIRFLOW__API__WORKERS": "1",  # one uvicorn worker is plenty on loopback (and 2 cores)
                 "AIRFLOW__API_AUTH__JWT_SECRET": os.urandom(24).hex(),
+                # Runs start when a client triggers them, never from a schedule (the example DAGs are daily).
+                "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
                 "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
                 "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
                 # A dead triggerer's triggers go to a live one after this many seconds without heartbeat.
@@ -83,6 +112,7 @@ class AirflowCluster:
     # -- processes -------------------------------------------------------------------------------
 
     def start(self, timeout: float = 150.0) -> None:
+        self.password_file.write_text(json.dumps({self.username: self.password}))
         migrate = subprocess.run(
             [AIRFLOW, "db", "migrate"], env=self.env, capture_output=True, text=True, timeout=timeout
         )
@@ -162,18 +192,27 @@ class AirflowCluster:
 
     # -- REST API and DB -------------------------------------------------------------------------
 
-    def api(self, method: str, path: str, body: Any = None) -> Any:
+    def _request(self, method: str, path: str, body: Any, headers: dict[str, str]) -> Any:
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(
-            self.base + path, data=data, method=method, headers={"Content-Type": "application/json"}
-        )
+        headers = {"Content-Type": "application/json", **headers}
+        request = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
         with urllib.request.urlopen(request, timeout=20) as response:
             raw = response.read()
         return json.loads(raw) if raw else None
 
+    def token(self) -> str:
+        """A JWT for the REST API, from the simple auth manager's login endpoint (user + password)."""
+        if self._token is None:
+            body = {"username": self.username, "password": self.password}
+            self._token = self._request("POST", "/auth/token", body, {})["access_token"]
+        return self._token
+
+    def api(self, method: str, path: str, body: Any = None) -> Any:
+        return self._request(method, path, body, {"Authorization": f"Bearer {self.token()}"})
+
     def _healthy(self) -> bool:
         try:
-            health = self.api("GET", "/api/v2/monitor/health")
+            health = self._request("GET", "/api/v2/monitor/health", None, {})
         except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
             return False
         parts = ("metadatabase", "scheduler", "triggerer", "dag_processor")
@@ -204,6 +243,21 @@ class AirflowCluster:
     def set_ti_state(self, dag_id: str, run_id: str, task_id: str, state: str) -> Any:
         path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}"
         return self.api("PATCH", path, {"new_state": state})
+
+    def create_connection(self, conn_id: str, conn_type: str, **fields: Any) -> Any:
+        """Create a connection through the REST API (stored encrypted in the metadata DB, as in the UI)."""
+        body = {"connection_id": conn_id, "conn_type": conn_type, **fields}
+        if isinstance(body.get("extra"), dict):
+            body["extra"] = json.dumps(body["extra"])
+        return self.api("POST", "/api/v2/connections", body)
+
+    def extra_links(self, dag_id: str, run_id: str, task_id: str) -> dict[str, str | None]:
+        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/links"
+        return self.api("GET", path)["extra_links"]
+
+    def asset_events(self, **query: str) -> list[dict[str, Any]]:
+        path = "/api/v2/assets/events" + ("?" + urllib.parse.urlencode(query) if query else "")
+        return self.api("GET", path)["asset_events"]
 
     def xcom(self, dag_id: str, run_id: str, task_id: str) -> Any:
         path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value"
