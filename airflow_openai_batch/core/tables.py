@@ -47,7 +47,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from airflow_openai_batch.core.jsonl import DEFAULT_CHUNK_SIZE, LineIterator, lines_from_raw_blocks
-from airflow_openai_batch.core.prepare import normalize_endpoint
+from airflow_openai_batch.core.prepare import PreparedInput, normalize_endpoint, prepare_from_lines
+from airflow_openai_batch.core.table_format import TABLE_FORMATS, TABLE_SUFFIXES, table_format
 from airflow_openai_batch.exceptions import InputProblem, OpenAIBatchInputError, OpenAIBatchJoinError
 
 __all__ = [
@@ -60,12 +61,10 @@ __all__ = [
     "TableRequests",
     "TableSource",
     "join_answers",
+    "prepare_from_table",
     "table_format",
 ]
 
-#: Table formats a ``requests`` input may have, by file name suffix.
-TABLE_FORMATS: tuple[str, ...] = ("parquet", "csv")
-_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".parq": "parquet", ".csv": "csv"}
 
 #: The body field each endpoint's prompt template fills.
 PROMPT_FIELDS: dict[str, str] = {
@@ -122,17 +121,6 @@ _SIMPLE_ESCAPES = ((b"\\", "\\\\"), (b'"', '\\"'), (b"\n", "\\n"), (b"\r", "\\r"
 _SIMPLE_SPECIALS = frozenset(b[0] for b, _ in _SIMPLE_ESCAPES)
 _FIELD_ROOT = re.compile(r"[^.\[]*")
 _PARTIAL = ".partial"
-
-
-def table_format(name: str) -> str | None:
-    """The table format a file name says, or ``None`` (e.g. a JSONL file, or a folder).
-
-    :param name: a path, URI or file name: ``tickets.parquet``, ``s3://bucket/drop.csv``...
-    :return: ``"parquet"``, ``"csv"`` or ``None``.
-    """
-    base = str(name).rstrip("/").rsplit("/", 1)[-1].lower()
-    dot = base.rfind(".")
-    return _SUFFIXES.get(base[dot:]) if dot >= 0 else None
 
 
 def _problem(reason: str, field: str | None = "requests") -> OpenAIBatchInputError:
@@ -226,7 +214,7 @@ class TableInput:
             return formats.pop()  # type: ignore[return-value]
         raise _problem(
             f"cannot tell the table format of {self.uri} from its file names "
-            f"(expected {', '.join(sorted(_SUFFIXES))}); pass the format explicitly"
+            f"(expected {', '.join(sorted(TABLE_SUFFIXES))}); pass the format explicitly"
         )
 
     def _csv_options(self, key: tuple[str, ...], columns: Sequence[str] | None = None) -> Any:
@@ -751,6 +739,71 @@ class TableRequests:
             row_count=self.rows,
             endpoint=self.endpoint,
         )
+
+
+def prepare_from_table(
+    table: TableInput,
+    *,
+    endpoint: str,
+    work_dir: Path | str,
+    id_column: str,
+    prompt: str | None = None,
+    system_prompt: str | None = None,
+    body: Mapping[str, Any] | None = None,
+    model: str | None = None,
+    request_builder: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+    on_null: str = "error",
+    **limits: Any,
+) -> tuple[PreparedInput, TableSource]:
+    """A table's rows validated and split into chunk files: what the submit operator does with a table.
+
+    The rows become lines (:class:`TableRequests`) and the lines go through
+    :func:`~airflow_openai_batch.core.prepare.prepare_from_lines`, the validator and splitter a JSONL
+    file goes through. Problems the line validator finds (a duplicate id, a body too large) are named by
+    row: a table's line *n* is its row *n*.
+
+    :param table: the table.
+    :param endpoint: the batch endpoint.
+    :param work_dir: where the chunk files are written.
+    :param id_column: see :class:`TableRequests`, as are ``prompt``, ``system_prompt``, ``body``,
+        ``model``, ``request_builder`` and ``on_null``.
+    :param limits: passed on to ``prepare_from_lines`` (``max_requests_per_batch``, ...).
+    :return: the prepared chunks, and where the table is (for collect to join the answers back).
+    :raises OpenAIBatchInputError: the parameters do not fit the table, or rows are invalid; nothing is
+        kept in ``work_dir`` then.
+    """
+    requests = TableRequests(
+        table,
+        endpoint=endpoint,
+        id_column=id_column,
+        prompt=prompt,
+        system_prompt=system_prompt,
+        body=body,
+        model=model,
+        request_builder=request_builder,
+        on_null=on_null,
+    )
+    try:
+        prepared = prepare_from_lines(
+            requests.lines(), endpoint=endpoint, work_dir=work_dir, model=model, **limits
+        )
+    except OpenAIBatchInputError as err:
+        if all(p.unit == "row" for p in err.problems):
+            raise
+        raise OpenAIBatchInputError([_as_row_problem(p) for p in err.problems], err.total) from None
+    return prepared, requests.source()
+
+
+_LINE_REFERENCE = re.compile(r"\bline (\d+)\b")
+
+
+def _as_row_problem(problem: InputProblem) -> InputProblem:
+    """A line validator's problem as the table's: its line numbers are row numbers."""
+    if problem.line is None or problem.unit == "row":
+        return problem
+    return InputProblem(
+        problem.line, problem.field, _LINE_REFERENCE.sub(r"row \1", problem.reason), unit="row"
+    )
 
 
 def _cut(data: bytes, size: int = DEFAULT_CHUNK_SIZE) -> Iterator[bytes]:

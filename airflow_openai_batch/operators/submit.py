@@ -28,6 +28,7 @@ from airflow_openai_batch.core.resubmit import (
     METADATA_KEY,
     is_capacity_error,
 )
+from airflow_openai_batch.core.table_format import TABLE_FORMATS, table_format
 from airflow_openai_batch.exceptions import InputProblem, OpenAIBatchInputError
 from airflow_openai_batch.hooks.batch import OpenAIBatchHook
 from airflow_openai_batch.limits import (
@@ -45,9 +46,12 @@ from airflow_openai_batch.operators._workdir import task_work_dir
 from airflow_openai_batch.statuses import REUSABLE_STATUSES
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from openai.types import Batch
 
     from airflow_openai_batch.compat import Context
+    from airflow_openai_batch.core.tables import TableInput, TableSource
 
 #: Metadata keys this package adds to every batch (they count against OpenAI's 16-pair limit).
 METADATA_CHUNK = "aob_chunk"
@@ -64,6 +68,10 @@ OWN_METADATA_KEYS = (
     METADATA_FOLLOWS,
     METADATA_ATTEMPT,
 )
+#: The XCom key under which a table input's location is pushed (:meth:`TableSource.to_dict`), for collect.
+TABLE_SOURCE_XCOM = "table_source"
+#: ``input_format`` values: ``None`` tells a table from a JSONL file by its name (or a folder).
+INPUT_FORMATS: tuple[str, ...] = ("jsonl", *TABLE_FORMATS)
 #: Batches older than this are never reused: their input files may have expired at OpenAI.
 MAX_REUSE_AGE_SECONDS = 30 * 86400
 
@@ -158,6 +166,55 @@ def open_requests_file(source: Any) -> Any:
         yield stream
 
 
+def open_requests_table(source: Any, input_format: str | None = None) -> TableInput | None:
+    """The table ``source`` names, opened for reading in record batches; ``None`` for a JSONL file.
+
+    A table is told by ``input_format`` (``"parquet"`` / ``"csv"``; ``"jsonl"`` says it is none), else by
+    the name's suffix (``.parquet``, ``.pq``, ``.parq``, ``.csv``), else by being a folder (its files'
+    suffixes then tell the format).
+
+    :param source: a local path, ``file://`` / ``s3://`` / ``gs://`` URI, or ObjectStoragePath.
+    :param input_format: ``None`` (tell by the name), ``"jsonl"``, ``"parquet"`` or ``"csv"``.
+    :raises OpenAIBatchInputError: an unknown ``input_format``, or nothing readable at ``source``.
+    """
+    if input_format in (None, ""):
+        input_format = None
+    elif input_format not in INPUT_FORMATS:
+        raise OpenAIBatchInputError(
+            [
+                InputProblem(
+                    None, "input_format", f"must be one of {INPUT_FORMATS} or None, not {input_format!r}"
+                )
+            ]
+        )
+    if input_format == "jsonl":
+        return None
+    remote = not isinstance(source, (str, Path)) or "://" in str(source)
+    path: Any = None
+    if remote:
+        from airflow_openai_batch.compat import ObjectStoragePath
+
+        path = source if hasattr(source, "fs") else ObjectStoragePath(str(source))
+    table_kind = input_format or table_format(str(source))
+    if table_kind is None:
+        name = str(source).rstrip("/").rsplit("/", 1)[-1].lower()
+        # A folder is a table (a JSONL input is one file): asked only of names that may be one.
+        if name.endswith((".jsonl", ".ndjson", ".json")):
+            return None
+        if not (path.is_dir() if remote else Path(source).is_dir()):
+            return None
+    try:
+        from airflow_openai_batch.core.tables import TableInput
+    except ImportError as err:  # pyarrow is the optional ``parquet`` extra
+        raise ImportError(
+            f"{source} is a table input, which needs pyarrow: pip install 'airflow-openai-batch[parquet]'"
+        ) from err
+    if remote:
+        return TableInput(path.path, filesystem=path.fs, format=input_format, uri=str(path))
+    local = str(Path(source).absolute())
+    return TableInput(local, format=input_format, uri=local)
+
+
 class OpenAIBatchSubmitOperator(BaseOperator):
     """Validate, split, upload and create OpenAI batches from a JSONL file or a list of requests.
 
@@ -166,7 +223,25 @@ class OpenAIBatchSubmitOperator(BaseOperator):
     it already created (found by metadata), so nothing is paid twice.
 
     :param requests: a JSONL file (local path, ``file://``, ``s3://``, ``gs://`` URI or ObjectStoragePath),
-        or a list of dicts: full request lines ``{custom_id, method, url, body}`` or ``{custom_id, body}``.
+        or a list of dicts: full request lines ``{custom_id, method, url, body}`` or ``{custom_id, body}``,
+        or a Parquet or CSV table (a file or a folder of them, at any of those locations; needs the
+        ``parquet`` extra): each row becomes one request, from ``id_column`` and ``prompt`` (or
+        ``request_builder``). A table's location is pushed as XCom ``table_source`` for collect.
+    :param input_format: ``None`` (the default) tells a table by its name (``.parquet``, ``.pq``,
+        ``.parq``, ``.csv``) or by being a folder, anything else is JSONL; ``"parquet"``, ``"csv"`` or
+        ``"jsonl"`` say it for a name that does not.
+    :param id_column: a table's column whose values become ``custom_id`` (text or integers; unique and
+        non-empty, or the error names the row).
+    :param prompt: a Python format template over a table's columns, ``"Label this ticket:\\n{text}"``;
+        it fills the endpoint's prompt field (chat: the user message; responses, embeddings, moderations:
+        ``input``; completions: ``prompt``). Jinja renders it first, so ``{{ ds }}`` works beside
+        ``{text}``; a literal brace for Python is written ``{{ '{{' }}`` / ``{{ '}}' }}`` there.
+    :param system_prompt: a template too: chat's system message, responses' ``instructions``.
+    :param body: a dict merged into every request body of a table (``temperature``,
+        ``max_completion_tokens``...).
+    :param request_builder: instead of ``prompt``, a callable ``row -> body`` (the row as a dict of all
+        columns) for what a template cannot say; ``model`` and ``body`` are defaults under its keys.
+    :param on_null: a null in a prompt column: ``"error"`` (names the row) or ``"empty"`` (reads ``""``).
     :param endpoint: the Batch endpoint, e.g. ``/v1/chat/completions``, ``/v1/embeddings``.
     :param model: fills ``body.model`` on lines that have none.
     :param completion_window: only ``24h`` exists today.
@@ -187,6 +262,11 @@ class OpenAIBatchSubmitOperator(BaseOperator):
 
     template_fields: Sequence[str] = (
         "requests",
+        "input_format",
+        "id_column",
+        "prompt",
+        "system_prompt",
+        "body",
         "endpoint",
         "model",
         "metadata",
@@ -195,7 +275,7 @@ class OpenAIBatchSubmitOperator(BaseOperator):
         "max_enqueued_tokens",
         "input_expires_after",
     )
-    template_fields_renderers = {"metadata": "json", "requests": "json"}
+    template_fields_renderers = {"metadata": "json", "requests": "json", "body": "json"}
     operator_extra_links = (OpenAIBatchLink(), OpenAIBatchesPageLink())
     ui_color = "#d9f2e6"
 
@@ -213,10 +293,26 @@ class OpenAIBatchSubmitOperator(BaseOperator):
         max_enqueued_tokens: int | None = None,
         input_expires_after: int | None = None,
         conn_id: str = OpenAIBatchHook.default_conn_name,
+        input_format: str | None = None,
+        id_column: str | None = None,
+        prompt: str | None = None,
+        system_prompt: str | None = None,
+        body: Mapping[str, Any] | None = None,
+        request_builder: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+        on_null: str = "error",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.requests = requests
+        self.input_format = input_format
+        self.id_column = id_column
+        self.prompt = prompt
+        self.system_prompt = system_prompt
+        self.body = body
+        self.request_builder = request_builder
+        self.on_null = on_null
+        #: Where a table input is, once prepared (pushed as XCom ``table_source``).
+        self._table_source: TableSource | None = None
         self.endpoint = endpoint
         self.model = model
         self.completion_window = completion_window
@@ -248,6 +344,8 @@ class OpenAIBatchSubmitOperator(BaseOperator):
             submitter = _ChunkSubmitter(self, context, endpoint, user_metadata, len(prepared.chunks))
             job = Job(chunks=[submitter.submit(chunk) for chunk in prepared.chunks])
         context["ti"].xcom_push(key="job", value=job.to_dict())
+        if self._table_source is not None:
+            context["ti"].xcom_push(key=TABLE_SOURCE_XCOM, value=self._table_source.to_dict())
         batch_ids = job.first_batch_ids()
         persist_batch_links(context, batch_ids)
         return batch_ids
@@ -263,11 +361,61 @@ class OpenAIBatchSubmitOperator(BaseOperator):
             "max_enqueued_tokens": int(self.max_enqueued_tokens) if self.max_enqueued_tokens else None,
         }
         if isinstance(self.requests, (list, tuple)):
+            self._refuse_table_params("a list of requests")
             return prepare_from_records(self.requests, **limits)
         if self.requests is None or self.requests == "":
             raise OpenAIBatchInputError([InputProblem(None, "requests", "no input was given")])
+        table = open_requests_table(self.requests, self.input_format or None)
+        if table is not None:
+            return self._prepare_table(table, limits)
+        self._refuse_table_params(f"{self.requests} (read as JSONL)")
         with open_requests_file(self.requests) as stream:
             return prepare_from_lines(iter_lines(stream), **limits)
+
+    def _prepare_table(self, table: TableInput, limits: dict[str, Any]) -> PreparedInput:
+        from airflow_openai_batch.core.tables import prepare_from_table
+
+        prepared, self._table_source = prepare_from_table(
+            table,
+            id_column=self.id_column or "",
+            prompt=self.prompt,
+            system_prompt=self.system_prompt,
+            body=self.body,
+            request_builder=self.request_builder,
+            on_null=self.on_null,
+            **limits,
+        )
+        self.log.info(
+            "Table %s (%s): %s rows -> requests, custom_id from column %r",
+            self._table_source.uri,
+            self._table_source.format,
+            f"{self._table_source.row_count:,}",
+            self._table_source.id_column,
+        )
+        return prepared
+
+    def _refuse_table_params(self, what: str) -> None:
+        """Table parameters given with an input that is no table: an error, not silently ignored."""
+        params = {
+            "id_column": self.id_column,
+            "prompt": self.prompt,
+            "system_prompt": self.system_prompt,
+            "body": self.body,
+            "request_builder": self.request_builder,
+        }
+        given = [name for name, value in params.items() if value not in (None, "", {})]
+        if given:
+            raise OpenAIBatchInputError(
+                [
+                    InputProblem(
+                        None,
+                        name,
+                        f"applies to a table input (Parquet or CSV), but the input is {what}; "
+                        "input_format='parquet' or 'csv' says a file is a table when its name does not",
+                    )
+                    for name in given
+                ]
+            )
 
 
 class _ChunkSubmitter:
