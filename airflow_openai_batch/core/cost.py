@@ -853,6 +853,7 @@ class ChunkTally:
         unbounded: int,
         unbounded_lines: Sequence[int] = (),
         largest: tuple[int, int] = (0, 0),
+        prompt_tokens: int | None = None,
     ) -> None:
         """Lines summed by the caller (see the class docstring).
 
@@ -862,9 +863,15 @@ class ChunkTally:
         :param unbounded: how many set none.
         :param unbounded_lines: some of their line numbers (the first are kept).
         :param largest: ``(bytes, line)`` of the largest of them.
+        :param prompt_tokens: their prompt tokens when the caller counted every one of them (with
+            :meth:`CostEstimator.prompt_tokens`), else ``None``.
         """
         self.requests += requests
         self.byte_count += byte_count
+        if prompt_tokens is not None:
+            self.counted += requests
+            self.counted_bytes += byte_count
+            self.counted_tokens += prompt_tokens
         self.output_bound += output_bound
         self.unbounded += unbounded
         self.unbounded_lines.extend(unbounded_lines[: KEEP_LINES - len(self.unbounded_lines)])

@@ -14,6 +14,12 @@ stream -> validate -> split -> chunk files:
   chunk until the next would break a limit (requests, bytes, embedding inputs, estimated tokens), which
   then starts the model's next chunk: the fewest chunks a sequential cut allows.
 - Lines that need no change are written byte for byte, a whole block in one write where it fits.
+- Cost (:class:`~airflow_openai_batch.core.cost.CostEstimator`): each chunk sums its lines' output caps
+  and, when every line's prompt is counted (exact counting, or ``max_enqueued_tokens``), their prompt
+  tokens; otherwise one line in :data:`~airflow_openai_batch.core.cost.SAMPLE_EVERY` of each block is
+  counted and the chunks' bytes are scaled by what those lines weigh. The estimate is always made.
+- A response schema (:mod:`~airflow_openai_batch.core.schema`) is put into each line that has no format
+  of its own, before the lines are measured.
 
 On any problem nothing is kept: the chunk files are removed and one
 :class:`~airflow_openai_batch.exceptions.OpenAIBatchInputError` lists the problems.
@@ -34,6 +40,14 @@ from typing import Any
 
 import orjson
 
+from airflow_openai_batch.core.cost import (
+    KEEP_LINES,
+    SAMPLE_EVERY,
+    CostEstimate,
+    CostEstimator,
+    PriceTable,
+    token_count_mode,
+)
 from airflow_openai_batch.core.duplicates import DuplicateFinder
 from airflow_openai_batch.core.jsonl import LineIterator, iter_lines, unix_line_ends
 from airflow_openai_batch.core.requests import (
@@ -43,6 +57,7 @@ from airflow_openai_batch.core.requests import (
     describe,
     normalize_endpoint,
 )
+from airflow_openai_batch.core.schema import SchemaInjector, response_schema
 from airflow_openai_batch.exceptions import InputProblem, OpenAIBatchInputError
 from airflow_openai_batch.limits import (
     MAX_BYTES_PER_BATCH,
@@ -75,7 +90,7 @@ class Chunk:
     :param request_count: number of request lines.
     :param byte_count: size of the file in bytes (lines plus their newlines).
     :param embedding_inputs: embedding inputs across the file's requests (0 for other endpoints).
-    :param estimated_tokens: estimated prompt tokens (0 unless ``max_enqueued_tokens`` was set).
+    :param estimated_tokens: its prompt tokens as the cost estimate has them (counted, or estimated).
     :param sha256: hex digest of the file content, for retry-safe idempotency keys.
     :param first_custom_id: the ``custom_id`` of the file's first line.
     """
@@ -100,6 +115,8 @@ class PreparedInput:
     :param total_bytes: bytes across all chunk files.
     :param work_dir: the directory holding the chunk files.
     :param endpoint: the normalized endpoint every line's ``url`` equals.
+    :param cost: the cost estimate, per chunk (in chunk order) and in total.
+    :param own_formats: with a response schema, the lines that kept a format of their own.
     """
 
     chunks: list[Chunk]
@@ -107,6 +124,8 @@ class PreparedInput:
     total_bytes: int
     work_dir: Path
     endpoint: str = ""
+    cost: CostEstimate | None = None
+    own_formats: int = 0
 
     def cleanup(self) -> None:
         """Delete the chunk files (missing ones are ignored)."""
@@ -163,6 +182,8 @@ class _Run:
     :param ids: the custom_id of each line.
     :param inputs: embedding inputs of each line, or ``None`` when not counted.
     :param tokens: estimated prompt tokens of each line, or ``None`` when not counted.
+    :param caps: the output-token cap of each line (``None``: none).
+    :param numbers: the 1-based input line number of each line.
     :param data: the lines each ending with a newline, when at hand (a whole block: written as it is).
     """
 
@@ -172,12 +193,16 @@ class _Run:
         ids: list[str],
         inputs: list[int] | None,
         tokens: list[int] | None,
+        caps: list[int | None],
+        numbers: range | list[int],
         data: bytes | None = None,
     ) -> None:
         self.lines = lines
         self.ids = ids
         self.inputs = inputs
         self.tokens = tokens
+        self.caps = caps
+        self.numbers = numbers
         self.data = data
         #: Running totals of bytes, inputs and tokens: entry i counts the lines before line i.
         self._sums: tuple[list[int], list[int] | None, list[int] | None] | None = None
@@ -240,13 +265,34 @@ class _OpenChunk:
         self.first_custom_id = first_custom_id
         self.counts = _Counts()
         self.hasher = hashlib.sha256()
+        #: For the cost estimate: the sum of the caps set, the lines setting none (and the first of their
+        #: numbers), and (bytes with newline, line number) of the largest line.
+        self.output_bound = 0
+        self.unbounded = 0
+        self.unbounded_lines: list[int] = []
+        self.largest = (0, 0)
 
-    def write(self, data: bytes, counts: _Counts) -> None:
+    def write(self, run: _Run, start: int, stop: int) -> None:
+        """Lines ``[start, stop)`` of ``run``."""
+        data = run.piece(start, stop)
         # Opened per write (once per block at most) so that any number of models holds no descriptors.
         with open(self.path, "ab" if self.counts.requests else "wb") as fh:
             fh.write(data)
         self.hasher.update(data)
-        self.counts.add(counts)
+        self.counts.add(run.counts(start, stop))
+        caps = run.caps[start:stop]
+        unbounded = caps.count(None)
+        self.output_bound += sum(filter(None, caps))  # type: ignore[arg-type]
+        if unbounded:
+            self.unbounded += unbounded
+            room = KEEP_LINES - len(self.unbounded_lines)
+            if room > 0:
+                numbers = run.numbers
+                self.unbounded_lines += [numbers[start + i] for i, c in enumerate(caps) if c is None][:room]
+        sizes = list(map(len, run.lines[start:stop]))
+        size = max(sizes) + 1
+        if size > self.largest[0]:
+            self.largest = (size, run.numbers[start + sizes.index(size - 1)])
 
 
 class _Splitter:
@@ -265,36 +311,33 @@ class _Splitter:
         #: Each model's rank by first appearance, and how many chunks it has had.
         self.models: dict[str, list[int]] = {}
 
-    def place(self, valid: ValidLines) -> None:
+    def place(self, valid: ValidLines, numbers: range | list[int]) -> None:
+        """Place valid lines, ``numbers`` being their input line numbers."""
         if isinstance(valid.models, str):
-            self._place(valid.models, _Run(valid.lines, valid.ids, valid.inputs, valid.tokens, valid.data))
+            run = _Run(valid.lines, valid.ids, valid.inputs, valid.tokens, valid.caps, numbers, valid.data)
+            self._place(valid.models, run)
         else:
-            self._place_grouped(valid.models, valid.lines, valid.ids, valid.inputs, valid.tokens)
+            self._place_grouped(valid, numbers)
 
-    def _place_grouped(
-        self,
-        models: list[str],
-        lines: list[bytes],
-        ids: list[str],
-        inputs: list[int] | None,
-        tokens: list[int] | None,
-    ) -> None:
+    def _place_grouped(self, valid: ValidLines, numbers: range | list[int]) -> None:
         """Place lines of several models: each model's lines in their order, models by first appearance."""
         by_model: dict[str, list[int]] = {}
-        for index, model in enumerate(models):
+        for index, model in enumerate(valid.models):
             by_model.setdefault(model, []).append(index)
         for model, picked in by_model.items():
 
-            def pick(values: list[Any]) -> list[Any]:
+            def pick(values: Any) -> list[Any]:
                 return [values[i] for i in picked]  # noqa: B023 - used at once
 
             self._place(
                 model,
                 _Run(
-                    pick(lines),
-                    pick(ids),
-                    pick(inputs) if inputs is not None else None,
-                    pick(tokens) if tokens is not None else None,
+                    pick(valid.lines),
+                    pick(valid.ids),
+                    pick(valid.inputs) if valid.inputs is not None else None,
+                    pick(valid.tokens) if valid.tokens is not None else None,
+                    pick(valid.caps),
+                    pick(numbers),
                 ),
             )
 
@@ -308,7 +351,7 @@ class _Splitter:
                 assert chunk.counts.requests, "a line larger than a whole chunk passed validation"
                 self.closed.append(self.open.pop(model))
                 continue
-            chunk.write(run.piece(start, start + fit), run.counts(start, start + fit))
+            chunk.write(run, start, start + fit)
             start += fit
 
     def _open(self, model: str, first_custom_id: str) -> _OpenChunk:
@@ -343,9 +386,19 @@ class _Problems:
 class _Preparer:
     """Validates blocks of lines in input order and hands the valid ones to the splitter."""
 
-    def __init__(self, rules: RequestRules, splitter: _Splitter, work_dir: Path, max_problems: int) -> None:
+    def __init__(
+        self,
+        rules: RequestRules,
+        splitter: _Splitter,
+        work_dir: Path,
+        max_problems: int,
+        estimator: CostEstimator,
+    ) -> None:
         self.rules = rules
         self.splitter = splitter
+        self.estimator = estimator
+        #: Lines that kept their own format where a response schema was to be put in.
+        self.own_formats = 0
         self.ids = DuplicateFinder(work_dir)
         self.problems = _Problems(max_problems)
         self.lines_read = 0  # blank ones included: line numbers are 1-based positions in the input
@@ -384,10 +437,29 @@ class _Preparer:
                     self.requests_read += 1
                     for field, reason in one.problems:
                         self.problems.add(number, field, reason)
-        self.ids.add(self.lines_read + 1, ids)
+        first = self.lines_read + 1
+        self.ids.add(first, ids)
         self.lines_read += len(lines)
         if valid.ids and not self.problems.total:  # once the input is rejected, nothing more is written
-            self.splitter.place(valid)
+            numbers: range | list[int]
+            if valid.positions is None:
+                numbers = range(first, first + len(valid.lines))
+            else:
+                numbers = [first + position for position in valid.positions]
+            self.splitter.place(valid, numbers)
+            self.own_formats += valid.own_formats
+            if valid.tokens is None:
+                self._sample(valid, numbers)
+
+    def _sample(self, valid: ValidLines, numbers: range | list[int]) -> None:
+        """Count the prompt of one line in SAMPLE_EVERY for the estimate (when lines are not all counted):
+        a chunk's prompt tokens are its bytes times what its model's sampled lines weigh per byte."""
+        models = valid.models
+        sample = self.estimator.sample
+        for index in range(0, len(valid.lines), SAMPLE_EVERY):
+            line = valid.lines[index]
+            model = models if isinstance(models, str) else models[index]
+            sample(model, numbers[index], len(line) + 1, orjson.loads(line)["body"])
 
     def problems_at_end(self) -> None:
         """Add what only the whole input shows (emptiness, repeated custom_ids); raise if any problem."""
@@ -447,6 +519,9 @@ def _prepare(
     max_embedding_inputs: int,
     max_enqueued_tokens: int | None,
     max_problems: int,
+    schema: Any,
+    token_count: str | None,
+    prices: PriceTable | Mapping[str, Mapping[str, Any]] | str | None,
 ) -> PreparedInput:
     """Check the arguments, then validate and split, keeping nothing on failure."""
     _check_limits(
@@ -456,12 +531,23 @@ def _prepare(
         max_enqueued_tokens=max_enqueued_tokens,
         max_problems=max_problems,
     )
+    normalized = normalize_endpoint(endpoint)
+    injector = SchemaInjector(response_schema(schema), normalized) if schema is not None else None
+    mode = (
+        token_count if token_count is not None else token_count_mode(max_enqueued_tokens=max_enqueued_tokens)
+    )
+    estimator = CostEstimator(
+        normalized, prices=prices if isinstance(prices, PriceTable) else PriceTable.load(prices), count=mode
+    )
     rules = RequestRules(
-        endpoint,
+        normalized,
         model=model,
         max_bytes=max_bytes_per_batch,
         max_embedding_inputs=max_embedding_inputs,
         max_tokens=max_enqueued_tokens,
+        # Every line counted: exactly when asked, else for the token limit (the estimator's heuristic).
+        prompt_tokens=estimator.prompt_tokens if mode != "sampled" or max_enqueued_tokens else None,
+        schema=injector,
     )
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -472,7 +558,7 @@ def _prepare(
         max_enqueued_tokens if max_enqueued_tokens is not None else _UNLIMITED,
     )
     splitter = _Splitter(work_dir, limits)
-    preparer = _Preparer(rules, splitter, work_dir, max_problems)
+    preparer = _Preparer(rules, splitter, work_dir, max_problems, estimator)
     try:
         for block in _blocks(lines):
             if isinstance(block, bytes):
@@ -480,8 +566,20 @@ def _prepare(
             else:
                 preparer.take_lines(block)
         preparer.problems_at_end()
+        opened = splitter.chunks()
+        for index, oc in enumerate(opened):
+            estimator.chunk(index, oc.model).add_summary(
+                oc.counts.requests,
+                oc.counts.bytes,
+                oc.output_bound,
+                oc.unbounded,
+                oc.unbounded_lines,
+                oc.largest,
+                prompt_tokens=oc.counts.tokens if rules.prompt_tokens is not None else None,
+            )
+        cost = estimator.finish()
         chunks: list[Chunk] = []
-        for index, oc in enumerate(splitter.chunks()):
+        for index, oc in enumerate(opened):
             final = work_dir / f"chunk-{index:05d}.jsonl"
             os.replace(oc.path, final)
             oc.path = final
@@ -494,7 +592,7 @@ def _prepare(
                     request_count=counts.requests,
                     byte_count=counts.bytes,
                     embedding_inputs=counts.inputs,
-                    estimated_tokens=counts.tokens,
+                    estimated_tokens=cost.chunks[index].input_tokens,
                     sha256=oc.hasher.hexdigest(),
                     first_custom_id=oc.first_custom_id,
                 )
@@ -513,6 +611,8 @@ def _prepare(
         total_bytes=sum(c.byte_count for c in chunks),
         work_dir=work_dir,
         endpoint=rules.endpoint,
+        cost=cost,
+        own_formats=preparer.own_formats,
     )
 
 
@@ -527,6 +627,9 @@ def prepare_from_lines(
     max_embedding_inputs: int = MAX_EMBEDDING_INPUTS_PER_BATCH,
     max_enqueued_tokens: int | None = None,
     max_problems: int = 50,
+    response_schema: Any = None,
+    token_count: str | None = None,
+    prices: PriceTable | Mapping[str, Mapping[str, Any]] | str | None = None,
 ) -> PreparedInput:
     """Validate JSONL request lines and split them into chunk files, streaming.
 
@@ -542,11 +645,20 @@ def prepare_from_lines(
     :param max_requests_per_batch: requests per chunk.
     :param max_bytes_per_batch: bytes per chunk file, newlines included.
     :param max_embedding_inputs: embedding inputs per chunk (``/v1/embeddings`` only).
-    :param max_enqueued_tokens: if set, estimated prompt tokens per chunk (see
-        :mod:`airflow_openai_batch.core.tokens`).
+    :param max_enqueued_tokens: if set, prompt tokens per chunk (counted with the estimate's counter).
     :param max_problems: how many problems the error lists (all are counted).
+    :param response_schema: a Pydantic model class or a JSON Schema dict
+        (:func:`~airflow_openai_batch.core.schema.response_schema`), put into every chat completions /
+        responses line without a format of its own; ``None``: lines are left as they are.
+    :param token_count: how the cost estimate counts prompt tokens: ``"exact"`` (every line, with
+        OpenAI's encoding when the ``[tokens]`` extra is installed) or ``"sampled"`` (one line in
+        :data:`~airflow_openai_batch.core.cost.SAMPLE_EVERY`, scaled by bytes); ``None``: exact when
+        ``max_enqueued_tokens`` is set (see :func:`~airflow_openai_batch.core.cost.token_count_mode`).
+    :param prices: price overrides for the estimate (see
+        :meth:`~airflow_openai_batch.core.cost.PriceTable.load`), or a price table.
     :return: the chunks, in order: models by first appearance, then sequence within the model.
-    :raises OpenAIBatchInputError: the input is invalid, empty, or the endpoint unknown.
+    :raises OpenAIBatchInputError: the input is invalid, empty, or the endpoint unknown; or the response
+        schema is one strict mode cannot use, or given for an endpoint without structured answers.
     """
     if isinstance(lines, io.IOBase):
         # A file object iterates lines *with* their newline; read it the streaming way instead.
@@ -561,6 +673,9 @@ def prepare_from_lines(
         max_embedding_inputs=max_embedding_inputs,
         max_enqueued_tokens=max_enqueued_tokens,
         max_problems=max_problems,
+        schema=response_schema,
+        token_count=token_count,
+        prices=prices,
     )
 
 
@@ -603,6 +718,9 @@ def prepare_from_records(
     max_embedding_inputs: int = MAX_EMBEDDING_INPUTS_PER_BATCH,
     max_enqueued_tokens: int | None = None,
     max_problems: int = 50,
+    response_schema: Any = None,
+    token_count: str | None = None,
+    prices: PriceTable | Mapping[str, Mapping[str, Any]] | str | None = None,
 ) -> PreparedInput:
     """Validate request records (e.g. from XCom) and split them into chunk files.
 
@@ -618,10 +736,20 @@ def prepare_from_records(
     :param max_requests_per_batch: requests per chunk.
     :param max_bytes_per_batch: bytes per chunk file, newlines included.
     :param max_embedding_inputs: embedding inputs per chunk (``/v1/embeddings`` only).
-    :param max_enqueued_tokens: if set, estimated prompt tokens per chunk.
+    :param max_enqueued_tokens: if set, prompt tokens per chunk (counted with the estimate's counter).
     :param max_problems: how many problems the error lists (all are counted).
+    :param response_schema: a Pydantic model class or a JSON Schema dict
+        (:func:`~airflow_openai_batch.core.schema.response_schema`), put into every chat completions /
+        responses line without a format of its own; ``None``: lines are left as they are.
+    :param token_count: how the cost estimate counts prompt tokens: ``"exact"`` (every line, with
+        OpenAI's encoding when the ``[tokens]`` extra is installed) or ``"sampled"`` (one line in
+        :data:`~airflow_openai_batch.core.cost.SAMPLE_EVERY`, scaled by bytes); ``None``: exact when
+        ``max_enqueued_tokens`` is set (see :func:`~airflow_openai_batch.core.cost.token_count_mode`).
+    :param prices: price overrides for the estimate (see
+        :meth:`~airflow_openai_batch.core.cost.PriceTable.load`), or a price table.
     :return: the chunks, in order.
-    :raises OpenAIBatchInputError: the input is invalid, empty, or the endpoint unknown.
+    :raises OpenAIBatchInputError: the input is invalid, empty, or the endpoint unknown; or the response
+        schema is one strict mode cannot use, or given for an endpoint without structured answers.
     """
     normalized = normalize_endpoint(endpoint)
     return _prepare(
@@ -634,4 +762,7 @@ def prepare_from_records(
         max_embedding_inputs=max_embedding_inputs,
         max_enqueued_tokens=max_enqueued_tokens,
         max_problems=max_problems,
+        schema=response_schema,
+        token_count=token_count,
+        prices=prices,
     )

@@ -15,6 +15,11 @@ A request line is valid when:
 - the request fits in a batch by itself: its bytes (newline included), its embedding inputs and its
   estimated prompt tokens (when ``max_enqueued_tokens`` is set) are within the per-batch limits.
 
+Beside the rules, the checks read what the cost estimate needs (each line's output cap; its prompt
+tokens when every line is counted) and, with a response schema, put the schema's format into each line
+that has none of its own (:class:`~airflow_openai_batch.core.schema.SchemaInjector`), before the size
+limit is checked.
+
 The field rules are msgspec types (:class:`FieldRule`). The fast path decodes each line of a block with
 one :class:`msgspec.json.Decoder` of a ``Struct`` built from them, which skips every body field it does
 not name; the diagnosis re-reads a failing line and checks each field against its own rule, so that every
@@ -33,8 +38,16 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import msgspec
+import orjson
 
-from airflow_openai_batch.core.tokens import count_inputs, request_token_estimator
+from airflow_openai_batch.core.cost import (
+    HEURISTIC,
+    PromptTokens,
+    output_cap_fields,
+    output_cap_of_struct,
+)
+from airflow_openai_batch.core.schema import SchemaInjector
+from airflow_openai_batch.core.tokens import count_inputs
 from airflow_openai_batch.exceptions import InputProblem, OpenAIBatchInputError
 from airflow_openai_batch.limits import (
     API_DEFAULT_MODELS,
@@ -157,7 +170,9 @@ class CheckedLine:
         duplicates are found too), else ``None``.
     :param model: the model it is grouped under (valid lines).
     :param inputs: its embedding inputs (embeddings endpoint, else 0).
-    :param tokens: its estimated prompt tokens (when ``max_enqueued_tokens`` is set, else 0).
+    :param tokens: its prompt tokens (when every line is counted, else 0).
+    :param cap: its output-token cap (``None``: it sets none).
+    :param own_format: it kept its own format where a response schema was to be put in.
     :param problems: ``(field, reason)`` of each problem; empty for a valid line.
     """
 
@@ -166,6 +181,8 @@ class CheckedLine:
     model: str = ""
     inputs: int = 0
     tokens: int = 0
+    cap: int | None = None
+    own_format: bool = False
     problems: list[tuple[str | None, str]] = field(default_factory=list)
 
 
@@ -178,7 +195,11 @@ class ValidLines:
     :param ids: the custom_id of each line.
     :param models: the model of every line, or of each line when they differ.
     :param inputs: embedding inputs of each line (embeddings endpoint only).
-    :param tokens: estimated prompt tokens of each line (with ``max_enqueued_tokens`` only).
+    :param tokens: prompt tokens of each line (when every line is counted).
+    :param caps: the output-token cap of each line (``None``: it sets none).
+    :param positions: each line's 0-based position among the lines checked, when some of those were
+        left out (blank); ``None`` when the lines are all of them.
+    :param own_formats: lines that kept their own format where a response schema was to be put in.
     """
 
     lines: list[bytes]
@@ -187,6 +208,9 @@ class ValidLines:
     models: str | list[str]
     inputs: list[int] | None
     tokens: list[int] | None
+    caps: list[int | None]
+    positions: list[int] | None = None
+    own_formats: int = 0
 
 
 _custom_id_of = operator.attrgetter("custom_id")
@@ -202,7 +226,11 @@ class RequestRules:
     :param model: fills ``body.model`` where a line has none (missing, null or empty).
     :param max_bytes: bytes a batch file may hold; a line (with its newline) must fit.
     :param max_embedding_inputs: embedding inputs a batch may hold (embeddings endpoint only).
-    :param max_tokens: estimated prompt tokens a batch may hold, or ``None`` not to estimate them.
+    :param max_tokens: estimated prompt tokens a batch may hold, or ``None`` for no limit.
+    :param prompt_tokens: the prompt counter of a model (the cost estimator's
+        :meth:`~airflow_openai_batch.core.cost.CostEstimator.prompt_tokens`): every line's prompt is
+        counted with it. ``None``: lines are counted only for ``max_tokens``, with the free heuristic.
+    :param schema: puts a response schema's format into each line without one of its own.
     """
 
     def __init__(
@@ -213,6 +241,8 @@ class RequestRules:
         max_bytes: int,
         max_embedding_inputs: int,
         max_tokens: int | None,
+        prompt_tokens: Callable[[str], PromptTokens] | None = None,
+        schema: SchemaInjector | None = None,
     ) -> None:
         self.endpoint = normalize_endpoint(endpoint)
         self.fill_model = model or None
@@ -223,10 +253,25 @@ class RequestRules:
         self.max_tokens = max_tokens
         self.fields = self._field_rules()
         self._decoder = msgspec.json.Decoder(_request_struct(self.fields))
-        #: The chunk-cut token estimate (see :mod:`~airflow_openai_batch.core.tokens`), only when asked for.
-        #: It needs the whole body, decoded for that alone.
-        self._estimate = request_token_estimator(self.endpoint) if max_tokens is not None else None
+        self._cap_of = output_cap_of_struct(self.endpoint)
+        if prompt_tokens is None and max_tokens is not None:
+            heuristic = PromptTokens(self.endpoint, HEURISTIC)
+            prompt_tokens = lambda model: heuristic  # noqa: E731 - one counter whatever the model
+        #: Counts every line's prompt (it needs the whole body, decoded for that alone), or ``None``.
+        self.prompt_tokens = prompt_tokens
         self._bodies = msgspec.json.Decoder(msgspec.defstruct("WholeBody", [("body", dict[str, Any])]))
+        self.schema = schema
+        if schema is not None:
+            # The format as the member that goes into a body ('"response_format":{...}' or
+            # '"text":{"format":{...}}'), encoded once, and the body keys that say a line has its own.
+            member: dict[str, Any] = {}
+            schema.inject_body(member)
+            self._schema_key = next(iter(member))
+            self._schema_member = orjson.dumps(member)[1:-1]
+            self._raw_body = msgspec.json.Decoder(msgspec.defstruct("RawBody", [("body", msgspec.Raw)]))
+            self._format_keys = msgspec.json.Decoder(
+                msgspec.defstruct("FormatKeys", [("response_format", Any, _MISSING), ("text", Any, _MISSING)])
+            )
 
     # -- the rules -------------------------------------------------------------------------------------
 
@@ -277,6 +322,11 @@ class RequestRules:
         if self.counts_inputs:
             # Any value: the API judges it; read to count the inputs.
             rules.append(FieldRule("body.input", Any, _json_type, optional=True))
+        # Any value (the API judges it; a cap that is not a positive integer counts as none): read for the
+        # cost estimate's output bound.
+        rules.extend(
+            FieldRule(f"body.{name}", Any, _json_type, optional=True) for name in output_cap_fields(endpoint)
+        )
         return rules
 
     def limit_problem(self, size: int, inputs: int, tokens: int) -> tuple[str | None, str] | None:
@@ -324,13 +374,23 @@ class RequestRules:
             if len(set(models)) == 1:
                 models = models[0]
         inputs = list(map(count_inputs, map(_input_of, requests))) if self.counts_inputs else None
-        tokens = None
-        if self._estimate is not None:
+        caps = list(map(self._cap_of, map(_body_of, requests)))
+        own_formats = 0
+        if self.schema is not None:
             try:
-                bodies = list(map(self._bodies.decode, lines))
+                injected = list(map(self._with_schema, lines))
             except _REFUSED:
                 return None
-            tokens = list(map(self._estimate, map(_body_of, bodies)))
+            own_formats = injected.count(None)
+            lines = [line if new is None else new for line, new in zip(lines, injected, strict=True)]
+            data = b"\n".join(lines) + b"\n"
+        tokens = None
+        if self.prompt_tokens is not None:
+            try:
+                bodies = list(map(_body_of, map(self._bodies.decode, lines)))
+            except _REFUSED:
+                return None
+            tokens = self._count_prompts(models, bodies)
         # No line is longer than the whole block.
         longest = max(map(len, lines)) + 1 if len(data) > self.max_bytes else 0
         if self.limit_problem(longest, max(inputs or [0]), max(tokens or [0])):
@@ -342,21 +402,65 @@ class RequestRules:
             models,
             inputs,
             tokens,
+            caps,
+            own_formats=own_formats,
         )
+
+    def _count_prompts(self, models: str | list[str], bodies: list[dict[str, Any]]) -> list[int]:
+        """The prompt tokens of each body, counted per model (its encoding), one call per model."""
+        assert self.prompt_tokens is not None
+        if isinstance(models, str):
+            return self.prompt_tokens(models).count_many(bodies)
+        by_model: dict[str, list[int]] = {}
+        for index, model in enumerate(models):
+            by_model.setdefault(model, []).append(index)
+        tokens = [0] * len(bodies)
+        for model, picked in by_model.items():
+            counted = self.prompt_tokens(model).count_many([bodies[i] for i in picked])
+            for index, count in zip(picked, counted, strict=True):
+                tokens[index] = count
+        return tokens
+
+    def _with_schema(self, line: bytes) -> bytes | None:
+        """The line with the response schema's format in its body, or ``None`` when it keeps its own.
+
+        The format is spliced into the body's bytes after its opening brace (the body's JSON text occurs
+        once in the line: a string cannot hold it, its quotes would be escaped); a body whose text occurs
+        twice, or a responses body with a ``text`` object of its own, is re-encoded around the format.
+        """
+        raw = bytes(self._raw_body.decode(line).body)
+        keys = self._format_keys.decode(raw)
+        present = {
+            name: value
+            for name, value in (("response_format", keys.response_format), ("text", keys.text))
+            if value is not _MISSING
+        }
+        if self.schema.has_own_format(present):  # type: ignore[union-attr]
+            return None
+        at = line.find(raw)
+        if self._schema_key not in present and line.find(raw, at + 1) < 0:
+            at += 1  # after the body's opening brace
+            empty = line[at:].lstrip().startswith(b"}")
+            return b"".join((line[:at], self._schema_member, b"" if empty else b",", line[at:]))
+        return self.schema.inject_line(line, orjson.loads(line))  # type: ignore[union-attr]
 
     # -- the diagnosis: one line -----------------------------------------------------------------------------
 
     def check_lines(self, lines: list[Any]) -> tuple[list[CheckedLine | None], ValidLines]:
         """:meth:`check_line` of each line, and the valid ones as the splitter takes them."""
         checked = list(map(self.check_line, lines))
-        valid = [c for c in checked if c is not None and not c.problems]
+        positions = [i for i, c in enumerate(checked) if c is not None and not c.problems]
+        valid: list[CheckedLine] = [checked[i] for i in positions]  # type: ignore[misc]
         return checked, ValidLines(
             [c.line for c in valid],
             None,
             [c.custom_id for c in valid],  # type: ignore[misc]
             [c.model for c in valid],
             [c.inputs for c in valid] if self.counts_inputs else None,
-            [c.tokens for c in valid] if self.max_tokens is not None else None,
+            [c.tokens for c in valid] if self.prompt_tokens is not None else None,
+            [c.cap for c in valid],
+            positions if len(positions) != len(checked) else None,
+            sum(c.own_format for c in valid),
         )
 
     def check_line(self, line: Any) -> CheckedLine | None:
@@ -389,18 +493,23 @@ class RequestRules:
         body = request.body
         model = self.model_of(request)
         tokens = 0
+        own_format = False
         try:
             if not body.model and self.fill_model is not None:
                 line = _with_model(line, self.fill_model)
-            if self._estimate is not None:
-                tokens = self._estimate(self._bodies.decode(line).body)
+            if self.schema is not None:
+                injected = self._with_schema(line)
+                own_format = injected is None
+                line = line if injected is None else injected
+            if self.prompt_tokens is not None:
+                tokens = self.prompt_tokens(model).count_many([self._bodies.decode(line).body])[0]
         except _REFUSED as refused:
             return _invalid(cid, None, f"invalid JSON: {_why(refused)}")
         inputs = count_inputs(body.input) if self.counts_inputs else 0
         problem = self.limit_problem(len(line) + 1, inputs, tokens)
         if problem is not None:
             return _invalid(cid, *problem)
-        return CheckedLine(line, cid, model, inputs, tokens)
+        return CheckedLine(line, cid, model, inputs, tokens, self._cap_of(body), own_format)
 
     def _diagnose(self, line: bytes, refused: BaseException) -> CheckedLine:
         """Every problem of a line the decoder refused, field by field."""

@@ -17,7 +17,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from airflow_openai_batch.core import prepare as prepare_module
-from airflow_openai_batch.core import tokens
 from airflow_openai_batch.core.jsonl import iter_lines
 from airflow_openai_batch.core.prepare import (
     Chunk,
@@ -26,15 +25,11 @@ from airflow_openai_batch.core.prepare import (
     prepare_from_lines,
     prepare_from_records,
 )
+from airflow_openai_batch.core.tokens import count_embedding_inputs, estimate_request_tokens
 from airflow_openai_batch.exceptions import InputProblem, OpenAIBatchInputError
 
 CHAT = "/v1/chat/completions"
 EMB = "/v1/embeddings"
-
-
-@pytest.fixture(autouse=True)
-def heuristic_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tokens, "_encoder", None)
 
 
 def req(cid: str, model: str | None = "gpt-4o-mini", url: str = CHAT, **body: Any) -> dict[str, Any]:
@@ -476,11 +471,23 @@ def test_embedding_limit_ignored_for_other_endpoints(tmp_path: Path) -> None:
 def test_split_by_estimated_tokens(tmp_path: Path) -> None:
     # Each request: 3 (request) + 4 (message) + 100 (400 chars) = 107 estimated tokens.
     lines = [line(f"r{i}", messages=[{"role": "user", "content": "x" * 400}]) for i in range(10)]
-    prepared = prepare_from_lines(lines, endpoint=CHAT, work_dir=tmp_path, max_enqueued_tokens=350)
+    prepared = prepare_from_lines(
+        lines, endpoint=CHAT, work_dir=tmp_path, max_enqueued_tokens=350, token_count="heuristic"
+    )
     assert [c.request_count for c in prepared.chunks] == [3, 3, 3, 1]
     assert [c.estimated_tokens for c in prepared.chunks] == [321, 321, 321, 107]
+    # Without a limit the estimate is still made (sampled: the lines are alike, so it is the same).
     unlimited = prepare_from_lines(lines, endpoint=CHAT, work_dir=tmp_path / "u")
-    assert unlimited.chunks[0].estimated_tokens == 0  # not computed unless asked for
+    assert unlimited.chunks[0].estimated_tokens == 1070
+
+
+def test_split_by_exactly_counted_tokens(tmp_path: Path) -> None:
+    # "x" * 400 is 50 tokens in o200k_base: the exact count (on by default with the limit) cuts by it.
+    lines = [line(f"r{i}", messages=[{"role": "user", "content": "x" * 400}]) for i in range(10)]
+    prepared = prepare_from_lines(lines, endpoint=CHAT, work_dir=tmp_path, max_enqueued_tokens=350)
+    assert prepared.cost is not None and "o200k_base" in prepared.cost.counter
+    assert [c.request_count for c in prepared.chunks] == [6, 4]
+    assert [c.estimated_tokens for c in prepared.chunks] == [6 * 57, 4 * 57]
 
 
 def test_normalize_endpoint() -> None:
@@ -553,8 +560,8 @@ def test_split_property(
         models.append(model)
     sizes = [len(x) + 1 for x in lines]
     max_bytes = max(sizes) + extra_bytes
-    inputs_of = [tokens.count_embedding_inputs(orjson.loads(x)["body"]) if embeddings else 0 for x in lines]
-    toks_of = [tokens.estimate_request_tokens(endpoint, orjson.loads(x)["body"]) for x in lines]
+    inputs_of = [count_embedding_inputs(orjson.loads(x)["body"]) if embeddings else 0 for x in lines]
+    toks_of = [estimate_request_tokens(endpoint, orjson.loads(x)["body"]) for x in lines]
     if max_tok is not None:
         max_tok = max(max_tok, max(toks_of))
     limits = {
@@ -562,6 +569,7 @@ def test_split_property(
         "max_bytes_per_batch": max_bytes,
         "max_embedding_inputs": max_emb,
         "max_enqueued_tokens": max_tok,
+        "token_count": "heuristic",  # what toks_of counts
     }
 
     with tempfile.TemporaryDirectory() as tmp:

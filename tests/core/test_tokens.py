@@ -1,17 +1,12 @@
-"""Offline prompt-token estimates and embedding input counts."""
+"""Offline prompt-token estimates (the cost estimator's heuristic) and embedding input counts."""
 
 from __future__ import annotations
 
-import hashlib
-import sys
-import types
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from airflow_openai_batch.core import tokens
+from airflow_openai_batch.core.cost import HEURISTIC, PromptTokens
 from airflow_openai_batch.core.tokens import (
     IMAGE_PART_TOKENS,
     MESSAGE_OVERHEAD_TOKENS,
@@ -24,13 +19,7 @@ from airflow_openai_batch.core.tokens import (
 
 M = MESSAGE_OVERHEAD_TOKENS
 R = REQUEST_OVERHEAD_TOKENS
-
-
-@pytest.fixture(autouse=True)
-def heuristic(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Pin the chars/4 heuristic, whatever is installed where the tests run."""
-    monkeypatch.setattr(tokens, "_encoder", None)
-    yield
+CHAT = "/v1/chat/completions"
 
 
 @pytest.mark.parametrize(
@@ -124,66 +113,7 @@ def test_count_embedding_inputs(value: Any, expected: int) -> None:
     assert count_embedding_inputs(body) == expected
 
 
-# -- tiktoken is used only when it is installed AND its encoding is cached ---------------------------
-
-
-def fake_tiktoken(calls: list[str]) -> types.ModuleType:
-    module = types.ModuleType("tiktoken")
-
-    class Encoding:
-        def encode_ordinary(self, text: str) -> list[int]:
-            return list(range(len(text.split())))
-
-    def get_encoding(name: str) -> Encoding:
-        calls.append(name)
-        return Encoding()
-
-    module.get_encoding = get_encoding  # type: ignore[attr-defined]
-    return module
-
-
-def test_no_tiktoken_means_heuristic(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "tiktoken", None)  # import fails
-    assert tokens._offline_tiktoken() is None
-
-
-def test_tiktoken_without_cached_encoding_is_not_used(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    calls: list[str] = []
-    monkeypatch.setitem(sys.modules, "tiktoken", fake_tiktoken(calls))
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
-    assert tokens._offline_tiktoken() is None
-    assert calls == []  # get_encoding (which would download) was never called
-
-
-@pytest.mark.parametrize("corrupt", [True, False])
-def test_tiktoken_with_corrupt_or_disabled_cache_is_not_used(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, corrupt: bool
-) -> None:
-    calls: list[str] = []
-    monkeypatch.setitem(sys.modules, "tiktoken", fake_tiktoken(calls))
-    (tmp_path / hashlib.sha1(tokens._TIKTOKEN_URL.encode()).hexdigest()).write_bytes(b"truncated")
-    if corrupt:  # tiktoken would delete it and download again
-        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
-    else:  # "" disables tiktoken's cache even if another variable points at a good one
-        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
-        monkeypatch.setenv("DATA_GYM_CACHE_DIR", str(tmp_path))
-        monkeypatch.setattr(tokens, "_TIKTOKEN_SHA256", hashlib.sha256(b"truncated").hexdigest())
-    assert tokens._offline_tiktoken() is None
-    assert calls == []
-
-
-def test_tiktoken_with_cached_encoding_is_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    calls: list[str] = []
-    monkeypatch.setitem(sys.modules, "tiktoken", fake_tiktoken(calls))
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
-    (tmp_path / hashlib.sha1(tokens._TIKTOKEN_URL.encode()).hexdigest()).write_bytes(b"cached")
-    monkeypatch.setattr(tokens, "_TIKTOKEN_SHA256", hashlib.sha256(b"cached").hexdigest())
-    counter = tokens._offline_tiktoken()
-    assert counter is not None
-    assert calls == ["cl100k_base"]
-    monkeypatch.setattr(tokens, "_encoder", counter)
-    assert estimate_text_tokens("one two three") == 3
-    body = {"messages": [{"role": "user", "content": "one two"}]}
-    assert estimate_request_tokens("/v1/chat/completions", body) == R + M + 2
+def test_the_estimate_is_the_cost_estimators_heuristic() -> None:
+    body = {"messages": [{"role": "user", "content": "\u00e9t\u00e9 \u4e2d\u6587"}]}
+    assert estimate_request_tokens(CHAT, body) == PromptTokens(CHAT, HEURISTIC).count(body)
+    assert estimate_text_tokens("\u4e2d\u6587") == 2  # UTF-8 bytes / 4: six bytes
