@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from airflow_openai_batch.compat import BaseOperator, task_state_store
+from airflow_openai_batch.core.cost import token_count_mode
 from airflow_openai_batch.core.job import Attempt, CreateSpec, Job
 from airflow_openai_batch.core.job import Chunk as JobChunk
 from airflow_openai_batch.core.jsonl import iter_lines
@@ -72,6 +73,8 @@ OWN_METADATA_KEYS = (
 TABLE_SOURCE_XCOM = "table_source"
 #: ``input_format`` values: ``None`` tells a table from a JSONL file by its name (or a folder).
 INPUT_FORMATS: tuple[str, ...] = ("jsonl", *TABLE_FORMATS)
+#: The XCom key of the cost estimate made before upload (contract).
+COST_ESTIMATE_XCOM = "cost_estimate"
 #: Batches older than this are never reused: their input files may have expired at OpenAI.
 MAX_REUSE_AGE_SECONDS = 30 * 86400
 
@@ -215,6 +218,21 @@ def open_requests_table(source: Any, input_format: str | None = None) -> TableIn
     return TableInput(local, format=input_format, uri=local)
 
 
+def _usd_cap(name: str, value: Any) -> float | None:
+    """A budget cap in USD (a templated one arrives as a string), or ``None``; anything else is an error."""
+    if value is None or value == "":
+        return None
+    try:
+        cap = float(value)
+    except (TypeError, ValueError):
+        cap = -1.0
+    if isinstance(value, bool) or not cap >= 0:
+        raise OpenAIBatchInputError(
+            [InputProblem(None, name, f"must be a number of USD >= 0, got {value!r}")]
+        )
+    return cap
+
+
 class OpenAIBatchSubmitOperator(BaseOperator):
     """Validate, split, upload and create OpenAI batches from a JSONL file or a list of requests.
 
@@ -253,7 +271,23 @@ class OpenAIBatchSubmitOperator(BaseOperator):
     :param input_expires_after: seconds after upload when OpenAI deletes the input files (3,600 to
         2,592,000; default OpenAI's 30 days). Re-created batches and retry rounds read the input file
         again, so it must outlive the last retry round.
-    :param max_enqueued_tokens: cut batches so none holds more estimated prompt tokens than this.
+    :param max_enqueued_tokens: cut batches so none holds more prompt tokens than this (counted exactly
+        with the ``[tokens]`` extra, else estimated).
+    :param response_schema: a Pydantic model class or a JSON Schema dict (``{"name", "schema"}`` or a bare
+        schema), made strict-mode compatible and put into every line without a format of its own: chat
+        completions ``response_format``, responses ``text.format``. Lines that keep their own format are
+        counted in the log; any other endpoint is an input error before upload.
+    :param max_cost_usd: raise :class:`~airflow_openai_batch.exceptions.OpenAIBatchBudgetError` before
+        anything is uploaded when the estimate's upper bound (input, plus every line's output cap, or the
+        model's output limit for a line without one) is above this many USD at batch prices.
+    :param max_cost_usd_expected: the same for the expected cost (input plus a typical answer per line),
+        for jobs whose outputs are unbounded.
+    :param exact_token_count: count every line's prompt tokens with OpenAI's encoding (``[tokens]``
+        extra). ``None`` (default): exactly when a cap (``max_cost_usd``, ``max_cost_usd_expected``,
+        ``max_enqueued_tokens``) depends on it, else one line in 32 is counted and the rest estimated by
+        bytes. The estimate is logged and pushed as XCom ``cost_estimate`` either way.
+    :param prices: per-model price overrides for the estimate ``{model: {"input", "output", ...}}`` in USD
+        per 1M tokens at batch prices, or a JSON file path (see the collect operator's ``prices``).
     :param conn_id: the ``openai_batch`` connection.
     :return: the batch ids, in chunk order. The job (every chunk, its input file and batch) is pushed as
         XCom ``job``: a chunk whose create call was refused for enqueued-token capacity (Azure) has no
@@ -274,6 +308,8 @@ class OpenAIBatchSubmitOperator(BaseOperator):
         "max_bytes_per_batch",
         "max_enqueued_tokens",
         "input_expires_after",
+        "max_cost_usd",
+        "max_cost_usd_expected",
     )
     template_fields_renderers = {"metadata": "json", "requests": "json", "body": "json"}
     operator_extra_links = (OpenAIBatchLink(), OpenAIBatchesPageLink())
@@ -300,6 +336,11 @@ class OpenAIBatchSubmitOperator(BaseOperator):
         body: Mapping[str, Any] | None = None,
         request_builder: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
         on_null: str = "error",
+        response_schema: Any = None,
+        max_cost_usd: float | None = None,
+        max_cost_usd_expected: float | None = None,
+        exact_token_count: bool | None = None,
+        prices: Mapping[str, Mapping[str, float]] | str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -323,6 +364,11 @@ class OpenAIBatchSubmitOperator(BaseOperator):
         self.max_enqueued_tokens = max_enqueued_tokens
         self.input_expires_after = input_expires_after
         self.conn_id = conn_id
+        self.response_schema = response_schema
+        self.max_cost_usd = max_cost_usd
+        self.max_cost_usd_expected = max_cost_usd_expected
+        self.exact_token_count = exact_token_count
+        self.prices = prices
 
     @cached_property
     def hook(self) -> OpenAIBatchHook:
@@ -341,6 +387,7 @@ class OpenAIBatchSubmitOperator(BaseOperator):
                 len(prepared.chunks),
                 endpoint,
             )
+            self._check_cost(context, prepared)
             submitter = _ChunkSubmitter(self, context, endpoint, user_metadata, len(prepared.chunks))
             job = Job(chunks=[submitter.submit(chunk) for chunk in prepared.chunks])
         context["ti"].xcom_push(key="job", value=job.to_dict())
@@ -352,13 +399,21 @@ class OpenAIBatchSubmitOperator(BaseOperator):
 
     def _prepare(self, endpoint: str, work_dir: Path) -> PreparedInput:
         # Templated limits arrive as strings ("{{ params.x }}"): coerce once, here.
+        self.max_cost_usd = _usd_cap("max_cost_usd", self.max_cost_usd)
+        self.max_cost_usd_expected = _usd_cap("max_cost_usd_expected", self.max_cost_usd_expected)
+        max_enqueued_tokens = int(self.max_enqueued_tokens) if self.max_enqueued_tokens else None
         limits: dict[str, Any] = {
             "endpoint": endpoint,
             "work_dir": work_dir,
             "model": self.model or None,
             "max_requests_per_batch": int(self.max_requests_per_batch),
             "max_bytes_per_batch": int(self.max_bytes_per_batch),
-            "max_enqueued_tokens": int(self.max_enqueued_tokens) if self.max_enqueued_tokens else None,
+            "max_enqueued_tokens": max_enqueued_tokens,
+            "response_schema": self.response_schema,
+            "token_count": token_count_mode(
+                self.exact_token_count, self.max_cost_usd, self.max_cost_usd_expected, max_enqueued_tokens
+            ),
+            "prices": self.prices,
         }
         if isinstance(self.requests, (list, tuple)):
             self._refuse_table_params("a list of requests")
@@ -371,6 +426,21 @@ class OpenAIBatchSubmitOperator(BaseOperator):
         self._refuse_table_params(f"{self.requests} (read as JSONL)")
         with open_requests_file(self.requests) as stream:
             return prepare_from_lines(iter_lines(stream), **limits)
+
+    def _check_cost(self, context: Context, prepared: PreparedInput) -> None:
+        """Log the structured-answer count and the cost estimate, push it, and hold it to the caps."""
+        if self.response_schema is not None:
+            self.log.info(
+                "response_schema put into %s requests; %s kept a format of their own",
+                f"{prepared.total_requests - prepared.own_formats:,}",
+                f"{prepared.own_formats:,}",
+            )
+        estimate = prepared.cost
+        if estimate is None:
+            return
+        self.log.info("%s", estimate.table())
+        context["ti"].xcom_push(key=COST_ESTIMATE_XCOM, value=estimate.to_dict())
+        estimate.check_budget(self.max_cost_usd, self.max_cost_usd_expected)
 
     def _prepare_table(self, table: TableInput, limits: dict[str, Any]) -> PreparedInput:
         from airflow_openai_batch.core.tables import prepare_from_table
