@@ -3,8 +3,9 @@ back to their rows.
 
 - Lines: a 1M-row Parquet table (ticket id, two text columns and two more) and a prompt template over
   the two text columns, against a bare ``ParquetFile.iter_batches`` scan of the same file (every column):
-  the issue's target is >= 0.3x its rows/s, peak RSS < 300 MB. The lines fed on into the current prepare
-  (validation, chunk files) are shown too.
+  the lines alone, and the submit operator's prep of the table (``prepare_from_table``: the lines through
+  the one validator and splitter into chunk files), whose target is the issue's: >= 0.3x the scan's
+  rows/s, peak RSS < 300 MB.
 - Join: ``answers.parquet`` for a 200k-row table from the collect's result files (Parquet and JSONL),
   against the plain collect of the same batch, and against the same join in DuckDB SQL.
 
@@ -166,12 +167,21 @@ def lines_ours(path: str) -> dict[str, Any]:
 
 
 def lines_prepared(path: str, work_dir: str) -> dict[str, Any]:
-    """The lines through the current prepare: validated and split into chunk files."""
-    from airflow_openai_batch.core.prepare import prepare_from_lines
+    """The submit operator's prep of a table: ``prepare_from_table``, the call its ``_prepare`` makes for a
+    local table (rows -> lines -> the one validator and splitter -> chunk files)."""
+    from airflow_openai_batch.core.tables import TableInput, prepare_from_table
 
-    requests = _requests(path)
-    prepared = prepare_from_lines(requests.lines(), endpoint=CHAT, work_dir=work_dir)
-    result = {"rows": prepared.total_requests, "chunks": len(prepared.chunks)}
+    prepared, source = prepare_from_table(
+        TableInput(path),
+        endpoint=CHAT,
+        work_dir=work_dir,
+        id_column="ticket_id",
+        prompt=TEMPLATE,
+        system_prompt=SYSTEM,
+        body={"max_completion_tokens": 50, "temperature": 0},
+        model="gpt-4o-mini",
+    )
+    result = {"rows": source.row_count, "requests": prepared.total_requests, "chunks": len(prepared.chunks)}
     prepared.cleanup()
     return result
 
@@ -297,6 +307,9 @@ def bench(run: Any, rows: int, join_rows: int) -> list[Row]:
         {
             "tables-scan-bare": _case("scan_bare", path=str(path)),
             "tables-lines": _case("lines_ours", path=str(path)),
+            "tables-lines-prepared": _case(
+                "lines_prepared", path=str(path), work_dir=str(run.tmp / "tables-prep")
+            ),
         },
         rounds=max(run.repeat, 3),
     )
@@ -329,19 +342,33 @@ def bench(run: Any, rows: int, join_rows: int) -> list[Row]:
             goal_value=lambda v: v < 300,
         )
     )
-    prepared = run.best(
-        "tables-lines-prepared",
-        _case("lines_prepared", path=str(path), work_dir=str(run.tmp / "tables-prep")),
-    )
+    prepared = timed["tables-lines-prepared"]
+    if prepared["requests"] != rows:
+        raise RuntimeError(f"tables: {prepared['requests']} requests prepared, expected {rows}")
+    case = f"Submit prep of a table, {rows:,} rows (prepare_from_table: lines, validation, chunk files)"
     result.append(
         Row(
-            "  same, + the current prepare (validate, chunk files)",
+            case,
             "rows/s",
             rows / prepared["seconds"],
             BARE_SCAN,
             rows / bare["seconds"],
-            target="(info)",
-            note=f"peak RSS {prepared['peak_rss_mb']:.0f} MB",
+            target=">= 0.30x",
+            goal=lambda r: r >= 0.3,
+            note=f"{prepared['chunks']} chunk files; CPU s: prep {prepared['cpu_seconds']:.2f}, "
+            f"scan {bare['cpu_seconds']:.2f}",
+        )
+    )
+    result.append(
+        Row(
+            case,
+            "peak RSS MB",
+            prepared["peak_rss_mb"],
+            BARE_SCAN,
+            bare["peak_rss_mb"],
+            target="ours < 300 MB",
+            lower_is_better=True,
+            goal_value=lambda v: v < 300,
         )
     )
     path.unlink()
