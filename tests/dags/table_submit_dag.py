@@ -19,7 +19,8 @@ with DAG(
         requests="{{ params.table }}",
         id_column="ticket_id",
         prompt="Run {{ run_id }}. Label this ticket: {text}",
-        system_prompt="You label tickets for {{ dag.dag_id }}.",
+        # A literal brace for Python's format, written so that Jinja leaves it: {{ '{{' }} renders "{{".
+        system_prompt="You label tickets for {{ dag.dag_id }}. Answer {{ '{{' }}\"label\": ...{{ '}}' }}",
         body={"temperature": 0},
         model="gpt-4o-mini",
     )

@@ -296,7 +296,10 @@ def test_dag_test_renders_jinja_and_keeps_format_fields(airflow_db, emulator, tm
     ids = ti.xcom_pull(task_ids="submit")
     lines = uploaded_lines(emulator, ids)
     assert [line["body"]["messages"] for line in lines][2] == [
-        {"role": "system", "content": "You label tickets for openai_batch_table_submit_test."},
+        {
+            "role": "system",
+            "content": 'You label tickets for openai_batch_table_submit_test. Answer {"label": ...}',
+        },
         {"role": "user", "content": f"Run {dag_run.run_id}. Label this ticket: Ticket text 2: naïve café ✓"},
     ]
     source = ti.xcom_pull(task_ids="submit", key=TABLE_SOURCE_XCOM)
