@@ -704,3 +704,136 @@ def test_a_line_is_judged_alike_in_a_clean_block_and_in_a_block_with_a_bad_line(
     alone = lines_named([line("a"), odd], tmp_path / "alone")
     beside = lines_named([line("a"), odd, b"{bad"], tmp_path / "beside")
     assert beside == alone | {3}
+
+
+# -- response schema: put into each line without a format of its own ---------------------------------------
+
+SCHEMA = {
+    "name": "label",
+    "schema": {"type": "object", "properties": {"category": {"type": "string", "enum": ["a", "b"]}}},
+}
+RESP = "/v1/responses"
+
+
+def resp_line(cid: str, **body: Any) -> bytes:
+    b = {"model": "gpt-4o-mini", "input": f"hello {cid}", **body}
+    return orjson.dumps({"custom_id": cid, "method": "POST", "url": RESP, "body": b})
+
+
+def bodies_of(prepared: PreparedInput) -> dict[str, dict[str, Any]]:
+    return {
+        (obj := orjson.loads(x))["custom_id"]: obj["body"] for c in prepared.chunks for x in chunk_lines(c)
+    }
+
+
+@pytest.mark.parametrize("line_by_line", [False, True])
+def test_schema_is_put_into_chat_lines_and_an_own_format_is_kept(tmp_path: Path, line_by_line: bool) -> None:
+    own = {"type": "json_object"}
+    lines = [line("r0"), line("r1", response_format=own), line("r2", max_tokens=5)]
+    if line_by_line:
+        lines.insert(1, b"")  # a blank line: the block is checked line by line
+    lines.append(
+        b'{"body":{"model":"gpt-4o-mini","messages":[]},"custom_id":"r3","method":"POST","url":"%s"}'
+        % CHAT.encode()
+    )
+    prepared = prepare_from_lines(lines, endpoint=CHAT, work_dir=tmp_path, response_schema=SCHEMA)
+    bodies = bodies_of(prepared)
+    expected = {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "label",
+            "strict": True,
+            "schema": {
+                "type": "object",
+                "properties": {"category": {"type": ["string", "null"], "enum": ["a", "b", None]}},
+                "additionalProperties": False,
+                "required": ["category"],
+            },
+        },
+    }
+    for cid in ("r0", "r2", "r3"):
+        assert bodies[cid]["response_format"] == expected, cid
+    assert bodies["r2"]["max_tokens"] == 5 and bodies["r3"]["messages"] == []
+    assert bodies["r1"]["response_format"] == own
+    assert prepared.own_formats == 1
+    # Sizes and digests are those of the lines as written.
+    chunk = prepared.chunks[0]
+    assert chunk.byte_count == chunk.path.stat().st_size
+    assert chunk.sha256 == hashlib.sha256(chunk.path.read_bytes()).hexdigest()
+
+
+def test_schema_goes_into_responses_text_format(tmp_path: Path) -> None:
+    own = {"format": {"type": "text"}}
+    lines = [resp_line("r0"), resp_line("r1", text={"verbosity": "low"}), resp_line("r2", text=own)]
+    prepared = prepare_from_lines(lines, endpoint=RESP, work_dir=tmp_path, response_schema=SCHEMA)
+    bodies = bodies_of(prepared)
+    fmt = bodies["r0"]["text"]["format"]
+    assert (fmt["type"], fmt["name"], fmt["strict"]) == ("json_schema", "label", True)
+    assert bodies["r1"]["text"] == {"verbosity": "low", "format": fmt}
+    assert bodies["r2"]["text"] == own
+    assert prepared.own_formats == 1
+
+
+def test_schema_from_records_and_a_pydantic_model(tmp_path: Path) -> None:
+    from pydantic import BaseModel
+
+    class Ticket(BaseModel):
+        category: str
+        urgent: bool
+
+    prepared = prepare_from_records(
+        [req("a"), req("b")], endpoint=CHAT, work_dir=tmp_path, response_schema=Ticket
+    )
+    for body in bodies_of(prepared).values():
+        spec = body["response_format"]["json_schema"]
+        assert spec["name"] == "Ticket" and spec["schema"]["required"] == ["category", "urgent"]
+
+
+@pytest.mark.parametrize("endpoint", [EMB, "/v1/completions", "/v1/moderations"])
+def test_schema_for_an_endpoint_without_structured_answers_is_an_error(tmp_path: Path, endpoint: str) -> None:
+    with pytest.raises(OpenAIBatchInputError) as info:
+        prepare_from_lines([emb_line("e", "x")], endpoint=endpoint, work_dir=tmp_path, response_schema=SCHEMA)
+    assert "response_schema" in str(info.value) and endpoint in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_schema_bytes_count_against_the_line_limit(tmp_path: Path) -> None:
+    raw = line("r0")
+    limit = len(raw) + 20  # the line fits, the line with the schema does not
+    assert prepare_from_lines([raw], endpoint=CHAT, work_dir=tmp_path / "a", max_bytes_per_batch=limit)
+    p = only_problem(fail([raw], tmp_path / "b", max_bytes_per_batch=limit, response_schema=SCHEMA))
+    assert p.line == 1 and "max_bytes_per_batch" in p.reason
+
+
+# -- the cost estimate -----------------------------------------------------------------------------------
+
+
+def test_estimate_is_always_made_with_caps_and_unbounded_lines(tmp_path: Path) -> None:
+    lines = [line(f"r{i}", max_completion_tokens=100) for i in range(70)]
+    lines[4] = line("r4")  # line 5 sets no cap
+    lines[40] = line("r40", max_tokens=7, n=2)
+    prepared = prepare_from_lines(lines, endpoint=CHAT, work_dir=tmp_path, max_requests_per_batch=50)
+    cost = prepared.cost
+    assert cost is not None and [c.requests for c in cost.chunks] == [50, 20]
+    assert "1 line in 32" in cost.counter
+    assert cost.unbounded_requests == 1 and cost.unbounded_lines() == [5]
+    limit = cost.model_limits["gpt-4o-mini"]
+    assert limit and cost.chunks[0].output_tokens_max == 48 * 100 + 7 * 2 + limit
+    assert cost.chunks[1].output_tokens_max == 20 * 100
+    # Every chunk's prompt estimate is in the chunk log's figure, and none is zero.
+    assert [c.estimated_tokens for c in prepared.chunks] == [c.input_tokens for c in cost.chunks]
+    assert all(c.estimated_tokens > 0 for c in prepared.chunks)
+
+
+def test_exact_count_counts_every_line(tmp_path: Path) -> None:
+    lines = [line(f"r{i}", max_completion_tokens=10) for i in range(40)]
+    exact = prepare_from_lines(lines, endpoint=CHAT, work_dir=tmp_path / "e", token_count="exact")
+    assert exact.cost is not None and exact.cost.counter == "o200k_base"
+    # "hello rN": 3 + 4 per request and message, and the text's own tokens.
+    body = orjson.loads(lines[0])["body"]
+    from airflow_openai_batch.core.cost import O200K_BASE, PromptTokens, exact_counter
+
+    counter = exact_counter(O200K_BASE)
+    assert counter is not None
+    expected = PromptTokens(CHAT, counter).count_many([orjson.loads(x)["body"] for x in lines])
+    assert exact.cost.input_tokens == sum(expected) and expected[0] == PromptTokens(CHAT, counter).count(body)
