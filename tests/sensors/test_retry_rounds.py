@@ -26,8 +26,9 @@ def request(i: int) -> dict:
 def test_an_expired_batch_and_5xx_lines_end_with_every_request_succeeded(
     airflow_db, emulator, tmp_path: Path
 ) -> None:
-    from airflow.dag_processing.dagbag import DagBag
     from airflow.utils.state import DagRunState
+
+    from tests.support.airflow_versions import DagBag
 
     emulator.configure(expire_next_batches=1, failure_rate=0.05, failure_kinds=("500",), seed=11)
     requests = write_jsonl(tmp_path / "in.jsonl", [request(i) for i in range(REQUESTS)])

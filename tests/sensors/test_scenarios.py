@@ -215,7 +215,7 @@ def sensor_factory(scenario: Scenario, clock: SimClock, interference: Interferen
 
 
 def run_trigger(deferred: TaskDeferred, clock: SimClock) -> dict[str, Any]:
-    from airflow.sdk.module_loading import import_string
+    from airflow.providers.common.compat.module_loading import import_string
 
     classpath, kwargs = deferred.trigger.serialize()
     trigger = import_string(classpath)(**json.loads(json.dumps(kwargs)))
