@@ -741,52 +741,21 @@ class TableRequests:
         )
 
 
-def prepare_from_table(
-    table: TableInput,
-    *,
-    endpoint: str,
-    work_dir: Path | str,
-    id_column: str,
-    prompt: str | None = None,
-    system_prompt: str | None = None,
-    body: Mapping[str, Any] | None = None,
-    model: str | None = None,
-    request_builder: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
-    on_null: str = "error",
-    **limits: Any,
-) -> tuple[PreparedInput, TableSource]:
+def prepare_from_table(requests: TableRequests, **prepare_args: Any) -> tuple[PreparedInput, TableSource]:
     """A table's rows validated and split into chunk files: what the submit operator does with a table.
 
-    The rows become lines (:class:`TableRequests`) and the lines go through
-    :func:`~airflow_openai_batch.core.prepare.prepare_from_lines`, the validator and splitter a JSONL
-    file goes through. Problems the line validator finds (a duplicate id, a body too large) are named by
-    row: a table's line *n* is its row *n*.
+    The rows' lines go through :func:`~airflow_openai_batch.core.prepare.prepare_from_lines`, the
+    validator and splitter a JSONL file goes through. Problems the line validator finds (a duplicate
+    id, a body too large) are named by row: a table's line *n* is its row *n*.
 
-    :param table: the table.
-    :param endpoint: the batch endpoint.
-    :param work_dir: where the chunk files are written.
-    :param id_column: see :class:`TableRequests`, as are ``prompt``, ``system_prompt``, ``body``,
-        ``model``, ``request_builder`` and ``on_null``.
-    :param limits: passed on to ``prepare_from_lines`` (``max_requests_per_batch``, ...).
+    :param requests: the table's request lines.
+    :param prepare_args: ``prepare_from_lines``'s keyword arguments (``endpoint``, ``work_dir``,
+        ``model``, the limits...): the same as for a JSONL file.
     :return: the prepared chunks, and where the table is (for collect to join the answers back).
-    :raises OpenAIBatchInputError: the parameters do not fit the table, or rows are invalid; nothing is
-        kept in ``work_dir`` then.
+    :raises OpenAIBatchInputError: rows are invalid; nothing is kept in ``work_dir`` then.
     """
-    requests = TableRequests(
-        table,
-        endpoint=endpoint,
-        id_column=id_column,
-        prompt=prompt,
-        system_prompt=system_prompt,
-        body=body,
-        model=model,
-        request_builder=request_builder,
-        on_null=on_null,
-    )
     try:
-        prepared = prepare_from_lines(
-            requests.lines(), endpoint=endpoint, work_dir=work_dir, model=model, **limits
-        )
+        prepared = prepare_from_lines(requests.lines(), **prepare_args)
     except OpenAIBatchInputError as err:
         if all(p.unit == "row" for p in err.problems):
             raise

@@ -443,18 +443,21 @@ class OpenAIBatchSubmitOperator(BaseOperator):
         estimate.check_budget(self.max_cost_usd, self.max_cost_usd_expected)
 
     def _prepare_table(self, table: TableInput, limits: dict[str, Any]) -> PreparedInput:
-        from airflow_openai_batch.core.tables import prepare_from_table
+        from airflow_openai_batch.core.tables import TableRequests, prepare_from_table
 
-        prepared, self._table_source = prepare_from_table(
+        requests = TableRequests(
             table,
+            endpoint=limits["endpoint"],
             id_column=self.id_column or "",
             prompt=self.prompt,
             system_prompt=self.system_prompt,
             body=self.body,
+            model=limits["model"],
             request_builder=self.request_builder,
             on_null=self.on_null,
-            **limits,
         )
+        # The same arguments as a JSONL file's prepare_from_lines call: one path into the splitter.
+        prepared, self._table_source = prepare_from_table(requests, **limits)
         self.log.info(
             "Table %s (%s): %s rows -> requests, custom_id from column %r",
             self._table_source.uri,

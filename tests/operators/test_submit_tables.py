@@ -185,6 +185,29 @@ def test_a_request_builder_makes_each_body(emulator, make_context, tmp_path) -> 
     }
 
 
+def test_a_response_schema_reaches_every_row_and_the_cost_estimate_counts_them(
+    emulator, make_context, tmp_path
+) -> None:
+    from pydantic import BaseModel
+
+    class Label(BaseModel):
+        label: str
+
+    path = write_table(tmp_path / "t.parquet", tickets(4))
+    ids, xcoms = submit(
+        make_context,
+        requests=str(path),
+        id_column="ticket_id",
+        prompt="{text}",
+        model="gpt-4o-mini",
+        response_schema=Label,
+    )
+    formats = [line["body"]["response_format"] for line in uploaded_lines(emulator, ids)]
+    assert len(formats) == 4 and all(f["type"] == "json_schema" for f in formats)
+    assert formats[0]["json_schema"]["schema"]["properties"] == {"label": {"type": "string"}}
+    assert "cost_estimate" in xcoms and xcoms[TABLE_SOURCE_XCOM]["row_count"] == 4
+
+
 # -- object storage ------------------------------------------------------------------------------------
 
 
