@@ -143,6 +143,18 @@ def test_a_folder_of_parquet_parts_reads_in_path_order(emulator, make_context, t
     assert xcoms[TABLE_SOURCE_XCOM]["row_count"] == 6
 
 
+def test_a_file_uri_is_opened_through_object_storage(emulator, make_context, tmp_path) -> None:
+    path = write_table(tmp_path / "t.parquet", tickets(2))
+    ids, xcoms = submit(
+        make_context, requests=f"file://{path}", id_column="ticket_id", prompt="{subject}", model="m"
+    )
+    assert [line["body"]["messages"][0]["content"] for line in uploaded_lines(emulator, ids)] == [
+        "Subject 0",
+        "Subject 1",
+    ]
+    assert xcoms[TABLE_SOURCE_XCOM]["uri"] == f"file://{path}"
+
+
 def test_input_format_says_a_file_without_a_suffix_is_a_table(emulator, make_context, tmp_path) -> None:
     path = tmp_path / "drop-csv"
     write_table(path, tickets(2))
