@@ -466,8 +466,6 @@ def _response_dict(response: _Response) -> dict[str, Any]:
 
 def _decode_block(block: bytes, lines: int) -> list[_ResultLine] | None:
     """The ``lines`` lines of ``block``, decoded in one call; ``None`` unless every one fits the view."""
-    if block.startswith(b"\n") or b"\n\n" in block:
-        return None  # blank lines, which decoding would skip: line numbers must stay right
     try:
         results = _RESULT_LINES.decode_lines(block)
         if not block.isascii():

@@ -49,7 +49,7 @@ PARQUET_ROW_GROUP_BYTES = 4 * 1024 * 1024
 #: Bytes of one buffered row besides its body, content and vectors (tuple, small objects).
 _ROW_OVERHEAD = 256
 #: JSONL bytes gathered before one write call.
-_WRITE_BYTES = 1 << 20
+_WRITE_BYTES = 256 << 10
 
 _Raw = msgspec.Raw
 
