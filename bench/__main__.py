@@ -242,6 +242,26 @@ def _prep_variants(
         )
     )
     rnd.unlink()
+    # Exact prompt-token counting on (a budget cap, max_enqueued_tokens, or exact_token_count=True).
+    timed = run.best_interleaved(
+        {
+            f"prep-ours-{lines}-exact": _case("prep_ours_exact", path=str(path), work_dir=out),
+            f"prep-bare-{lines}-exact": _case("prep_bare", path=str(path), work_dir=out),
+        },
+        rounds=run.repeat,
+    )
+    exact, bare_e = timed[f"prep-ours-{lines}-exact"], timed[f"prep-bare-{lines}-exact"]
+    rows.append(
+        Row(
+            "  same, exact prompt-token counting on (o200k_base, toktok-rs)",
+            "MB/s",
+            mb / exact["seconds"],
+            BARE_PREP,
+            mb / bare_e["seconds"],
+            target="(info)",
+            note=f"peak RSS {exact['peak_rss_mb']:.0f} MB",
+        )
+    )
     # Ablation: every block checked line by line (the diagnosis path), as if no block decode existed.
     one_by_one = run.best(
         f"prep-ours-{lines}-line-by-line", _case("prep_ours_line_by_line", path=str(path), work_dir=out)

@@ -32,6 +32,22 @@ def prep_ours(path: str, work_dir: str) -> dict[str, Any]:
     return result
 
 
+def prep_ours_exact(path: str, work_dir: str) -> dict[str, Any]:
+    """:func:`prep_ours` with every line's prompt tokens counted exactly (``exact_token_count=True`` at
+    submit; what a budget cap or ``max_enqueued_tokens`` turns on)."""
+    from airflow_openai_batch.core.jsonl import iter_lines
+    from airflow_openai_batch.core.prepare import prepare_from_lines
+
+    with open(path, "rb") as stream:
+        prepared = prepare_from_lines(
+            iter_lines(stream), endpoint=CHAT, work_dir=work_dir, token_count="exact"
+        )
+    assert prepared.cost is not None and prepared.cost.counter != "utf8/4", prepared.cost.counter
+    result = {"requests": prepared.total_requests, "chunks": len(prepared.chunks)}
+    prepared.cleanup()
+    return result
+
+
 def prep_ours_line_by_line(path: str, work_dir: str) -> dict[str, Any]:
     """:func:`prep_ours` with the block decode off: every line goes through the diagnosis (an ablation)."""
     from airflow_openai_batch.core.requests import RequestRules
@@ -204,6 +220,7 @@ def collect_naive(folder: str, work_dir: str, output_format: str) -> dict[str, A
 CASES = {
     "prep_ours": prep_ours,
     "prep_ours_line_by_line": prep_ours_line_by_line,
+    "prep_ours_exact": prep_ours_exact,
     "prep_bare": prep_bare,
     "prep_naive": prep_naive,
     "collect_ours": collect_ours,

@@ -16,7 +16,7 @@ stream -> validate -> split -> chunk files:
 - Lines that need no change are written byte for byte, a whole block in one write where it fits.
 - Cost (:class:`~airflow_openai_batch.core.cost.CostEstimator`): each chunk sums its lines' output caps
   and, when every line's prompt is counted (exact counting, or ``max_enqueued_tokens``), their prompt
-  tokens; otherwise one line in :data:`~airflow_openai_batch.core.cost.SAMPLE_EVERY` of each block is
+  tokens; otherwise one line in :data:`_SAMPLE_EVERY` of each block is
   counted and the chunks' bytes are scaled by what those lines weigh. The estimate is always made.
 - A response schema (:mod:`~airflow_openai_batch.core.schema`) is put into each line that has no format
   of its own, before the lines are measured.
@@ -42,7 +42,6 @@ import orjson
 
 from airflow_openai_batch.core.cost import (
     KEEP_LINES,
-    SAMPLE_EVERY,
     CostEstimate,
     CostEstimator,
     PriceTable,
@@ -76,6 +75,10 @@ __all__ = [
 #: Lines given one by one (not as raw blocks) are taken in blocks of about this many bytes, or lines.
 _BLOCK_BYTES = 1 << 20
 _BLOCK_LINES = 8192
+#: One line in this many of each block has its prompt counted for the default (sampled) estimate: a few
+#: hundred lines per 100k give a chunk's tokens per byte, at ~1 % of the prep time (cost's own default, 32,
+#: costs ~10 %).
+_SAMPLE_EVERY = 256
 #: A limit that is off: never reached.
 _UNLIMITED = 1 << 62
 
@@ -289,10 +292,11 @@ class _OpenChunk:
             if room > 0:
                 numbers = run.numbers
                 self.unbounded_lines += [numbers[start + i] for i, c in enumerate(caps) if c is None][:room]
-        sizes = list(map(len, run.lines[start:stop]))
-        size = max(sizes) + 1
-        if size > self.largest[0]:
-            self.largest = (size, run.numbers[start + sizes.index(size - 1)])
+        lines = run.lines
+        longest = max(map(len, lines[start:stop]))
+        if longest + 1 > self.largest[0]:
+            at = next(i for i in range(start, stop) if len(lines[i]) == longest)
+            self.largest = (longest + 1, run.numbers[at])
 
 
 class _Splitter:
@@ -452,11 +456,11 @@ class _Preparer:
                 self._sample(valid, numbers)
 
     def _sample(self, valid: ValidLines, numbers: range | list[int]) -> None:
-        """Count the prompt of one line in SAMPLE_EVERY for the estimate (when lines are not all counted):
+        """Count the prompt of one line in _SAMPLE_EVERY for the estimate (when lines are not all counted):
         a chunk's prompt tokens are its bytes times what its model's sampled lines weigh per byte."""
         models = valid.models
         sample = self.estimator.sample
-        for index in range(0, len(valid.lines), SAMPLE_EVERY):
+        for index in range(0, len(valid.lines), self.estimator.sample_every):
             line = valid.lines[index]
             model = models if isinstance(models, str) else models[index]
             sample(model, numbers[index], len(line) + 1, orjson.loads(line)["body"])
@@ -537,7 +541,10 @@ def _prepare(
         token_count if token_count is not None else token_count_mode(max_enqueued_tokens=max_enqueued_tokens)
     )
     estimator = CostEstimator(
-        normalized, prices=prices if isinstance(prices, PriceTable) else PriceTable.load(prices), count=mode
+        normalized,
+        prices=prices if isinstance(prices, PriceTable) else PriceTable.load(prices),
+        count=mode,
+        sample_every=_SAMPLE_EVERY,
     )
     rules = RequestRules(
         normalized,
@@ -652,7 +659,7 @@ def prepare_from_lines(
         responses line without a format of its own; ``None``: lines are left as they are.
     :param token_count: how the cost estimate counts prompt tokens: ``"exact"`` (every line, with
         OpenAI's encoding when the ``[tokens]`` extra is installed) or ``"sampled"`` (one line in
-        :data:`~airflow_openai_batch.core.cost.SAMPLE_EVERY`, scaled by bytes); ``None``: exact when
+        256 of each block, scaled by bytes); ``None``: exact when
         ``max_enqueued_tokens`` is set (see :func:`~airflow_openai_batch.core.cost.token_count_mode`).
     :param prices: price overrides for the estimate (see
         :meth:`~airflow_openai_batch.core.cost.PriceTable.load`), or a price table.
@@ -743,7 +750,7 @@ def prepare_from_records(
         responses line without a format of its own; ``None``: lines are left as they are.
     :param token_count: how the cost estimate counts prompt tokens: ``"exact"`` (every line, with
         OpenAI's encoding when the ``[tokens]`` extra is installed) or ``"sampled"`` (one line in
-        :data:`~airflow_openai_batch.core.cost.SAMPLE_EVERY`, scaled by bytes); ``None``: exact when
+        256 of each block, scaled by bytes); ``None``: exact when
         ``max_enqueued_tokens`` is set (see :func:`~airflow_openai_batch.core.cost.token_count_mode`).
     :param prices: price overrides for the estimate (see
         :meth:`~airflow_openai_batch.core.cost.PriceTable.load`), or a price table.

@@ -45,6 +45,7 @@ from airflow_openai_batch.core.cost import (
     PromptTokens,
     output_cap_fields,
     output_cap_of_struct,
+    output_cap_reader,
 )
 from airflow_openai_batch.core.schema import SchemaInjector
 from airflow_openai_batch.core.tokens import count_inputs
@@ -254,6 +255,11 @@ class RequestRules:
         self.fields = self._field_rules()
         self._decoder = msgspec.json.Decoder(_request_struct(self.fields))
         self._cap_of = output_cap_of_struct(self.endpoint)
+        self._cap_rule = output_cap_reader(self.endpoint)
+        self._cap_fields = output_cap_fields(self.endpoint)
+        #: The cap fields of a decoded body, read in C (a tuple when there are several).
+        #: Each cap field of a decoded body, read in C.
+        self._cap_readers = [operator.attrgetter(name) for name in self._cap_fields]
         if prompt_tokens is None and max_tokens is not None:
             heuristic = PromptTokens(self.endpoint, HEURISTIC)
             prompt_tokens = lambda model: heuristic  # noqa: E731 - one counter whatever the model
@@ -364,7 +370,11 @@ class RequestRules:
         if sys.getrecursionlimit() > MAX_JSON_NESTING and any(map(_too_deep, lines)):
             return None
         models: str | list[str]
-        distinct = set(map(_model_of, requests))
+        bodies = list(map(_body_of, requests))
+        alike = bool(bodies) and bodies.count(bodies[0]) == len(bodies)
+        # The usual block: every body decodes alike (one model named on every line, one template's caps),
+        # found in one C-level comparison a line (true == 1 there, but the API refuses such a cap anyway).
+        distinct = {bodies[0].model} if alike else set(map(_model_of, requests))
         if len(distinct) == 1 and all(distinct):
             models = distinct.pop()  # the usual case: one model, named on every line
         elif self.fill_model is not None and not all(distinct):
@@ -374,7 +384,7 @@ class RequestRules:
             if len(set(models)) == 1:
                 models = models[0]
         inputs = list(map(count_inputs, map(_input_of, requests))) if self.counts_inputs else None
-        caps = list(map(self._cap_of, map(_body_of, requests)))
+        caps = [self._cap_of(bodies[0])] * len(bodies) if alike else self._caps(bodies)
         own_formats = 0
         if self.schema is not None:
             try:
@@ -405,6 +415,21 @@ class RequestRules:
             caps,
             own_formats=own_formats,
         )
+
+    def _caps(self, bodies: list[Any]) -> list[int | None]:
+        """The output cap of each decoded body. When every cap field holds one value across the block, the
+        rule is applied once (each field read in C into a list of plain values: no tuple per line)."""
+        if not bodies:
+            return []
+        first = []
+        for read in self._cap_readers:
+            values = list(map(read, bodies))
+            head = values[0]
+            # 1 == 1.0 == true: only a plain integer (or nothing) counts as the same value on every line.
+            if (head is not None and type(head) is not int) or values.count(head) != len(values):
+                return list(map(self._cap_of, bodies))
+            first.append(head)
+        return [self._cap_rule(dict(zip(self._cap_fields, first, strict=True)))] * len(bodies)
 
     def _count_prompts(self, models: str | list[str], bodies: list[dict[str, Any]]) -> list[int]:
         """The prompt tokens of each body, counted per model (its encoding), one call per model."""

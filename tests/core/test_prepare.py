@@ -815,7 +815,7 @@ def test_estimate_is_always_made_with_caps_and_unbounded_lines(tmp_path: Path) -
     prepared = prepare_from_lines(lines, endpoint=CHAT, work_dir=tmp_path, max_requests_per_batch=50)
     cost = prepared.cost
     assert cost is not None and [c.requests for c in cost.chunks] == [50, 20]
-    assert "1 line in 32" in cost.counter
+    assert "1 line in 256" in cost.counter
     assert cost.unbounded_requests == 1 and cost.unbounded_lines() == [5]
     limit = cost.model_limits["gpt-4o-mini"]
     assert limit and cost.chunks[0].output_tokens_max == 48 * 100 + 7 * 2 + limit
