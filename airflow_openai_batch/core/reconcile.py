@@ -4,7 +4,9 @@ Every input request ends up in exactly one of two record streams, written to a
 :class:`~airflow_openai_batch.core.writers.RecordSink` as soon as it is known:
 
 - a *success* record for each 2xx result line;
-- a *failure* record for each error line (HTTP 4xx/5xx or non-HTTP ``error``) and for each input
+- a *failure* record for each error line (HTTP 4xx/5xx or non-HTTP ``error``), for each 2xx answer
+  that is not usable (``invalid_output``, ``refusal``, ``truncated``, ``content_filter``: see
+  :class:`~airflow_openai_batch.core.records.RecordBuilder`) and for each input
   request that no result file mentions (``batch_expired`` / ``batch_cancelled`` / ``batch_failed`` /
   ``missing`` according to the batch's final status).
 
@@ -46,7 +48,10 @@ import msgspec
 import orjson
 
 from airflow_openai_batch.core.jsonl import LineIterator
+from airflow_openai_batch.core.media import MediaSink
 from airflow_openai_batch.core.records import RecordBuilder, endpoint_kind, error_fields, usage_counts
+from airflow_openai_batch.core.schema import AnswerSchema, RequestSchemas, StructuredAnswer
+from airflow_openai_batch.core.schema import response_schema as _normalise_schema
 from airflow_openai_batch.core.writers import RecordSink
 from airflow_openai_batch.statuses import BatchStatus
 
@@ -145,8 +150,8 @@ class BatchTally:
     :param failed_by_code: ``{error_code: n}``, adding up to ``failed``.
     :param retried: successes of a batch that is a retry (``attempt > 1``).
     :param skipped: input requests left out because a later attempt answered them (``skip_ids``).
-    :param usage: token sums over the successes (``input_tokens``, ``output_tokens``, ``total_tokens``,
-        ``cached_input_tokens``).
+    :param usage: token sums over the successes and the unusable answers, which are billed too
+        (``input_tokens``, ``output_tokens``, ``total_tokens``, ``cached_input_tokens``).
     :param anomalies: ``{kind: n}`` of the anomalies found in this batch's files.
     """
 
@@ -344,8 +349,18 @@ class _InputIndex:
     :param path: where the copy goes (the caller deletes it).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, endpoint: str | None = None, read_schemas: bool = True) -> None:
         self.path = path
+        self._endpoint = endpoint
+        self._read_schemas = read_schemas
+        self._schemas: RequestSchemas | None = None
+        #: What most requests asked their answer to be (the first line's), and the ids of the requests
+        #: that asked for something else (chat and responses; see :class:`RequestSchemas`).
+        self.default_schema: AnswerSchema | None = None
+        self.schema_by_id: dict[str, AnswerSchema | None] = {}
+        #: The distinct structured schemas asked for (by identity: equal formats share one object).
+        self.asked: dict[int, AnswerSchema] = {}
+        self._schema_known = False
         #: custom_id -> offset of its (first) line in the copy, in file order.
         self.offsets: dict[str, int] = {}
         #: ``(line number, offset)`` of lines without a usable custom_id.
@@ -375,6 +390,7 @@ class _InputIndex:
                     data = b"\n".join([*slab, b""])  # the copy's lines end without CR
                 if self.first_request is None:
                     self.first_request = _first_request(slab)
+                    self._start_schemas()
                 ids = _plain_ids(slab)
                 if ids is not None:
                     # Line i starts after the lines before it and their newlines (zip stops at the last id).
@@ -382,12 +398,53 @@ class _InputIndex:
                     found = dict(zip(ids, starts, strict=False))
                     if len(found) == len(slab) and offsets.keys().isdisjoint(found):  # no id repeated
                         offsets.update(found)
+                        if self._schemas is not None:
+                            self._note_block(data, ids, slab)
                         out.write(data)
                         self._end += len(data)
                         self.requests += len(slab)
                         self._line_no += len(slab)
                         continue
                 self._add_lines(slab, out)
+
+    def _start_schemas(self) -> None:
+        """Read what each request asks its answer to be, for the chat and responses endpoints."""
+        first = self.first_request
+        url = first.get("url") if isinstance(first, dict) else None
+        kind = endpoint_kind(self._endpoint or (url if isinstance(url, str) else None))
+        if self._read_schemas and kind in ("chat", "responses"):
+            self._schemas = RequestSchemas(kind)
+
+    def _note_block(self, data: bytes, ids: list[str], slab: list[bytes]) -> None:
+        """The schemas of a slab's requests: one substring test for a slab that all asks the same."""
+        schemas = self._schemas
+        assert schemas is not None
+        same, schema = schemas.of_block(data, len(slab))
+        if same:
+            self._note(ids, schema)
+        else:
+            for cid, line in zip(ids, slab, strict=True):
+                self._note([cid], schemas.of_line(line))
+
+    def _note(self, ids: list[str], schema: AnswerSchema | None) -> None:
+        if not self._schema_known:
+            self.default_schema = schema
+            self._schema_known = True
+        if schema is not None:
+            self.asked.setdefault(id(schema), schema)
+        if schema is not self.default_schema:
+            self.schema_by_id.update(dict.fromkeys(ids, schema))
+
+    def parsed_schema(self) -> tuple[bool, dict[str, Any] | None]:
+        """``(structured, schema)``: whether any request asked for a format or tools, and the one JSON
+        Schema every such answer is held to (``None`` when there is no single one)."""
+        if not self.asked:
+            return False, None
+        outputs = [
+            s.output.schema if s.output is not None and not s.tools else None for s in self.asked.values()
+        ]
+        first = outputs[0]
+        return True, first if first is not None and all(o == first for o in outputs) else None
 
     def _add_lines(self, slab: list[bytes], out: Any) -> None:
         """The careful path of :meth:`copy`: one line at a time."""
@@ -404,6 +461,8 @@ class _InputIndex:
                 self.invalid.append((self._line_no, self._end))
             elif self.offsets.setdefault(cid, self._end) != self._end:
                 self.repeated.append((cid, self._end, self._line_no))
+            elif self._schemas is not None:
+                self._note([cid], self._schemas.of_line(line))
             out.write(line)
             out.write(b"\n")
             self._end += len(line) + 1
@@ -496,6 +555,8 @@ class _BatchJoin:
         fetch: _RequestFetcher,
         anomalies: _Anomalies,
         skip_ids: AbstractSet[str],
+        answer_schema: AnswerSchema | None = None,
+        media: MediaSink | None = None,
     ) -> None:
         self.sink = sink
         self.tally = tally
@@ -504,8 +565,15 @@ class _BatchJoin:
         self.anomalies = anomalies
         self.skip_ids = skip_ids
         self.build = RecordBuilder(
-            tally.batch_id, endpoint_kind(tally.endpoint), attempt=tally.attempt, raw_json=sink.takes_raw_json
+            tally.batch_id,
+            endpoint_kind(tally.endpoint),
+            attempt=tally.attempt,
+            raw_json=sink.takes_raw_json,
+            media=media,
         )
+        #: What each request asked its answer to be: ``schema_by_id.get(cid, default_schema)``.
+        self.default_schema = answer_schema if answer_schema is not None else index.default_schema
+        self.schema_by_id = {} if answer_schema is not None else index.schema_by_id
         #: The ids no result has answered yet. Taking ids out of a set, rather than out of ``offsets``,
         #: keeps ``offsets`` whole to tell a repeated result from an unknown one.
         self.unanswered = set(index.offsets)
@@ -542,6 +610,8 @@ class _BatchJoin:
         success_record = self.build.success
         write_success = self.sink.write_success
         count = self._count
+        schema_by_id = self.schema_by_id
+        schema = self.default_schema
         succeeded = 0
         for i, result in enumerate(results, line_no + 1):
             cid = result.custom_id
@@ -554,9 +624,19 @@ class _BatchJoin:
             if response is not None and 200 <= response.status_code < 300 and result.error is None:
                 body = response.body
                 view = view_of(body)
-                write_success(success_record(cid, response.status_code, body, view))
-                count(view)
-                succeeded += 1
+                record = success_record(
+                    cid,
+                    response.status_code,
+                    body,
+                    view,
+                    schema_by_id.get(cid, schema) if schema_by_id else schema,
+                )
+                count(view)  # an unusable answer was billed too
+                if type(record) is dict:
+                    write_success(record)
+                    succeeded += 1
+                else:
+                    self._unusable(cid, response.status_code, record)
             else:
                 line = {"response": response and _response_dict(response), "error": result.error}
                 self.fail(cid, *error_fields(line))
@@ -597,11 +677,28 @@ class _BatchJoin:
         if type(status) is int and 200 <= status < 300 and obj.get("error") is None:
             body = msgspec.Raw(orjson.dumps(response.get("body")))
             view = self.build.view(body)
-            self.sink.write_success(self.build.success(cid, status, body, view))
+            record = self.build.success(
+                cid, status, body, view, self.schema_by_id.get(cid, self.default_schema)
+            )
             self._count(view)
-            self.tally.succeeded += 1
+            if type(record) is dict:
+                self.sink.write_success(record)
+                self.tally.succeeded += 1
+            else:
+                self._unusable(cid, status, record)
         else:
             self.fail(cid, *error_fields(obj))
+
+    def _unusable(self, cid: str, status_code: int, answer: StructuredAnswer) -> None:
+        """A 2xx answer that is not usable (``invalid_output``, ``refusal``, ``truncated``,
+        ``content_filter``): a failure holding the answer's text."""
+        self.fail(
+            cid,
+            status_code,
+            answer.error_code or "invalid_output",
+            answer.error_message or "",
+            output=answer.text,
+        )
 
     def _unexpected(self, cid: str, source: str, line_no: int) -> None:
         """A result for an id that is not waiting for one: answered already, by a later attempt, or never
@@ -657,11 +754,13 @@ class _BatchJoin:
         code: str,
         message: str,
         offset: int | None = None,
+        output: str | None = None,
     ) -> None:
-        """Write a failure record (``offset``: of its request line, when not the custom_id's first)."""
+        """Write a failure record (``offset``: of its request line, when not the custom_id's first;
+        ``output``: an unusable answer's text)."""
         request_line = self.fetch(self.index.offsets[custom_id] if offset is None else offset)  # type: ignore[index]
         self.sink.write_failure(
-            self.build.failure(custom_id, status_code, code, message, request_line), request_line
+            self.build.failure(custom_id, status_code, code, message, request_line, output), request_line
         )
         tally = self.tally
         tally.failed += 1
@@ -676,12 +775,31 @@ class Reconciler:
     :param work_dir: a local folder for the per-batch copy of the input file (deleted after each batch).
     :param endpoint: the batch endpoint, for the convenience field; when ``None`` each batch's first input
         line's ``url`` decides.
+    :param response_schema: chat and responses answers are held to this schema (collect's
+        ``response_schema=``) instead of the one each request asked for; ``None``: each request's own.
+    :param media: where images batches' base64 images are written as files (``None``: kept in the body).
     """
 
-    def __init__(self, sink: RecordSink, work_dir: Path, endpoint: str | None = None) -> None:
+    def __init__(
+        self,
+        sink: RecordSink,
+        work_dir: Path,
+        endpoint: str | None = None,
+        *,
+        response_schema: Any = None,
+        media: MediaSink | None = None,
+    ) -> None:
         self.sink = sink
         self.work_dir = Path(work_dir)
         self.endpoint = endpoint
+        self.media = media
+        #: The override, compiled; its JSON Schema fixes the ``parsed`` column.
+        self._answer_schema: AnswerSchema | None = None
+        self._parsed_schema: dict[str, Any] | None = None
+        if response_schema is not None:
+            spec = _normalise_schema(response_schema)
+            self._answer_schema = AnswerSchema.of(spec)
+            self._parsed_schema = spec.schema
         self._tallies: dict[str, BatchTally] = {}
         self._usage_by_model: dict[str, dict[str, int]] = {}
         self._anomalies = _Anomalies()
@@ -707,13 +825,30 @@ class Reconciler:
         status = files.status.value if isinstance(files.status, Enum) else str(files.status)
         tally = BatchTally(batch_id=files.batch_id, status=status, model=files.model, attempt=attempt)
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        index = _InputIndex(self.work_dir / f".input-{uuid.uuid4().hex}.jsonl")
+        index = _InputIndex(
+            self.work_dir / f".input-{uuid.uuid4().hex}.jsonl",
+            self.endpoint,
+            read_schemas=self._answer_schema is None,
+        )
         try:
             index.copy(files.input_lines)
             self._learn_model_and_endpoint(tally, index.first_request)
+            if self._answer_schema is not None:
+                self.sink.parsed_schema(self._parsed_schema)
+            else:
+                structured, schema = index.parsed_schema()
+                if structured:
+                    self.sink.parsed_schema(schema)
             with open(index.path, "rb") as copy:
                 batch = _BatchJoin(
-                    self.sink, tally, index, _RequestFetcher(copy.fileno()), self._anomalies, skip_ids
+                    self.sink,
+                    tally,
+                    index,
+                    _RequestFetcher(copy.fileno()),
+                    self._anomalies,
+                    skip_ids,
+                    self._answer_schema,
+                    self.media,
                 )
                 tally.skipped = len(index.offsets) - len(batch.unanswered)
                 tally.skipped += sum(1 for cid, _, _ in index.repeated if cid in skip_ids)

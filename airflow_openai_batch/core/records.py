@@ -1,13 +1,17 @@
 """What a batch's answers hold, and the one place their records are made (no Airflow import).
 
 - :func:`endpoint_kind` sorts an endpoint into a *kind* (``chat``, ``completions``, ``responses``,
-  ``embeddings``, ``other``).
+  ``embeddings``, ``images``, ``other``).
 - Each kind says, once, where its answer lives in a response body: a typed view of the body (a msgspec
   ``Struct`` naming only the fields read, so decoding skips everything else) and a function that turns
   that view into the success record's convenience fields (``content``, ``embedding``...). A new field or
   a new kind is one more ``Struct`` field and a line in its function (see :data:`_KINDS`).
 - :class:`RecordBuilder` makes every success and failure record of one batch attempt, whichever path
-  the line took through :mod:`airflow_openai_batch.core.reconcile`.
+  the line took through :mod:`airflow_openai_batch.core.reconcile`. For chat and responses it also
+  reads the answer (``finish_reason``, ``tool_calls``, and for a request that asked for a format or
+  offered tools, ``parsed`` or a failure: ``invalid_output``, ``refusal``, ``truncated``,
+  ``content_filter``; see :mod:`airflow_openai_batch.core.schema`). For images it writes each base64
+  image to a file (:mod:`airflow_openai_batch.core.media`) and records the files' URIs.
 
 A body's JSON text is kept as it came (``msgspec.Raw``): a sink that only writes records out (see
 :attr:`airflow_openai_batch.core.writers.RecordSink.takes_raw_json`) gets it as such and never pays for
@@ -28,6 +32,14 @@ from typing import Any
 import msgspec
 import orjson
 
+from airflow_openai_batch.core.media import MediaSink, write_images
+from airflow_openai_batch.core.schema import (
+    AnswerSchema,
+    StructuredAnswer,
+    classify_answer,
+    responses_finish_reason,
+)
+
 __all__ = [
     "RecordBuilder",
     "endpoint_kind",
@@ -41,7 +53,8 @@ Raw = msgspec.Raw
 
 
 def endpoint_kind(endpoint: str | None) -> str:
-    """Classify a batch endpoint: ``chat``, ``completions``, ``responses``, ``embeddings`` or ``other``.
+    """Classify a batch endpoint: ``chat``, ``completions``, ``responses``, ``embeddings``, ``images``
+    (generations and edits) or ``other``.
 
     Accepts OpenAI's spelling (``/v1/chat/completions``) and Azure's older one (``/chat/completions``).
 
@@ -58,6 +71,8 @@ def endpoint_kind(endpoint: str | None) -> str:
         return "responses"
     if path.endswith("/embeddings"):
         return "embeddings"
+    if path.endswith(("/images/generations", "/images/edits")):
+        return "images"
     return "other"
 
 
@@ -76,12 +91,24 @@ class _Body(msgspec.Struct):
     usage: Raw = _NULL
 
 
+class _Function(msgspec.Struct):
+    name: Any = None
+    arguments: Any = None  # JSON text
+
+
+class _ToolCall(msgspec.Struct):
+    function: _Function | None = None  # None for a tool call that is not a function's (custom tools)
+
+
 class _Message(msgspec.Struct):
     content: Any = None  # a string, null, or (some models) a list of content parts
+    refusal: Any = None
+    tool_calls: list[_ToolCall] | None = None
 
 
 class _ChatChoice(msgspec.Struct):
     message: _Message | None = None
+    finish_reason: Any = None
 
 
 class _ChatBody(_Body):
@@ -97,11 +124,16 @@ class _CompletionsBody(_Body):
 
 
 class _OutputItem(msgspec.Struct):
+    type: Any = None
     content: Any = None  # message items: a list of parts; reasoning items, tool calls...: no text
+    name: Any = None  # function_call items: the function and its arguments (JSON text)
+    arguments: Any = None
 
 
 class _ResponsesBody(_Body):
     output: list[_OutputItem] = []
+    status: Any = None
+    incomplete_details: Any = None
 
 
 class _EmbeddingItem(msgspec.Struct):
@@ -174,6 +206,77 @@ def _no_fields(body: _Body, record: dict[str, Any]) -> None:
     pass
 
 
+# -- answers (chat and responses) ----------------------------------------------------------------------------
+# Each returns ``(finish_reason, answer)``: ``answer`` is ``None`` for a plain text answer to a plain
+# request (no format asked, no tools offered), which is never a failure and is not read further; else
+# the classified answer (:func:`~airflow_openai_batch.core.schema.classify_answer`).
+
+_Answer = tuple[str | None, StructuredAnswer | None]
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if type(value) is str else None
+
+
+def _chat_answer(body: _ChatBody, content: str | None, schema: AnswerSchema | None) -> _Answer:
+    """The first choice's answer: its content, or its function calls' arguments."""
+    if not body.choices:
+        return None, (None if schema is None else classify_answer(None, None, None, None, schema))
+    choice = body.choices[0]
+    finish = _text_or_none(choice.finish_reason)
+    message = choice.message
+    tool_calls = message.tool_calls if message is not None else None
+    if schema is None and not tool_calls:
+        return finish, None
+    calls = None
+    if tool_calls:
+        calls = [
+            (_text_or_none(c.function.name), _text_or_none(c.function.arguments))
+            for c in tool_calls
+            if c.function is not None
+        ]
+    refusal = _text_or_none(message.refusal) if message is not None else None
+    return finish, classify_answer(content, finish, calls, refusal or None, schema)
+
+
+def _responses_answer(body: _ResponsesBody, content: str | None, schema: AnswerSchema | None) -> _Answer:
+    """The output text, or the function calls' arguments; ``finish_reason`` in chat's vocabulary."""
+    calls = [
+        (_text_or_none(item.name), _text_or_none(item.arguments))
+        for item in body.output
+        if item.type == "function_call"
+    ] or None
+    finish = responses_finish_reason(body.status, body.incomplete_details, calls is not None)
+    finish = _text_or_none(finish)
+    if schema is None and calls is None:
+        return finish, None
+    refusals = [
+        p["refusal"]
+        for item in body.output
+        if item.type == "message" and isinstance(item.content, list)
+        for p in item.content
+        if isinstance(p, dict) and p.get("type") == "refusal" and isinstance(p.get("refusal"), str)
+    ]
+    return finish, classify_answer(content, finish, calls, "".join(refusals) if refusals else None, schema)
+
+
+#: How chat and responses answers are read (the other kinds have no such answers).
+_ANSWERS: dict[str, Callable[[Any, str | None, AnswerSchema | None], _Answer]] = {
+    "chat": _chat_answer,
+    "responses": _responses_answer,
+}
+
+
+def _parsed_raw(answer: StructuredAnswer) -> Raw | None:
+    """A valid answer's JSON text as ``msgspec.Raw``, on one line (a JSONL record is one line)."""
+    text = answer.text
+    if not answer.valid or text is None:
+        return None
+    if "\n" in text or "\r" in text:
+        return Raw(orjson.dumps(orjson.loads(text)))
+    return Raw(text)
+
+
 @dataclass(frozen=True)
 class _Kind:
     """Where one kind of endpoint puts its answer.
@@ -193,6 +296,7 @@ _KINDS: dict[str, _Kind] = {
     "completions": _Kind(_CompletionsBody, _completions_fields),
     "responses": _Kind(_ResponsesBody, _responses_fields),
     "embeddings": _Kind(_EmbeddingsBody, _embeddings_fields),
+    "images": _Kind(_Body, _no_fields),
     "other": _Kind(_Body, _no_fields),
 }
 _BODY = msgspec.json.Decoder(_Body)
@@ -325,21 +429,40 @@ class RecordBuilder:
     """Makes the success and failure records of one batch attempt.
 
     A success record is ``custom_id``, ``batch_id``, ``status_code``, ``body`` (the response body),
-    ``usage`` (the body's), the kind's convenience fields (see :func:`extract_content`) and ``attempts``.
+    ``usage`` (the body's), the kind's convenience fields (see :func:`extract_content`) and ``attempts``;
+    chat and responses records add ``finish_reason``, and where the request asked for a format or
+    offered tools (or the answer is a tool call) ``parsed`` (the validated value) and ``tool_calls``
+    (``[{"name", "arguments"}]``, arguments parsed; ``None`` unless the answer is a tool call). Images
+    records (with a media sink) hold ``images`` (the files' URIs, or the URLs the API gave) and the body
+    without the base64 bytes.
+
     A failure record is ``custom_id``, ``batch_id``, ``status_code`` (or ``None``), ``error_code``,
-    ``error_message``, ``request`` (the request line, or ``None`` where it is not JSON) and ``attempts``.
+    ``error_message``, ``request`` (the request line, or ``None`` where it is not JSON), ``output`` (the
+    answer's text for ``invalid_output`` / ``refusal`` / ``truncated`` / ``content_filter``, else
+    ``None``) and ``attempts``.
 
     :param batch_id: the batch the records come from.
     :param kind: the batch's endpoint kind (see :func:`endpoint_kind`).
     :param attempt: which attempt of its chunk the batch is (1 for the first), stamped as ``attempts``.
-    :param raw_json: give ``body``, ``usage`` and ``request`` as ``msgspec.Raw`` (their JSON text)
-        instead of parsed objects.
+    :param raw_json: give ``body``, ``usage``, ``parsed`` and ``request`` as ``msgspec.Raw`` (their JSON
+        text) instead of parsed objects.
+    :param media: where an images batch's base64 images are written (``None``: bodies kept as they are).
     """
 
-    def __init__(self, batch_id: str, kind: str, *, attempt: int = 1, raw_json: bool = False) -> None:
+    def __init__(
+        self,
+        batch_id: str,
+        kind: str,
+        *,
+        attempt: int = 1,
+        raw_json: bool = False,
+        media: MediaSink | None = None,
+    ) -> None:
         self.batch_id = batch_id
         self.attempt = attempt
         self.raw_json = raw_json
+        self._answer = _ANSWERS.get(kind)
+        self._media = media if kind == "images" else None
         spec = _KINDS.get(kind, _KINDS["other"])
         self._view_type = spec.view
         self._decode_view = msgspec.json.Decoder(spec.view).decode
@@ -362,8 +485,22 @@ class RecordBuilder:
                 return self._view_type()
             return self._view_type(model=common.model, usage=common.usage)
 
-    def success(self, custom_id: str, status_code: int, body: Raw, view: Any) -> dict[str, Any]:
-        """:param body: the response body's JSON text; :param view: its :meth:`view`."""
+    def success(
+        self, custom_id: str, status_code: int, body: Raw, view: Any, schema: AnswerSchema | None = None
+    ) -> dict[str, Any] | StructuredAnswer:
+        """The success record of a 2xx result, or, for an answer that is not usable, the
+        :class:`~airflow_openai_batch.core.schema.StructuredAnswer` saying why (its ``error_code``,
+        ``error_message`` and ``text``: make a failure of it, with ``output=answer.text``).
+
+        :param body: the response body's JSON text; :param view: its :meth:`view`.
+        :param schema: what the request asked its answer to be (``None``: plain text; chat and responses).
+        """
+        if self._media is not None:
+            try:
+                images = write_images(custom_id, orjson.loads(body), self._media)
+            except (ValueError, AttributeError) as err:  # not base64, or not an object at all
+                return StructuredAnswer(None, None, None, "invalid_output", f"images: {err}")
+            body = Raw(orjson.dumps(images.body))
         if self.raw_json:
             record = {
                 "custom_id": custom_id,
@@ -381,6 +518,16 @@ class RecordBuilder:
                 "usage": msgspec.json.decode(view.usage),
             }
         self.fields(view, record)
+        if self._answer is not None:
+            finish, answer = self._answer(view, record["content"], schema)
+            record["finish_reason"] = finish
+            if answer is not None:
+                if answer.error_code is not None:
+                    return answer
+                record["tool_calls"] = answer.tool_calls
+                record["parsed"] = _parsed_raw(answer) if self.raw_json else answer.parsed
+        elif self._media is not None:
+            record["images"] = images.images
         record["attempts"] = self.attempt
         return record
 
@@ -391,8 +538,10 @@ class RecordBuilder:
         error_code: str,
         error_message: str,
         request_line: bytes,
+        output: str | None = None,
     ) -> dict[str, Any]:
-        """:param request_line: the request as in the input file (no newline)."""
+        """:param request_line: the request as in the input file (no newline).
+        :param output: the answer's text, for an answer that came back unusable."""
         try:
             # orjson checks what msgspec.Raw would not (UTF-8, lone surrogates): a Raw request must be
             # JSON a reader can load back.
@@ -409,5 +558,6 @@ class RecordBuilder:
             "error_code": error_code,
             "error_message": error_message,
             "request": request,
+            "output": output,
             "attempts": self.attempt,
         }

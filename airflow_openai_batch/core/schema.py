@@ -1513,7 +1513,7 @@ class ParsedColumn:
         )
         self._buffer = bytearray()
         self._longest = 0
-        self._texts: list[str | None] = []
+        self._texts: list[str | bytes | None] = []
         self._valid: list[bool] = []
 
     def __len__(self) -> int:
@@ -1526,12 +1526,12 @@ class ParsedColumn:
         else:
             self.add_text(answer.text)
 
-    def add_text(self, text: str) -> None:
+    def add_text(self, text: str | bytes) -> None:
         """One row from a validated answer's JSON text (an object, for an object schema)."""
         if self._fast:
-            if "\n" in text or "\r" in text:
-                text = orjson.dumps(orjson.loads(text)).decode()
-            data = text.encode()
+            data = text.encode() if type(text) is str else text
+            if b"\n" in data or b"\r" in data:
+                data = orjson.dumps(orjson.loads(data))
             self._longest = max(self._longest, len(data))
             self._buffer += data
             self._buffer += b"\n"

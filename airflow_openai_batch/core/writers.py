@@ -16,7 +16,7 @@ import functools
 import operator
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -24,6 +24,7 @@ import msgspec
 import orjson
 
 from airflow_openai_batch.core.records import usage_fields
+from airflow_openai_batch.core.schema import ParsedColumn, arrow_type, tool_calls_array, tool_calls_arrow_type
 
 __all__ = [
     "OUTPUT_FORMATS",
@@ -52,6 +53,8 @@ _ROW_OVERHEAD = 256
 _WRITE_BYTES = 256 << 10
 
 _Raw = msgspec.Raw
+_UNSET = object()
+_MIXED = object()
 
 
 class RecordSink(ABC):
@@ -77,6 +80,11 @@ class RecordSink(ABC):
     @abstractmethod
     def close(self) -> None:
         """No more records come."""
+
+    def parsed_schema(self, schema: Mapping[str, Any] | None) -> None:  # noqa: B027  (optional to act on)
+        """The JSON Schema the ``parsed`` values of the records that follow are valid against (told per
+        batch, before its records, when its requests asked for a format or offered tools); ``None``: no
+        single schema. A sink with typed columns uses it; the others need not."""
 
 
 def _pyarrow() -> Any:
@@ -118,6 +126,10 @@ def _schemas() -> tuple[Any, Any]:
             pa.field("usage", usage),
             pa.field("embeddings", pa.list_(vector)),
             pa.field("attempts", pa.int32()),
+            pa.field("finish_reason", pa.string()),
+            pa.field("tool_calls", tool_calls_arrow_type()),
+            pa.field("parsed", pa.string()),  # typed by the answers' schema when there is one
+            pa.field("images", pa.list_(pa.string())),
         ]
     )
     failures = pa.schema(
@@ -129,14 +141,23 @@ def _schemas() -> tuple[Any, Any]:
             pa.field("error_message", pa.string()),
             pa.field("request", pa.string()),
             pa.field("attempts", pa.int32()),
+            pa.field("output", pa.string()),
         ]
     )
     return successes, failures
 
 
-def successes_schema() -> Any:
-    """The Parquet schema of ``successes.parquet`` (needs pyarrow)."""
-    return _schemas()[0]
+def successes_schema(parsed: Mapping[str, Any] | None = None) -> Any:
+    """The Parquet schema of ``successes.parquet`` (needs pyarrow).
+
+    :param parsed: the JSON Schema of the answers, which types the ``parsed`` column as a struct
+        (:func:`~airflow_openai_batch.core.schema.arrow_type`); ``None``: ``parsed`` is JSON text.
+    """
+    schema = _schemas()[0]
+    if parsed is None:
+        return schema
+    index = schema.get_field_index("parsed")
+    return schema.set(index, schema.field(index).with_type(arrow_type(parsed)))
 
 
 def failures_schema() -> Any:
@@ -256,12 +277,33 @@ class _ParquetFile(_PartialFile):
         self._bytes_limit = bytes_limit
         self._records: list[dict[str, Any]] = []
         self._bytes = 0
+        #: The JSON Schema typing the ``parsed`` column (``None``: JSON text).
+        self.parsed: Mapping[str, Any] | None = None
+        # Opened at the first row group: until then the ``parsed`` column's type may still be learned.
+        self._writer: Any = None
+
+    @property
+    def opened(self) -> bool:
+        return self._writer is not None
+
+    def type_parsed(self, parsed: Mapping[str, Any] | None) -> None:
+        """Type the ``parsed`` column by this JSON Schema (``None``: JSON text); only before it is opened."""
+        assert self._writer is None
+        self.parsed = parsed
+        self.schema = successes_schema(parsed)
+
+    def open(self) -> None:
+        """Start the file (done by the first row group at the latest; the schema is final then)."""
         # zstd: several times smaller than snappy on JSON text and no slower to write. Dictionary encoding
         # and min/max statistics only where they help (ids, codes): on unique JSON bodies they are cost.
-        small = [f.name for f in schema if f.name in ("batch_id", "status_code", "error_code", "attempts")]
+        small = [
+            f.name
+            for f in self.schema
+            if f.name in ("batch_id", "status_code", "error_code", "attempts", "finish_reason")
+        ]
         self._writer = _parquet().ParquetWriter(
             str(self.partial),
-            schema,
+            self.schema,
             compression="zstd",
             use_dictionary=small,
             write_statistics=[*small, "custom_id"],
@@ -279,6 +321,8 @@ class _ParquetFile(_PartialFile):
             self._flush()
 
     def _flush(self) -> None:
+        if self._writer is None:
+            self.open()
         if not self._records:
             return
         pa = self._pa
@@ -288,8 +332,17 @@ class _ParquetFile(_PartialFile):
         arrays = []
         for f in self.schema:
             values = list(map(operator.methodcaller("get", f.name), records))
-            convert = _CONVERTERS.get(f.name)
-            arrays.append(_arrow_array(pa, values if convert is None else list(map(convert, values)), f.type))
+            if f.name in _ANSWER_COLUMNS and values.count(None) == len(values):
+                # Fields plain answers lack: nothing to convert (what keeps plain collects as fast).
+                arrays.append(pa.nulls(len(values), type=f.type))
+            elif f.name == "parsed":
+                arrays.append(_parsed_array(values, self.parsed))
+            elif f.name == "tool_calls":
+                arrays.append(tool_calls_array(values))
+            else:
+                convert = _CONVERTERS.get(f.name)
+                values = values if convert is None else list(map(convert, values))
+                arrays.append(_arrow_array(pa, values, f.type))
         self._writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
 
     def _finish(self) -> None:
@@ -298,7 +351,24 @@ class _ParquetFile(_PartialFile):
 
     def _discard(self) -> None:
         self._records = []
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+#: Columns of answers' extra fields (absent from most records of plain text or embeddings batches).
+_ANSWER_COLUMNS = frozenset({"finish_reason", "tool_calls", "parsed", "images", "output", "embeddings"})
+
+
+def _parsed_array(values: list[Any], schema: Mapping[str, Any] | None) -> Any:
+    """The ``parsed`` column of a row group: typed by ``schema`` (read by Arrow's JSON reader from the
+    values' JSON text), or the JSON text itself."""
+    column = ParsedColumn(schema)
+    for value in values:
+        if value is None:
+            column.add_null()
+        else:
+            column.add_text(bytes(value) if type(value) is _Raw else orjson.dumps(value))
+    return column.finish()
 
 
 def _arrow_array(pa: Any, values: list[Any], arrow_type: Any) -> Any:
@@ -363,10 +433,32 @@ class ResultWriter(RecordSink):
             limits = (row_group_rows, row_group_bytes)
             self._successes = _ParquetFile(self._paths["successes"], success_schema, *limits)
             self._failures = _ParquetFile(self._paths["failures"], failure_schema, *limits)
+            self._failures.open()  # its schema is final; the successes' opens at its first row group
         else:
             self._successes = _JsonlFile(self._paths["successes"])
             self._failures = _JsonlFile(self._paths["failures"])
         self._retry = _JsonlFile(self._paths["retry_requests"])
+        #: The ``parsed`` schema told so far: ``_UNSET``, one schema, or ``_MIXED``.
+        self._parsed_told: Any = _UNSET
+        #: The current batch's answers do not fit the typed ``parsed`` column (kept in content and
+        #: tool_calls; ``parsed`` null).
+        self._parsed_misfit = False
+
+    def parsed_schema(self, schema: Mapping[str, Any] | None) -> None:
+        """Types Parquet's ``parsed`` column by the first schema told, if every batch told before the
+        first row group is written agrees (else it is JSON text). A later batch with another schema gets
+        a null ``parsed`` (its answers are in ``content`` / ``tool_calls``)."""
+        successes = self._successes
+        if not isinstance(successes, _ParquetFile):
+            return
+        if successes.opened:
+            self._parsed_misfit = successes.parsed is not None and schema != successes.parsed
+            return
+        if self._parsed_told is _UNSET:
+            self._parsed_told = schema
+        elif self._parsed_told != schema:
+            self._parsed_told = _MIXED
+        successes.type_parsed(None if self._parsed_told is _MIXED else self._parsed_told)
 
     def _files(self) -> tuple[_PartialFile, ...]:
         return (self._successes, self._failures, self._retry)
@@ -381,6 +473,8 @@ class ResultWriter(RecordSink):
 
         :param record: a success record (see :class:`~airflow_openai_batch.core.records.RecordBuilder`).
         """
+        if self._parsed_misfit and record.get("parsed") is not None:
+            record = {**record, "parsed": None}
         self._successes.add(record)
 
     def write_failure(self, record: dict[str, Any], request_line: bytes) -> None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_openai_batch.compat import Asset, AssetAlias, BaseOperator
 from airflow_openai_batch.core.job import Attempt, Chunk, Job, read_job
+from airflow_openai_batch.core.media import LocalMediaSink, MediaSink, ObjectStoreMediaSink
 from airflow_openai_batch.core.pricing import PriceTable
 from airflow_openai_batch.core.reconcile import BatchResultFiles, Reconciler, present_file_id
 from airflow_openai_batch.core.writers import OUTPUT_FORMATS, RecordSink, ResultWriter, write_manifest
@@ -76,6 +77,9 @@ class _AnsweredIds(RecordSink):
     def close(self) -> None:
         self.sink.close()
 
+    def parsed_schema(self, schema: Mapping[str, Any] | None) -> None:
+        self.sink.parsed_schema(schema)
+
 
 class _XComSink(RecordSink):
     """Keeps records in memory for XCom, refusing past a limit (XCom lives in the metadata DB)."""
@@ -124,6 +128,9 @@ class OpenAIBatchCollectOperator(BaseOperator):
         1M tokens (batch prices).
     :param asset_alias: name of the AssetAlias the output folder is announced under.
     :param conn_id: the ``openai_batch`` connection.
+    :param response_schema: a Pydantic model class or JSON Schema dict: chat and responses answers are
+        validated against it instead of the schema each request asked for, and it types Parquet's
+        ``parsed`` column.
     :return: the summary (counts, failed_by_code, usage, estimated_cost_usd, URIs).
     """
 
@@ -144,6 +151,7 @@ class OpenAIBatchCollectOperator(BaseOperator):
         prices: Mapping[str, Mapping[str, float]] | None = None,
         asset_alias: str = DEFAULT_ASSET_ALIAS,
         conn_id: str = OpenAIBatchHook.default_conn_name,
+        response_schema: Any = None,
         **kwargs: Any,
     ) -> None:
         if output_format not in OUTPUT_FORMATS:
@@ -159,6 +167,7 @@ class OpenAIBatchCollectOperator(BaseOperator):
         self.prices = prices
         self.asset_alias = asset_alias
         self.conn_id = conn_id
+        self.response_schema = response_schema
 
     @cached_property
     def hook(self) -> OpenAIBatchHook:
@@ -176,7 +185,9 @@ class OpenAIBatchCollectOperator(BaseOperator):
             else:
                 sink = _XComSink(self.max_xcom_records)
             answered = _AnsweredIds(sink)
-            reconciler = Reconciler(answered, work_dir)
+            # Images are written straight to their final place, before the files that point to them.
+            media = _media_sink(self._output_folder()) if self.output_uri else None
+            reconciler = Reconciler(answered, work_dir, response_schema=self.response_schema, media=media)
             try:
                 for chunk in job.chunks:
                     self._collect_chunk(reconciler, answered, chunk, by_id)
@@ -251,13 +262,7 @@ class OpenAIBatchCollectOperator(BaseOperator):
 
     def _publish(self, context: Context, writer: ResultWriter, summary: dict[str, Any]) -> dict[str, Any]:
         """Copy the staged files into ``output_uri``, the manifest last, and announce the folder."""
-        from airflow_openai_batch.compat import ObjectStoragePath
-
-        folder = self.output_uri
-        if not isinstance(folder, ObjectStoragePath):
-            text = str(folder)
-            # A bare local path becomes a file:// URI, so every URI in the summary has a scheme.
-            folder = ObjectStoragePath(text if "://" in text else f"file://{Path(text).resolve()}")
+        folder = self._output_folder()
         folder.mkdir(parents=True, exist_ok=True)
         staged = writer.paths()
         uris: dict[str, Any] = {"output_uri": str(folder)}
@@ -273,6 +278,17 @@ class OpenAIBatchCollectOperator(BaseOperator):
         except Exception as err:  # an odd URI must not fail a task whose results are written
             self.log.warning("Could not emit an asset event for %s: %s", folder, err)
         return uris
+
+    def _output_folder(self) -> Any:
+        """``output_uri`` as an ObjectStoragePath."""
+        from airflow_openai_batch.compat import ObjectStoragePath
+
+        folder = self.output_uri
+        if not isinstance(folder, ObjectStoragePath):
+            text = str(folder)
+            # A bare local path becomes a file:// URI, so every URI in the summary has a scheme.
+            folder = ObjectStoragePath(text if "://" in text else f"file://{Path(text).resolve()}")
+        return folder
 
     def _log_summary(self, summary: dict[str, Any]) -> None:
         cost = summary["estimated_cost_usd"]
@@ -329,6 +345,13 @@ def _publish_file(source: Path, target: Any) -> None:
         return
     with source.open("rb") as src, target.open("wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def _media_sink(folder: Any) -> MediaSink:
+    """Where images go: a local folder is written file by file with a rename, an object store directly."""
+    if str(folder).startswith("file://"):
+        return LocalMediaSink(folder.path, uri_prefix=str(folder))
+    return ObjectStoreMediaSink(folder)
 
 
 def _asset_uri(folder: Any) -> str:

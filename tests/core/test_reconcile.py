@@ -187,6 +187,7 @@ def test_completed_batch_mixes_successes_http_errors_non_http_errors_and_missing
         "body",
         "usage",
         "content",
+        "finish_reason",
         "attempts",
     }
     assert {r["attempts"] for r in sink.successes + sink.failures} == {1}
@@ -495,7 +496,11 @@ def test_convenience_fields_for_every_endpoint(tmp_path: Path) -> None:
         ("/v1/chat/completions", chat_body("chat!"), {"content": "chat!"}),
         ("/v1/chat/completions", chat_body(None), {"content": None}),
         ("/v1/responses", responses_body, {"content": "Hello, world"}),
-        ("/v1/responses", {"output": [{"type": "function_call"}]}, {"content": None}),
+        (
+            "/v1/responses",
+            {"output": [{"type": "function_call", "name": "f", "arguments": '{"a": 1}'}]},
+            {"content": None, "tool_calls": [{"name": "f", "arguments": {"a": 1}}], "parsed": {"a": 1}},
+        ),
         ("/v1/completions", completions_body, {"content": "done"}),
         ("/v1/embeddings", _embedding_body([0.1, 0.2]), {"embedding": [0.1, 0.2]}),
         (
@@ -513,11 +518,12 @@ def test_convenience_fields_for_every_endpoint(tmp_path: Path) -> None:
         extra = {
             k: v
             for k, v in record.items()
-            if k not in ("custom_id", "batch_id", "status_code", "body", "usage", "attempts")
+            if k not in ("custom_id", "batch_id", "status_code", "body", "usage", "attempts", "finish_reason")
         }
         assert extra == expected, url
         assert record["body"] == body
-        assert extract_content(endpoint_kind(url), body) == expected
+        convenience = {k: v for k, v in expected.items() if k not in ("tool_calls", "parsed")}
+        assert extract_content(endpoint_kind(url), body) == convenience
 
     # the Responses API's usage names, and cached tokens
     sink, summary = reconcile(
