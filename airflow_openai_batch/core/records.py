@@ -497,7 +497,7 @@ class RecordBuilder:
         """
         if self._media is not None:
             try:
-                images = write_images(custom_id, orjson.loads(body), self._media)
+                images = write_images(custom_id, msgspec.json.decode(body), self._media)
             except (ValueError, AttributeError) as err:  # not base64, or not an object at all
                 return StructuredAnswer(None, None, None, "invalid_output", f"images: {err}")
             body = Raw(orjson.dumps(images.body))
