@@ -6,7 +6,7 @@ Inputs are generated once into a temporary directory outside the repository and 
 Every case runs in its own interpreter (:mod:`bench.child`), so peak memory figures do not contaminate
 each other; timed cases run ``--repeat`` times (best wall time kept, highest peak RSS kept).
 
-Options: ``--large`` adds a ~3 GB preparation input; ``--only prep,collect,polling,e2e,cost,tables`` picks
+Options: ``--large`` adds a ~3 GB preparation input; ``--only prep,collect,polling,e2e,cost,tables,structured`` picks
 sections;
 ``--quick`` shrinks every size (a smoke run, figures not comparable); ``--extended`` adds the slower
 variants (polling with one trigger for all batches, and with ``max_poll_interval=1200``).
@@ -29,12 +29,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import cost, gen, tables
+from bench import cost, gen, structured, tables
 from bench.report import Row, render
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results.json"
-SECTIONS = ("prep", "collect", "polling", "e2e", "cost", "tables")
+SECTIONS = ("prep", "collect", "polling", "e2e", "cost", "tables", "structured")
 BARE_PREP = "bare orjson parse loop"
 NAIVE_PREP = "naive (guide: json.loads list)"
 
@@ -521,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             "e2e": 5_000,
             "cost": 20_000,
             "tables": (100_000, 20_000),
+            "structured": 20_000,
             "large": 400_000,
         }
     else:
@@ -531,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             "e2e": 50_000,
             "cost": 200_000,
             "tables": (1_000_000, 200_000),
+            "structured": 200_000,
             "large": 11_200_000,
         }
     started = time.perf_counter()
@@ -546,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         "e2e": lambda: bench_e2e(run, sizes["e2e"]),
         "cost": lambda: cost.bench(run, sizes["cost"]),
         "tables": lambda: tables.bench(run, *sizes["tables"]),
+        "structured": lambda: structured.bench(run, sizes["structured"]),
     }
     try:
         for section in sections:
