@@ -460,7 +460,11 @@ class _Preparer:
         a chunk's prompt tokens are its bytes times what its model's sampled lines weigh per byte."""
         models = valid.models
         sample = self.estimator.sample
-        for index in range(0, len(valid.lines), self.estimator.sample_every):
+        picked = range(0, len(valid.lines), self.estimator.sample_every)
+        if not isinstance(models, str):
+            # Each model's first line too: a model whose lines fall between the picks is still weighed.
+            picked = sorted({*picked, *map(models.index, set(models))})  # type: ignore[assignment]
+        for index in picked:
             line = valid.lines[index]
             model = models if isinstance(models, str) else models[index]
             sample(model, numbers[index], len(line) + 1, orjson.loads(line)["body"])
@@ -658,9 +662,9 @@ def prepare_from_lines(
         (:func:`~airflow_openai_batch.core.schema.response_schema`), put into every chat completions /
         responses line without a format of its own; ``None``: lines are left as they are.
     :param token_count: how the cost estimate counts prompt tokens: ``"exact"`` (every line, with
-        OpenAI's encoding when the ``[tokens]`` extra is installed) or ``"sampled"`` (one line in
-        256 of each block, scaled by bytes); ``None``: exact when
-        ``max_enqueued_tokens`` is set (see :func:`~airflow_openai_batch.core.cost.token_count_mode`).
+        OpenAI's encoding when the ``[tokens]`` extra is installed) or ``"sampled"`` (one line in 256
+        of each block, scaled by bytes); ``None``: exact when ``max_enqueued_tokens`` is set (see
+        :func:`~airflow_openai_batch.core.cost.token_count_mode`).
     :param prices: price overrides for the estimate (see
         :meth:`~airflow_openai_batch.core.cost.PriceTable.load`), or a price table.
     :return: the chunks, in order: models by first appearance, then sequence within the model.
@@ -745,15 +749,9 @@ def prepare_from_records(
     :param max_embedding_inputs: embedding inputs per chunk (``/v1/embeddings`` only).
     :param max_enqueued_tokens: if set, prompt tokens per chunk (counted with the estimate's counter).
     :param max_problems: how many problems the error lists (all are counted).
-    :param response_schema: a Pydantic model class or a JSON Schema dict
-        (:func:`~airflow_openai_batch.core.schema.response_schema`), put into every chat completions /
-        responses line without a format of its own; ``None``: lines are left as they are.
-    :param token_count: how the cost estimate counts prompt tokens: ``"exact"`` (every line, with
-        OpenAI's encoding when the ``[tokens]`` extra is installed) or ``"sampled"`` (one line in
-        256 of each block, scaled by bytes); ``None``: exact when
-        ``max_enqueued_tokens`` is set (see :func:`~airflow_openai_batch.core.cost.token_count_mode`).
-    :param prices: price overrides for the estimate (see
-        :meth:`~airflow_openai_batch.core.cost.PriceTable.load`), or a price table.
+    :param response_schema: as in :func:`prepare_from_lines`.
+    :param token_count: as in :func:`prepare_from_lines`.
+    :param prices: as in :func:`prepare_from_lines`.
     :return: the chunks, in order.
     :raises OpenAIBatchInputError: the input is invalid, empty, or the endpoint unknown; or the response
         schema is one strict mode cannot use, or given for an endpoint without structured answers.

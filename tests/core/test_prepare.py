@@ -837,3 +837,11 @@ def test_exact_count_counts_every_line(tmp_path: Path) -> None:
     assert counter is not None
     expected = PromptTokens(CHAT, counter).count_many([orjson.loads(x)["body"] for x in lines])
     assert exact.cost.input_tokens == sum(expected) and expected[0] == PromptTokens(CHAT, counter).count(body)
+
+
+def test_every_model_of_a_mixed_block_is_weighed(tmp_path: Path) -> None:
+    # Alternating models: without each model's first line sampled, the second would be estimated at bytes/4.
+    lines = [line(f"r{i}", model="gpt-4o-mini" if i % 2 else "gpt-4.1-nano") for i in range(10)]
+    prepared = prepare_from_lines(lines, endpoint=CHAT, work_dir=tmp_path)
+    tokens = [c.estimated_tokens for c in prepared.chunks]
+    assert tokens[0] == tokens[1] < sum(c.byte_count for c in prepared.chunks[:1]) // 4
