@@ -978,7 +978,9 @@ class _AnswerReader:
 
     Parquet columns are read as they are (a structured answer's ``parsed`` keeps its struct type), a row
     group at a time. JSONL records are decoded a block at a time with typed views that skip the rest of a
-    record (its ``body`` above all); ``parsed`` and ``tool_calls`` are kept as their JSON text.
+    record (its ``body`` above all); ``parsed`` and ``tool_calls`` are kept as their JSON text. An
+    optional answer column reaches the answers file when some record has a value in it, or when it is
+    typed by a response schema.
     """
 
     def __init__(self, successes: Path | None, failures: Path | None, embeddings: bool) -> None:
@@ -1002,8 +1004,13 @@ class _AnswerReader:
             schema = pq.ParquetFile(str(successes)).schema_arrow
             for name in _OPTIONAL_ANSWERS:
                 if name in schema.names:
-                    self.types[name] = schema.field(name).type
-                    self.present.add(name)
+                    kind = schema.field(name).type
+                    self.types[name] = kind
+                    if pa.types.is_struct(kind):
+                        self.present.add(name)  # typed by a response schema: kept even if all null
+                    elif pa.types.is_string(kind) and name != "finish_reason":
+                        self.json_text.add(name)
+            # The others are kept when some record has a value (see _parquet_successes).
         elif successes is not None:
             # Which of them the records carry is known once they were read (see _jsonl_successes).
             for name in _OPTIONAL_ANSWERS:
@@ -1071,6 +1078,9 @@ class _AnswerReader:
         wanted = [n for n in self.types if n in names and n not in ("status", "error_code", "error_message")]
         for batch in _row_groups(path, wanted):
             columns = dict(zip(wanted, batch.columns, strict=True))
+            for name in _OPTIONAL_ANSWERS:
+                if name in columns and columns[name].null_count < batch.num_rows:
+                    self.present.add(name)
             usage = columns.get("usage")
             if usage is not None and usage.type != self.usage_type:
                 columns["usage"] = self._usage_struct(usage)
