@@ -84,7 +84,13 @@ _ABSENT_MESSAGES: dict[str, str] = {
     "(batch status {status!r}).",
 }
 
-_USAGE_KEYS: tuple[str, ...] = ("input_tokens", "output_tokens", "total_tokens", "cached_input_tokens")
+_USAGE_KEYS: tuple[str, ...] = (
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "cached_input_tokens",
+    "reasoning_tokens",
+)
 
 # Input lines written by orjson / JSON.stringify start with {"custom_id":"...", those written by Python's
 # json.dumps with {"custom_id": "...". For those the custom_id is read straight from the bytes, which
@@ -151,7 +157,8 @@ class BatchTally:
     :param retried: successes of a batch that is a retry (``attempt > 1``).
     :param skipped: input requests left out because a later attempt answered them (``skip_ids``).
     :param usage: token sums over the successes and the unusable answers, which are billed too
-        (``input_tokens``, ``output_tokens``, ``total_tokens``, ``cached_input_tokens``).
+        (``input_tokens``, ``output_tokens``, ``total_tokens``, ``cached_input_tokens``,
+        ``reasoning_tokens``; cached tokens are part of the input, reasoning tokens part of the output).
     :param anomalies: ``{kind: n}`` of the anomalies found in this batch's files.
     """
 
@@ -579,7 +586,7 @@ class _BatchJoin:
         self.unanswered = set(index.offsets)
         if skip_ids:
             self.unanswered -= skip_ids
-        #: ``[input, output, total, cached_input]`` token sums per model.
+        #: ``[input, output, total, cached_input, reasoning]`` token sums per model.
         self.usage: dict[str, list[int]] = {}
         self._batch_model = tally.model or "unknown"
 
@@ -722,11 +729,12 @@ class _BatchJoin:
         key = model if type(model) is str and model else self._batch_model
         sums = self.usage.get(key)
         if sums is None:
-            sums = self.usage[key] = [0, 0, 0, 0]
+            sums = self.usage[key] = [0, 0, 0, 0, 0]
         sums[0] += counts[0]
         sums[1] += counts[1]
         sums[2] += counts[2]
         sums[3] += counts[3]
+        sums[4] += counts[4]
 
     def fail_unanswered(self) -> None:
         """Fail every input request that got no result, then the input lines that cannot be joined."""

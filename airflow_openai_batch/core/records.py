@@ -320,7 +320,10 @@ def extract_content(kind: str, body: Any) -> dict[str, Any]:
 
 
 class _Details(msgspec.Struct):
+    """``*_tokens_details``: cached prompt tokens on the input side, reasoning tokens on the output side."""
+
     cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
 
 
 class _Usage(msgspec.Struct):
@@ -334,22 +337,37 @@ class _Usage(msgspec.Struct):
     total_tokens: int | None = None
     input_tokens_details: _Details | None = None
     prompt_tokens_details: _Details | None = None
+    output_tokens_details: _Details | None = None
+    completion_tokens_details: _Details | None = None
 
 
 _COUNT_NAMES = ("input_tokens", "prompt_tokens", "output_tokens", "completion_tokens", "total_tokens")
-_DETAILS_NAMES = ("input_tokens_details", "prompt_tokens_details")
+_DETAILS_NAMES = (
+    "input_tokens_details",
+    "prompt_tokens_details",
+    "output_tokens_details",
+    "completion_tokens_details",
+)
 _decode_usage = msgspec.json.Decoder(_Usage).decode
 
+#: ``(input, output, total, cached_input, reasoning)``
+UsageFields = tuple[int | None, int | None, int | None, int | None, int | None]
 
-def usage_fields(usage: Any) -> tuple[int | None, int | None, int | None, int | None] | None:
-    """The token counts a body's ``usage`` states: ``(input, output, total, cached_input)``.
+
+def _int_or_none(value: Any) -> int | None:
+    return value if type(value) is int else None
+
+
+def usage_fields(usage: Any) -> UsageFields | None:
+    """The token counts a body's ``usage`` states: ``(input, output, total, cached_input, reasoning)``.
 
     ``input_tokens`` / ``output_tokens`` are preferred to ``prompt_tokens`` / ``completion_tokens`` when
-    both are there; cached tokens are under ``*_tokens_details``. A count that is missing or not an
-    integer is ``None``.
+    both are there; cached tokens are under ``input_tokens_details`` / ``prompt_tokens_details``,
+    reasoning tokens (part of the output) under ``output_tokens_details`` / ``completion_tokens_details``.
+    A count that is missing or not an integer is ``None``.
 
     :param usage: ``body["usage"]``, parsed (any value) or as JSON text (``msgspec.Raw`` or bytes).
-    :return: the four counts, or ``None`` when ``usage`` is not an object.
+    :return: the five counts, or ``None`` when ``usage`` is not an object.
     """
     if usage is _NULL:
         return None
@@ -364,8 +382,9 @@ def usage_fields(usage: Any) -> tuple[int | None, int | None, int | None, int | 
         for name in _DETAILS_NAMES:
             details = usage.get(name)
             if type(details) is dict:
-                cached = details.get("cached_tokens")
-                counts[name] = _Details(cached if type(cached) is int else None)
+                counts[name] = _Details(
+                    _int_or_none(details.get("cached_tokens")), _int_or_none(details.get("reasoning_tokens"))
+                )
         view = _Usage(**counts)
     elif type(usage) is not Raw and type(usage) is not bytes:
         return None
@@ -375,23 +394,31 @@ def usage_fields(usage: Any) -> tuple[int | None, int | None, int | None, int | 
     out = view.output_tokens
     if out is None:
         out = view.completion_tokens
-    details = view.input_tokens_details or view.prompt_tokens_details
-    return inp, out, view.total_tokens, None if details is None else details.cached_tokens
+    cached = view.input_tokens_details or view.prompt_tokens_details
+    reasoning = view.output_tokens_details or view.completion_tokens_details
+    return (
+        inp,
+        out,
+        view.total_tokens,
+        None if cached is None else cached.cached_tokens,
+        None if reasoning is None else reasoning.reasoning_tokens,
+    )
 
 
-def usage_counts(usage: Any) -> tuple[int, int, int, int] | None:
+def usage_counts(usage: Any) -> tuple[int, int, int, int, int] | None:
     """:func:`usage_fields` as numbers to add up: a missing count is 0, a missing total ``input + output``.
 
     :param usage: as for :func:`usage_fields`.
-    :return: ``(input, output, total, cached_input)``, or ``None`` when ``usage`` is not an object.
+    :return: ``(input, output, total, cached_input, reasoning)``, or ``None`` when ``usage`` is not an
+        object.
     """
     fields = usage_fields(usage)
     if fields is None:
         return None
-    inp, out, total, cached = fields
+    inp, out, total, cached, reasoning = fields
     inp = inp or 0
     out = out or 0
-    return inp, out, inp + out if total is None else total, cached or 0
+    return inp, out, inp + out if total is None else total, cached or 0, reasoning or 0
 
 
 # -- failures ------------------------------------------------------------------------------------------------

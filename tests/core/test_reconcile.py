@@ -198,6 +198,7 @@ def test_completed_batch_mixes_successes_http_errors_non_http_errors_and_missing
         "output_tokens": 11,
         "total_tokens": 58,
         "cached_input_tokens": 4,
+        "reasoning_tokens": 0,
     }
     assert summary.usage_by_model == {"gpt-4o-mini-2024-07-18": summary.usage}
     assert summary.anomalies == {"counts": {}, "examples": []}
@@ -534,6 +535,7 @@ def test_convenience_fields_for_every_endpoint(tmp_path: Path) -> None:
         "output_tokens": 8,
         "total_tokens": 28,
         "cached_input_tokens": 5,
+        "reasoning_tokens": 3,
     }
     assert list(summary.usage_by_model) == ["gpt-5-mini-2025-08-07"]
 
@@ -551,8 +553,17 @@ def test_endpoint_kind_and_usage_counts() -> None:
     assert endpoint_kind("/v1/embeddings") == "embeddings"
     assert endpoint_kind("/v1/moderations") == "other"
     assert endpoint_kind(None) == "other"
-    assert usage_counts({"prompt_tokens": 3, "completion_tokens": 2}) == (3, 2, 5, 0)
-    assert usage_counts({"input_tokens": 3, "output_tokens": "x", "total_tokens": None}) == (3, 0, 3, 0)
+    assert usage_counts({"prompt_tokens": 3, "completion_tokens": 2}) == (3, 2, 5, 0, 0)
+    assert usage_counts({"input_tokens": 3, "output_tokens": "x", "total_tokens": None}) == (3, 0, 3, 0, 0)
+    # chat's reasoning tokens, under completion_tokens_details, parsed or as JSON text alike
+    chat = {
+        "prompt_tokens": 9,
+        "completion_tokens": 7,
+        "total_tokens": 16,
+        "prompt_tokens_details": {"cached_tokens": 4},
+        "completion_tokens_details": {"reasoning_tokens": 5},
+    }
+    assert usage_counts(chat) == usage_counts(orjson.dumps(chat)) == (9, 7, 16, 4, 5)
     assert usage_counts(None) is None
 
 

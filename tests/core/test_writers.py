@@ -476,6 +476,7 @@ def test_parquet_usage_column_and_sums_read_usage_alike(tmp_path: Path) -> None:
         "output_tokens": 2 + 2 + 1,
         "total_tokens": 9 + 10 + 5 + 1,
         "cached_input_tokens": 1,
+        "reasoning_tokens": 0,
     }
     assert [r["content"] for r in rows] == ["x"] * 4 + [None] and rows[0]["embedding"] is None
 
