@@ -157,11 +157,21 @@ def _parts_text(parts: Any, part_type: str | None) -> str | None:
     return "".join(texts) if texts else None
 
 
-def _chat_fields(body: _ChatBody, record: dict[str, Any]) -> None:
-    """``content``: the first choice's message content (text parts joined)."""
-    message = body.choices[0].message if body.choices else None
+def _chat_fields(body: _ChatBody, record: dict[str, Any]) -> bool:
+    """``content``: the first choice's message content (text parts joined); ``finish_reason``.
+
+    :return: whether the answer is a tool call.
+    """
+    if not body.choices:
+        record["content"] = record["finish_reason"] = None
+        return False
+    choice = body.choices[0]
+    message = choice.message
     content = message.content if message is not None else None
     record["content"] = content if isinstance(content, str) or content is None else _parts_text(content, None)
+    finish = choice.finish_reason
+    record["finish_reason"] = finish if type(finish) is str else None
+    return message is not None and bool(message.tool_calls)
 
 
 def _completions_fields(body: _CompletionsBody, record: dict[str, Any]) -> None:
@@ -170,10 +180,18 @@ def _completions_fields(body: _CompletionsBody, record: dict[str, Any]) -> None:
     record["content"] = text if isinstance(text, str) else None
 
 
-def _responses_fields(body: _ResponsesBody, record: dict[str, Any]) -> None:
-    """``content``: the ``output_text`` parts of every message item, joined."""
+def _responses_fields(body: _ResponsesBody, record: dict[str, Any]) -> bool:
+    """``content``: the ``output_text`` parts of every message item, joined; ``finish_reason`` in chat's
+    vocabulary.
+
+    :return: whether the answer is a function call.
+    """
     texts = [t for item in body.output if (t := _parts_text(item.content, "output_text")) is not None]
     record["content"] = "".join(texts) if texts else None
+    calls = any(item.type == "function_call" for item in body.output)
+    finish = responses_finish_reason(body.status, body.incomplete_details, calls)
+    record["finish_reason"] = finish if type(finish) is str else None
+    return calls
 
 
 def _vector(value: list[float] | str | None) -> list[float] | None:
@@ -207,49 +225,40 @@ def _no_fields(body: _Body, record: dict[str, Any]) -> None:
 
 
 # -- answers (chat and responses) ----------------------------------------------------------------------------
-# Each returns ``(finish_reason, answer)``: ``answer`` is ``None`` for a plain text answer to a plain
-# request (no format asked, no tools offered), which is never a failure and is not read further; else
-# the classified answer (:func:`~airflow_openai_batch.core.schema.classify_answer`).
-
-_Answer = tuple[str | None, StructuredAnswer | None]
+# Read only for a request that asked for a format or offered tools, or an answer that is a tool call (a
+# plain text answer to a plain request is never a failure: its record has content and finish_reason):
+# the classified answer (:func:`~airflow_openai_batch.core.schema.classify_answer`), from the record's
+# ``content`` and ``finish_reason`` and the body's view.
 
 
 def _text_or_none(value: Any) -> str | None:
     return value if type(value) is str else None
 
 
-def _chat_answer(body: _ChatBody, content: str | None, schema: AnswerSchema | None) -> _Answer:
+def _chat_answer(body: _ChatBody, record: dict[str, Any], schema: AnswerSchema | None) -> StructuredAnswer:
     """The first choice's answer: its content, or its function calls' arguments."""
-    if not body.choices:
-        return None, (None if schema is None else classify_answer(None, None, None, None, schema))
-    choice = body.choices[0]
-    finish = _text_or_none(choice.finish_reason)
-    message = choice.message
-    tool_calls = message.tool_calls if message is not None else None
-    if schema is None and not tool_calls:
-        return finish, None
+    finish = record["finish_reason"]
+    message = body.choices[0].message if body.choices else None
     calls = None
-    if tool_calls:
+    if message is not None and message.tool_calls:
         calls = [
             (_text_or_none(c.function.name), _text_or_none(c.function.arguments))
-            for c in tool_calls
+            for c in message.tool_calls
             if c.function is not None
         ]
     refusal = _text_or_none(message.refusal) if message is not None else None
-    return finish, classify_answer(content, finish, calls, refusal or None, schema)
+    return classify_answer(record["content"], finish, calls, refusal or None, schema)
 
 
-def _responses_answer(body: _ResponsesBody, content: str | None, schema: AnswerSchema | None) -> _Answer:
-    """The output text, or the function calls' arguments; ``finish_reason`` in chat's vocabulary."""
+def _responses_answer(
+    body: _ResponsesBody, record: dict[str, Any], schema: AnswerSchema | None
+) -> StructuredAnswer:
+    """The output text, or the function calls' arguments."""
     calls = [
         (_text_or_none(item.name), _text_or_none(item.arguments))
         for item in body.output
         if item.type == "function_call"
     ] or None
-    finish = responses_finish_reason(body.status, body.incomplete_details, calls is not None)
-    finish = _text_or_none(finish)
-    if schema is None and calls is None:
-        return finish, None
     refusals = [
         p["refusal"]
         for item in body.output
@@ -257,11 +266,12 @@ def _responses_answer(body: _ResponsesBody, content: str | None, schema: AnswerS
         for p in item.content
         if isinstance(p, dict) and p.get("type") == "refusal" and isinstance(p.get("refusal"), str)
     ]
-    return finish, classify_answer(content, finish, calls, "".join(refusals) if refusals else None, schema)
+    refusal = "".join(refusals) if refusals else None
+    return classify_answer(record["content"], record["finish_reason"], calls, refusal, schema)
 
 
 #: How chat and responses answers are read (the other kinds have no such answers).
-_ANSWERS: dict[str, Callable[[Any, str | None, AnswerSchema | None], _Answer]] = {
+_ANSWERS: dict[str, Callable[[Any, dict[str, Any], AnswerSchema | None], StructuredAnswer]] = {
     "chat": _chat_answer,
     "responses": _responses_answer,
 }
@@ -283,11 +293,12 @@ class _Kind:
 
     :param view: the typed view of a response body (with defaults for every field: built empty, it
         stands for a body the view does not fit).
-    :param fields: writes the success record's convenience fields, read from the view.
+    :param fields: writes the success record's convenience fields, read from the view; returns whether the
+        answer is a tool call.
     """
 
     view: type[_Body]
-    fields: Callable[[Any, dict[str, Any]], None]
+    fields: Callable[[Any, dict[str, Any]], bool | None]
 
 
 #: Every endpoint kind, by the name :func:`endpoint_kind` gives it.
@@ -313,6 +324,7 @@ def extract_content(kind: str, body: Any) -> dict[str, Any]:
     build = RecordBuilder("", kind)
     fields: dict[str, Any] = {}
     build.fields(build.view(Raw(orjson.dumps(body))), fields)
+    fields.pop("finish_reason", None)
     return fields
 
 
@@ -544,15 +556,12 @@ class RecordBuilder:
                 "body": msgspec.json.decode(body),
                 "usage": msgspec.json.decode(view.usage),
             }
-        self.fields(view, record)
-        if self._answer is not None:
-            finish, answer = self._answer(view, record["content"], schema)
-            record["finish_reason"] = finish
-            if answer is not None:
-                if answer.error_code is not None:
-                    return answer
-                record["tool_calls"] = answer.tool_calls
-                record["parsed"] = _parsed_raw(answer) if self.raw_json else answer.parsed
+        if self.fields(view, record) or (schema is not None and self._answer is not None):
+            answer = self._answer(view, record, schema)  # type: ignore[misc]
+            if answer.error_code is not None:
+                return answer
+            record["tool_calls"] = answer.tool_calls
+            record["parsed"] = _parsed_raw(answer) if self.raw_json else answer.parsed
         elif self._media is not None:
             record["images"] = images.images
         record["attempts"] = self.attempt

@@ -1244,7 +1244,8 @@ class RequestSchemas:
         None)``), found by a few substring counts over the whole block; ``(False, None)`` when that
         cannot be told at once: ask :meth:`of_line` line by line.
         """
-        if b'"json_' not in data and b'"tools"' not in data:
+        # "json_" without its quote: searched several times faster in JSON text, where quotes abound.
+        if b"json_" not in data and b'"tools"' not in data:
             return True, None
         if b'"tools"' in data or b'"json_object"' in data:
             return False, None
