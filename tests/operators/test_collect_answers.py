@@ -20,6 +20,7 @@ from airflow_openai_batch.core.writers import read_records
 from airflow_openai_batch.operators.collect import OpenAIBatchCollectOperator
 from airflow_openai_batch.operators.submit import OpenAIBatchSubmitOperator
 from tests.support.images import assert_valid_image, png_size
+from tests.support.outlets import NoOutletEvents
 
 pytestmark = pytest.mark.usefixtures("emulator")
 
@@ -84,21 +85,12 @@ def run(
     emulator.advance(3600)
     out = tmp_path / "out"
     context = make_context(task_id="collect")
-    context["outlet_events"] = _NoEvents()
+    context["outlet_events"] = NoOutletEvents()
     op = OpenAIBatchCollectOperator(
         task_id="collect", batch_ids=ids, output_uri=str(out), output_format=output_format, **collect_kwargs
     )
     summary = op.execute(context)
     return summary, out, answer_bodies(emulator, ids)
-
-
-class _NoEvents(dict):
-    def __getitem__(self, alias):
-        class _Accessor:
-            def add(self, asset, extra=None):
-                pass
-
-        return _Accessor()
 
 
 def answer_bodies(emulator, batch_ids: list[str]) -> dict[str, dict[str, Any]]:
@@ -253,7 +245,7 @@ def test_plain_answers_never_fail_whatever_the_answer_knobs(
 def _collect_again(make_context, tmp_path: Path, summary: dict[str, Any], output_format: str) -> Path:
     out = tmp_path / f"again-{output_format}"
     context = make_context(task_id="collect")
-    context["outlet_events"] = _NoEvents()
+    context["outlet_events"] = NoOutletEvents()
     OpenAIBatchCollectOperator(
         task_id="collect", batch_ids=summary["batch_ids"], output_uri=str(out), output_format=output_format
     ).execute(context)
@@ -316,7 +308,7 @@ def collect_images(emulator, make_context, output_uri: str, output_format: str) 
     )
     emulator.advance(3600)
     context = make_context(task_id="collect")
-    context["outlet_events"] = _NoEvents()
+    context["outlet_events"] = NoOutletEvents()
     return OpenAIBatchCollectOperator(
         task_id="collect", batch_ids=ids, output_uri=output_uri, output_format=output_format
     ).execute(context)
