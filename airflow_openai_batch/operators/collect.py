@@ -9,18 +9,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow_openai_batch.compat import Asset, AssetAlias, BaseOperator
+from airflow_openai_batch.core.batch_usage import batch_usage
+from airflow_openai_batch.core.cost import PriceTable, usage_mismatch
 from airflow_openai_batch.core.job import Attempt, Chunk, Job, read_job
 from airflow_openai_batch.core.media import LocalMediaSink, MediaSink, ObjectStoreMediaSink
-from airflow_openai_batch.core.pricing import PriceTable
 from airflow_openai_batch.core.reconcile import BatchResultFiles, Reconciler, present_file_id
 from airflow_openai_batch.core.writers import OUTPUT_FORMATS, RecordSink, ResultWriter, write_manifest
-from airflow_openai_batch.exceptions import OpenAIBatchFailureRatioError, OpenAIBatchXComLimitError
+from airflow_openai_batch.exceptions import (
+    OpenAIBatchFailureRatioError,
+    OpenAIBatchJoinError,
+    OpenAIBatchXComLimitError,
+)
 from airflow_openai_batch.hooks.batch import OpenAIBatchHook
 from airflow_openai_batch.links import OpenAIBatchesPageLink, OpenAIBatchLink, persist_batch_links
 from airflow_openai_batch.operators._workdir import task_work_dir
 
 if TYPE_CHECKING:
     from airflow_openai_batch.compat import Context
+    from airflow_openai_batch.core.tables import JoinSummary, TableSource
 
 #: The asset alias under which collect tasks announce the folders they write.
 DEFAULT_ASSET_ALIAS = "openai_batch_results"
@@ -131,10 +137,15 @@ class OpenAIBatchCollectOperator(BaseOperator):
     :param response_schema: a Pydantic model class or JSON Schema dict: chat and responses answers are
         validated against it instead of the schema each request asked for, and it types Parquet's
         ``parsed`` column.
-    :return: the summary (counts, failed_by_code, usage, estimated_cost_usd, URIs).
+    :param join_input: for batches submitted from a table, also write ``answers.<ext>``: one row per
+        input row, in input order, with every input column and the answer columns. The table's location
+        comes with the batches (submit puts it in their metadata).
+    :param keep_columns: like ``join_input``, keeping only these input columns.
+    :return: the summary (counts, failed_by_code, usage, usage_by_model, cost_by_model,
+        estimated_cost_usd, URIs).
     """
 
-    template_fields: Sequence[str] = ("batch_ids", "output_uri")
+    template_fields: Sequence[str] = ("batch_ids", "output_uri", "keep_columns")
     template_fields_renderers = {"batch_ids": "json"}
     operator_extra_links = (OpenAIBatchLink(), OpenAIBatchesPageLink())
     ui_color = "#e6f0ff"
@@ -152,6 +163,8 @@ class OpenAIBatchCollectOperator(BaseOperator):
         asset_alias: str = DEFAULT_ASSET_ALIAS,
         conn_id: str = OpenAIBatchHook.default_conn_name,
         response_schema: Any = None,
+        join_input: bool = False,
+        keep_columns: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
         if output_format not in OUTPUT_FORMATS:
@@ -168,17 +181,22 @@ class OpenAIBatchCollectOperator(BaseOperator):
         self.asset_alias = asset_alias
         self.conn_id = conn_id
         self.response_schema = response_schema
+        self.join_input = join_input
+        self.keep_columns = keep_columns
 
     @cached_property
     def hook(self) -> OpenAIBatchHook:
         return OpenAIBatchHook(conn_id=self.conn_id)
 
     def execute(self, context: Context) -> dict[str, Any]:
+        self._usage_mismatches: list[str] = []
         job = read_job(self.batch_ids)
         ids = [a.batch_id for a in _answering_attempts(job) if a.batch_id]
         persist_batch_links(context, ids)
         batches = [self.hook.get_batch(batch_id) for batch_id in ids]
         by_id = {batch.id: batch for batch in batches}
+        # Before any result is read: a join that cannot happen is the user's mistake, told at once.
+        table_source = self._table_source(batches) if self.join_input or self.keep_columns else None
         with task_work_dir(context, "collect") as work_dir:
             if self.output_uri:
                 sink: Any = ResultWriter(work_dir / "staging", self.output_format)
@@ -198,6 +216,8 @@ class OpenAIBatchCollectOperator(BaseOperator):
                 raise
             summary = self._summary(reconciler)
             if isinstance(sink, ResultWriter):
+                if table_source is not None:
+                    summary["answers"] = self._join(table_source, sink, work_dir)
                 summary.update(self._publish(context, sink, summary))
             else:
                 summary["successes"] = sink.successes
@@ -221,6 +241,10 @@ class OpenAIBatchCollectOperator(BaseOperator):
             tally = reconciler.add_batch(
                 batch_result_files(self.hook, batch), skip_ids=frozenset(answered.ids), attempt=attempt.number
             )
+            mismatch = usage_mismatch(batch.id, batch_usage(batch.model_dump()), tally.usage)
+            if mismatch:
+                self.log.warning("%s", mismatch)
+                self._usage_mismatches.append(mismatch)
             self.log.info(
                 "Batch %s (%s%s): %s requests, %s succeeded, %s failed %s",
                 batch.id,
@@ -237,6 +261,7 @@ class OpenAIBatchCollectOperator(BaseOperator):
         result = reconciler.summary()
         data = result.to_dict()
         usage = data["usage"]
+        prices = PriceTable.load(self.prices)
         return {
             "batch_ids": data["batch_ids"],
             "total": data["total"],
@@ -249,15 +274,21 @@ class OpenAIBatchCollectOperator(BaseOperator):
                 "output_tokens": usage.get("output_tokens", 0),
                 "total_tokens": usage.get("total_tokens", 0),
                 "cached_input_tokens": usage.get("cached_input_tokens", 0),
+                "reasoning_tokens": usage.get("reasoning_tokens", 0),
             },
             "usage_by_model": data["usage_by_model"],
-            "estimated_cost_usd": PriceTable.load(self.prices).estimate_cost(result.usage_by_model),
+            "cost_by_model": prices.cost_by_model(result.usage_by_model),
+            "cost_totals": prices.totals(result.usage_by_model),
+            "estimated_cost_usd": prices.estimate_cost(result.usage_by_model),
+            "usage_mismatches": list(self._usage_mismatches),
             "anomalies": data["anomalies"],
             "batches": data["batches"],
             "output_uri": None,
             "successes_uri": None,
             "failures_uri": None,
             "retry_requests_uri": None,
+            "answers": None,
+            "answers_uri": None,
         }
 
     def _publish(self, context: Context, writer: ResultWriter, summary: dict[str, Any]) -> dict[str, Any]:
@@ -265,19 +296,96 @@ class OpenAIBatchCollectOperator(BaseOperator):
         folder = self._output_folder()
         folder.mkdir(parents=True, exist_ok=True)
         staged = writer.paths()
+        answers = summary["answers"]
+        if answers is not None:
+            staged["answers"] = Path(answers["path"])
         uris: dict[str, Any] = {"output_uri": str(folder)}
-        for name in _PUBLISH_ORDER:
+        for name in (*_PUBLISH_ORDER, "answers"):
+            if name not in staged:
+                continue
             target = folder / staged[name].name
             _publish_file(staged[name], target)
             uris[f"{name}_uri"] = str(target)
+        if answers is not None:
+            answers["path"] = uris["answers_uri"]
         manifest = write_manifest(staged["successes"].parent, {**summary, **uris})
         _publish_file(manifest, folder / manifest.name)
         self.log.info("Results written to %s", folder)
+        extra = {
+            "total": summary["total"],
+            "succeeded": summary["succeeded"],
+            "failed": summary["failed"],
+            **summary["cost_totals"],
+        }
         try:
-            context["outlet_events"][AssetAlias(self.asset_alias)].add(Asset(_asset_uri(folder)))
+            context["outlet_events"][AssetAlias(self.asset_alias)].add(Asset(_asset_uri(folder)), extra=extra)
         except Exception as err:  # an odd URI must not fail a task whose results are written
             self.log.warning("Could not emit an asset event for %s: %s", folder, err)
         return uris
+
+    def _table_source(self, batches: Sequence[Any]) -> TableSource:
+        """Where the batches' input table is: submit wrote it into each batch's metadata."""
+        from airflow_openai_batch.core.tables import TableSource
+
+        if not self.output_uri:
+            raise ValueError(
+                "join_input / keep_columns write answers.<ext> beside the results: set output_uri"
+            )
+        for batch in batches:
+            source = TableSource.from_metadata(batch.metadata)
+            if source is not None:
+                return source
+        raise OpenAIBatchJoinError(
+            f"join_input / keep_columns need batches submitted from a table, but none of the {len(batches)} "
+            "batch(es) names one in its metadata (aob_table, aob_table_uri): were they submitted from a "
+            "JSONL file or a list of requests?"
+        )
+
+    def _join(self, source: TableSource, writer: ResultWriter, work_dir: Path) -> dict[str, Any]:
+        """Write ``answers.<ext>`` into the staging folder: the input table's rows with their answers."""
+        from airflow_openai_batch.core.tables import TableInput, join_answers
+
+        staged = writer.paths()
+        ext = "parquet" if self.output_format == "parquet" else "jsonl"
+        if "://" in source.uri:
+            from airflow_openai_batch.compat import ObjectStoragePath
+
+            location = ObjectStoragePath(source.uri)
+            table = TableInput(location.path, filesystem=location.fs, format=source.format, uri=source.uri)
+        else:
+            table = TableInput(source.uri, format=source.format, uri=source.uri)
+        joined: JoinSummary = join_answers(
+            table,
+            source,
+            successes=staged["successes"],
+            failures=staged["failures"],
+            destination=staged["successes"].parent / f"answers.{ext}",
+            keep_columns=None if self.join_input else list(self.keep_columns or ()),
+            work_dir=work_dir / "join",
+        )
+        self.log.info(
+            "Joined %s answers to the rows of %s: %s succeeded, %s failed",
+            f"{joined.rows:,}",
+            source.uri,
+            f"{joined.succeeded:,}",
+            f"{joined.failed:,}",
+        )
+        if joined.unanswered:
+            self.log.warning(
+                "%s rows of %s have no answer in these batches (status null in answers.%s): were some "
+                "batches of the job left out of this collect?",
+                f"{joined.unanswered:,}",
+                source.uri,
+                ext,
+            )
+        return {
+            "path": str(joined.path),
+            "rows": joined.rows,
+            "succeeded": joined.succeeded,
+            "failed": joined.failed,
+            "unanswered": joined.unanswered,
+            "columns": list(joined.columns),
+        }
 
     def _output_folder(self) -> Any:
         """``output_uri`` as an ObjectStoragePath."""

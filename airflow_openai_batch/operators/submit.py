@@ -87,6 +87,37 @@ def idempotency_key(
     return hashlib.sha256(raw.encode()).hexdigest()[:40]
 
 
+def with_table_metadata(metadata: Mapping[str, str], source: TableSource) -> dict[str, str]:
+    """``metadata`` and the two pairs that tell collect where the input table is.
+
+    :raises OpenAIBatchInputError: they do not fit OpenAI's 16 pairs beside the operator's own, a user key
+        has one of their names, or the table's location is too long for a metadata value.
+    """
+    try:
+        pairs = source.to_metadata()
+    except ValueError as err:
+        raise OpenAIBatchInputError([InputProblem(None, "requests", str(err))]) from err
+    room = MAX_METADATA_PAIRS - len(OWN_METADATA_KEYS) - len(pairs)
+    problems = [
+        InputProblem(None, f"metadata[{key!r}]", "this key is reserved by the operator for a table input")
+        for key in metadata
+        if key in pairs
+    ]
+    if len(metadata) > room:
+        problems.append(
+            InputProblem(
+                None,
+                "metadata",
+                f"{len(metadata)} keys given; a table input leaves room for {room} beside the "
+                f"{len(OWN_METADATA_KEYS) + len(pairs)} this operator adds "
+                f"(OpenAI allows {MAX_METADATA_PAIRS})",
+            )
+        )
+    if problems:
+        raise OpenAIBatchInputError(problems)
+    return {**metadata, **pairs}
+
+
 def validate_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
     """Check user metadata against OpenAI's limits, counting the keys this package adds."""
     metadata = dict(metadata or {})
@@ -380,6 +411,9 @@ class OpenAIBatchSubmitOperator(BaseOperator):
         self.input_expires_after = validate_input_expires_after(self.input_expires_after)
         with task_work_dir(context, "submit") as work_dir:
             prepared = self._prepare(endpoint, work_dir)
+            if self._table_source is not None:
+                # Collect finds the table with each batch it reads: the user does not repeat it.
+                user_metadata = with_table_metadata(user_metadata, self._table_source)
             self.log.info(
                 "Validated %s requests (%s bytes) into %d batch(es) for %s",
                 f"{prepared.total_requests:,}",
