@@ -34,6 +34,10 @@ def main() -> None:
         from bench import polling
 
         result = polling.run(**kwargs)
+    elif kind == "trigger_cost":
+        from bench import polling
+
+        result = polling.trigger_cost(**kwargs)
     elif kind == "e2e":
         from bench import e2e
 

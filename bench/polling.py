@@ -26,6 +26,14 @@ Scenarios:
 
 Calls are ``batches.retrieve`` plus ``batches.list`` calls (the emulator counts each route); a batch
 counts as seen at the first moment a trigger was handed its final status, whichever call fetched it.
+
+**Trigger cost** (:func:`trigger_cost`) runs in real time instead: 500 triggers (one batch each) in one
+event loop, as in one triggerer, against the emulator behind an API latency (200 ms: half on the way
+there, half on the way back), the batches finishing uniformly over 60 s, every wait 2 s. The baseline
+is the ideal loop in the same conditions: one shared ``AsyncOpenAI``, and per batch ``await retrieve``
+every 2 s until it is final. Measured: the event loop's lag (a 25 ms ticker's oversleep), the
+delay from a batch's finish to its waiter's end (our trigger's event; the loop's final retrieve), the
+API calls and this process's CPU time.
 """
 
 from __future__ import annotations
@@ -54,12 +62,19 @@ def _cpu_seconds() -> float:
 
 
 class Emulator:
-    """The emulator in a child process, with helpers for its admin routes."""
+    """The emulator in a child process, with helpers for its admin routes.
 
-    def __init__(self, **knobs: Any) -> None:
-        args = [sys.executable, "-m", "airflow_openai_batch.emulator", "--port", "0"]
-        for name, value in knobs.items():
-            args += [f"--{name.replace('_', '-')}", str(value)]
+    :param latency: seconds added to every API call (admin routes excepted), half before the request is
+        handled and half before the response starts (see :func:`serve`).
+    """
+
+    def __init__(self, latency: float = 0.0, **knobs: Any) -> None:
+        if latency > 0:
+            args = [sys.executable, "-m", "bench.polling", json.dumps({"latency": latency, "knobs": knobs})]
+        else:
+            args = [sys.executable, "-m", "airflow_openai_batch.emulator", "--port", "0"]
+            for name, value in knobs.items():
+                args += [f"--{name.replace('_', '-')}", str(value)]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -93,6 +108,9 @@ class Emulator:
 
     def stats(self) -> dict[str, Any]:
         return self._call("GET", "/_emulator/stats")
+
+    def configure(self, **knobs: Any) -> dict[str, Any]:
+        return self._call("POST", "/_emulator/config", knobs)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -248,7 +266,11 @@ async def _simulate(
             # Every state a trigger is handed passes here, whether a retrieve or a list page fetched it.
             results = await original(self, batch_ids)
             for batch_id, batch in results.items():
-                if not isinstance(batch, BaseException) and batch.status in FINAL:
+                if isinstance(batch, BaseException):
+                    continue
+                # A list page's batch is a plain dict, a retrieved one an openai Batch.
+                status = batch["status"] if isinstance(batch, dict) else batch.status
+                if status in FINAL:
                     seen.setdefault(batch_id, clock.now)
             return results
 
@@ -314,3 +336,209 @@ async def _simulate(
         "steps": clock.steps,
         "all_final": all(statuses.get(b) == "completed" for b in ids),
     }
+
+
+# -- trigger cost: real time, with API latency ----------------------------------------------------------
+
+
+def serve(spec: dict[str, Any]) -> None:
+    """Serve the emulator with ``spec["latency"]`` seconds added to every API call (``python -m
+    bench.polling '<spec>'``): half before the request is handled, half before its response starts, so a
+    batch's status is read at the middle of the call, as over a network."""
+    from airflow_openai_batch.emulator import EmulatorConfig, create_app
+    from airflow_openai_batch.emulator.server import NotifyingServer, bind_socket, uvicorn_config
+
+    app = create_app(EmulatorConfig(**spec["knobs"]))
+    half = float(spec["latency"]) / 2
+
+    async def delayed(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await app(scope, receive, send)
+            return
+        await asyncio.sleep(half)
+
+        async def send_later(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                await asyncio.sleep(half)
+            await send(message)
+
+        await app(scope, receive, send_later)
+
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = NotifyingServer(
+        uvicorn_config(delayed),
+        on_ready=lambda: print(f"emulator listening on http://127.0.0.1:{port}", flush=True),
+        on_shutdown=app.state.emulator.close,
+    )
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+async def _create_concurrently(emulator: Emulator, sizes: list[int], concurrency: int = 50) -> list[str]:
+    """One chat batch per size, created ``concurrency`` at a time (each call pays the latency)."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=emulator.base_url, api_key="sk-bench", max_retries=0)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def create(i: int, lines: int) -> str:
+        body = b"".join(
+            b'{"custom_id":"b%d-r%d","method":"POST","url":"/v1/chat/completions",'
+            b'"body":{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}}\n' % (i, j)
+            for j in range(lines)
+        )
+        async with gate:
+            upload = await client.files.create(file=(f"in-{i}.jsonl", body), purpose="batch")
+            batch = await client.batches.create(
+                input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+        return batch.id
+
+    try:
+        return list(await asyncio.gather(*(create(i, n) for i, n in enumerate(sizes))))
+    finally:
+        await client.close()
+
+
+def trigger_cost(
+    scenario: str,
+    batches: int = 500,
+    latency: float = 0.2,
+    window: float = 60.0,
+    poll_interval: float = 2.0,
+    rate: float = 5.0,
+    work_dir: str = "",
+) -> dict[str, Any]:
+    """Run ``ours`` (one :class:`OpenAIBatchTrigger` per batch) or ``ideal`` in real time; its figures.
+
+    The batches are created with the emulator stalled (``rate=0``), then all start at once: batch ``i``
+    holds ``round((i + 1) * window / batches * rate)`` lines and finishes that many lines / ``rate``
+    seconds after the start.
+    """
+    home = Path(work_dir) / f"airflow-trigger-cost-{scenario}"
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["AIRFLOW_HOME"] = str(home)
+    os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+    os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{home}/airflow.db"
+
+    emulator = Emulator(latency=latency, rate=0, time_scale=1, seed=1)
+    try:
+        os.environ["AIRFLOW_CONN_OPENAI_DEFAULT"] = json.dumps(
+            {"conn_type": "openai_batch", "password": "sk-bench", "host": emulator.base_url}
+        )
+        sizes = [max(1, round((i + 1) * window / batches * rate)) for i in range(batches)]
+        ids = asyncio.run(_create_concurrently(emulator, sizes))
+        # Imported before the batches start: importing Airflow takes seconds, which must not count.
+        import airflow_openai_batch.triggers.batch  # noqa: F401
+
+        before = _poll_calls(emulator.stats())
+        emulator.configure(rate=rate)
+        t0 = time.time()  # the emulator's clock runs at real speed: every batch started now
+        finish = {batch_id: t0 + lines / rate for batch_id, lines in zip(ids, sizes, strict=True)}
+        result = asyncio.run(_run_waiters(scenario, emulator, finish, poll_interval))
+        after = _poll_calls(emulator.stats())
+    finally:
+        emulator.stop()
+    delays = sorted(result["done"][b] - f for b, f in finish.items())
+    lags = sorted(result["lags"])
+    return {
+        "scenario": scenario,
+        "batches": batches,
+        "latency": latency,
+        "window": window,
+        "poll_interval": poll_interval,
+        "api_calls": sum(after.values()) - sum(before.values()),
+        "retrieve_calls": after["batches.retrieve"] - before["batches.retrieve"],
+        "list_calls": after["batches.list"] - before["batches.list"],
+        "cpu_seconds": result["cpu"],
+        "wall_seconds": result["wall"],
+        "delay_p50": _quantile(delays, 0.50),
+        "delay_p95": _quantile(delays, 0.95),
+        "delay_max": delays[-1],
+        "lag_p99": _quantile(lags, 0.99),
+        "lag_max": lags[-1],
+        "all_final": result["all_final"],
+    }
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _run_waiters(
+    scenario: str, emulator: Emulator, finish: dict[str, float], poll_interval: float
+) -> dict[str, Any]:
+    done: dict[str, float] = {}
+    statuses: dict[str, str] = {}
+    lags: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        # The event loop's responsiveness: how late a 25 ms sleep wakes up (the same small cost in both).
+        while not stop.is_set():
+            start = time.perf_counter()
+            await asyncio.sleep(0.025)
+            lags.append(max(0.0, time.perf_counter() - start - 0.025))
+
+    if scenario == "ours":
+        from airflow_openai_batch.triggers.batch import OpenAIBatchTrigger
+
+        async def wait(batch_id: str) -> None:
+            trigger = OpenAIBatchTrigger(
+                batch_ids=[batch_id],
+                poll_interval=poll_interval,
+                max_poll_interval=poll_interval,
+                deadline=time.time() + 3600,
+                started_at=time.time(),
+            )
+            async for event in trigger.run():
+                done[batch_id] = time.time()
+                statuses[batch_id] = event.payload["batches"].get(batch_id, {}).get("status", "?")
+                break
+
+        client = None
+    elif scenario == "ideal":
+        import openai
+
+        client = openai.AsyncOpenAI(base_url=emulator.base_url, api_key="sk-bench")
+
+        async def wait(batch_id: str) -> None:
+            assert client is not None
+            due = time.monotonic()
+            while True:
+                batch = await client.batches.retrieve(batch_id)
+                if batch.status in FINAL:
+                    done[batch_id] = time.time()
+                    statuses[batch_id] = batch.status
+                    return
+                # Every poll interval, not an interval after each answer: the call's time is not added.
+                due += poll_interval
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+
+    else:
+        raise ValueError(f"unknown scenario {scenario!r}")
+
+    cpu0 = _cpu_seconds()
+    wall0 = time.perf_counter()
+    ticking = asyncio.ensure_future(ticker())
+    try:
+        await asyncio.gather(*(wait(batch_id) for batch_id in finish))
+    finally:
+        stop.set()
+        await ticking
+        if client is not None:
+            await client.close()
+    return {
+        "cpu": _cpu_seconds() - cpu0,
+        "wall": time.perf_counter() - wall0,
+        "done": done,
+        "lags": lags,
+        "all_final": all(statuses.get(b) == "completed" for b in finish),
+    }
+
+
+if __name__ == "__main__":
+    serve(json.loads(sys.argv[1]))

@@ -93,7 +93,7 @@ class Attempt(msgspec.Struct, kw_only=True, omit_defaults=True):
         """Record the batch's latest summary; returns the status seen before (``None``: first sight)."""
         before = self.status
         self.status = str(summary["status"])
-        self.summary = dict(summary)
+        self.summary = summary if isinstance(summary, dict) else dict(summary)
         return before
 
 
@@ -221,9 +221,10 @@ class Job(msgspec.Struct, kw_only=True, omit_defaults=True):
         ]
 
     def find(self, batch_id: str) -> tuple[Chunk, Attempt] | None:
-        for chunk, attempt in self.attempts():
-            if attempt.batch_id == batch_id:
-                return chunk, attempt
+        for chunk in self.chunks:
+            for attempt in chunk.attempts:
+                if attempt.batch_id == batch_id:
+                    return chunk, attempt
         return None
 
     def outcome(self) -> dict[str, dict[str, Any]]:

@@ -316,6 +316,10 @@ class AdaptivePollSchedule:
         self._near_done = near_done
         return changed
 
+    def last_eta(self, batch_id: str) -> float | None:
+        """The projection :meth:`observe` made for a batch not final, if it could make one."""
+        return self._etas.get(batch_id)
+
     def eta(self, batch_id: str, summary: Mapping[str, Any], now: float) -> float | None:
         """Projected seconds until every request of the batch is processed, or ``None`` if unknown."""
         first = self._first.get(batch_id)
@@ -344,6 +348,11 @@ class AdaptivePollSchedule:
         return self.interval
 
 
+#: The least share of a wait that alignment to the full grid keeps. Below half, so a waiter polled a
+#: moment after a half-grid point (the poll took that moment) still moves to the full grid.
+GRID_KEEPS = 0.4
+
+
 def align_to_grid(
     now: float, wait: float, poll_interval: float, max_poll_interval: float
 ) -> tuple[float, float | None]:
@@ -352,24 +361,25 @@ def align_to_grid(
     Waiters that started at different moments then poll at the same instants, so a process that runs
     many of them can serve their polls together (see ``triggers/_poll_board.py``). The grid is
     ``max_poll_interval`` for a wait that long, else ``poll_interval``: the poll is moved back to the last
-    grid point before it was due. When that would cut the wait below half, the half grid is tried (it
-    always keeps at least half); the next full-length wait then lands on the full grid, so a waiter pays
+    grid point before it was due. When that would cut the wait below :data:`GRID_KEEPS` of it, the half
+    grid is tried (it always keeps at least half); the next full-length wait then lands on the full grid
+    (a waiter on the half grid is half a grid step from it, which the full grid keeps), so a waiter pays
     at most two shortened waits per change of interval and a finished batch is still seen no later than
     the schedule promised.
 
-    :param now: the time now, epoch seconds.
+    :param now: the time the wait starts from, epoch seconds.
     :param wait: the wait the schedule asked for, seconds.
     :param poll_interval: the fine grid, seconds.
     :param max_poll_interval: the coarse grid, seconds.
     :return: ``(wait, grid)``: the aligned wait (``<= wait``) and the grid it is aligned to, or the
-        unchanged wait and ``None`` when no grid keeps at least half of it.
+        unchanged wait and ``None`` when no grid keeps enough of it.
     """
     if not wait > 0:
         return wait, None
     grid = max_poll_interval if wait >= max_poll_interval else poll_interval
-    for step in (grid, grid / 2):
+    for step, keeps in ((grid, GRID_KEEPS), (grid / 2, 0.5)):
         shortened = math.floor((now + wait) / step) * step - now
-        if shortened >= wait / 2:
+        if shortened >= wait * keeps:
             # min(): floating-point rounding may put the grid point a hair after the due time.
             return min(wait, shortened), step
     return wait, None

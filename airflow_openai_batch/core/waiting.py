@@ -14,7 +14,7 @@ schedule and the consecutive-fault counts of one process, which are fine to lose
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from airflow_openai_batch.core.job import Chunk, Job
@@ -83,12 +83,39 @@ class Wait(_Decision):
     """Poll ``poll`` after ``after`` seconds (no batch to poll: only time must pass, for capacity).
 
     :param reason: ``adaptive``, ``backoff``, ``retry-after``, ``deadline`` or ``capacity``.
+    :param batches: the job's batches (for the message).
+    :param grid: the grid the wait is aligned to, if any.
+    :param asked: the wait the schedule asked for, before alignment.
     """
 
     poll: tuple[str, ...]
     after: float
     reason: str
-    message: str
+    batches: int = 0
+    grid: float | None = None
+    asked: float | None = None
+
+    @property
+    def message(self) -> str:
+        """What the wait is for, in a line (built only when someone logs it)."""
+        after = format_duration(self.after)
+        if not self.poll:
+            return (
+                f"Chunks wait for enqueued-token capacity and none of this job runs; re-creating in {after}"
+            )
+        detail = ""
+        if self.grid is not None:
+            detail = f", aligned to the {format_duration(self.grid)} grid"
+            if self.asked is not None and self.after < self.asked * 0.999:
+                detail += f"; the schedule asked {format_duration(self.asked)}"
+        return (
+            f"{len(self.poll)} of {self.batches} batch(es) not final yet; next poll in {after} "
+            f"({self.reason}{detail})"
+        )
+
+    def __str__(self) -> str:
+        # So a logger formats the message only when the line is emitted ("%s", wait).
+        return self.message
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -205,26 +232,43 @@ class Waiting:
 
     # -- the step --------------------------------------------------------------------------------
 
-    def step(self, job: Job, results: Mapping[str, Mapping[str, Any] | Fault], now: float) -> Decision:
+    def step(
+        self,
+        job: Job,
+        results: Mapping[str, Mapping[str, Any] | Fault],
+        now: float,
+        polled_at: float | None = None,
+    ) -> Decision:
         """Record the poll ``results`` (``{batch_id: summary or Fault}``) in ``job``, then decide.
 
         :param job: updated in place: statuses, summaries, capacity credits, idle time.
         :param now: the clock, unix seconds.
+        :param polled_at: when the results were asked for; the next poll is due from then, not from
+            ``now``, so the time a poll takes does not push the next one later and later.
         """
         notes: list[Note] = []
-        give_up = self._observe(job, results, now, notes)
-        if give_up is not None:
-            return GiveUp(error=give_up, notes=tuple(notes))
-        decision = self.decide(job, now)
-        return _with_notes(decision, notes)
+        observed = self._observe(job, results, now, notes)
+        if isinstance(observed, OpenAIBatchError):
+            return GiveUp(error=observed, notes=tuple(notes))
+        return self._decide(job, now, polled_at, tuple(notes), observed)
 
-    def decide(self, job: Job, now: float) -> Decision:
+    def decide(self, job: Job, now: float, polled_at: float | None = None) -> Decision:
         """What to do next, from the job as it is (no new results). Pure: ``job`` is not changed."""
-        states = self._states(job)
+        return self._decide(job, now, polled_at, ())
+
+    def _decide(
+        self,
+        job: Job,
+        now: float,
+        polled_at: float | None,
+        notes: tuple[Note, ...],
+        states: _ChunkStates | None = None,
+    ) -> Decision:
+        states = states if states is not None else self._states(job)
         deadline_passed = job.deadline is not None and now >= job.deadline
         live_ids = tuple(job.chunks[i].current.batch_id or "" for i in states.live)
         if deadline_passed and live_ids:
-            return self._timeout(job, live_ids)
+            return self._timeout(job, live_ids, notes)
         capacity_wait: float | None = None
         if not deadline_passed:
             recreate: list[int] = []
@@ -243,20 +287,15 @@ class Waiting:
                     retry=tuple(states.retry),
                     idle=idle,
                     message=self._work_message(job, recreate, states.retry, idle),
+                    notes=notes,
                 )
         if live_ids:
-            return self._wait(job, live_ids, now)
+            return self._wait(job, live_ids, now, now if polled_at is None else min(polled_at, now), notes)
         if capacity_wait is not None:
             if job.deadline is not None:
                 capacity_wait = min(capacity_wait, job.deadline - now)
-            return Wait(
-                poll=(),
-                after=max(0.0, capacity_wait),
-                reason="capacity",
-                message=f"{len(states.waiting)} chunk(s) wait for enqueued-token capacity and none of "
-                f"this job runs; re-creating in {format_duration(max(0.0, capacity_wait))}",
-            )
-        return self._finish(job, states, deadline_passed)
+            return Wait(poll=(), after=max(0.0, capacity_wait), reason="capacity", notes=notes)
+        return self._finish(job, states, deadline_passed, notes)
 
     def done(self, job: Job, work: Work) -> None:
         """Book the work the worker did for ``work`` (capacity credits spent, idle rounds counted)."""
@@ -272,7 +311,8 @@ class Waiting:
 
     def _observe(
         self, job: Job, results: Mapping[str, Mapping[str, Any] | Fault], now: float, notes: list[Note]
-    ) -> OpenAIBatchError | None:
+    ) -> OpenAIBatchError | _ChunkStates:
+        """Record the results in the job; an error to give up with, or the chunks' states after them."""
         polled: dict[str, Mapping[str, Any]] = {}
         freed = 0
         self._worst_fault, self._retry_after = 0, None
@@ -325,7 +365,7 @@ class Waiting:
         if polled:
             self.schedule.observe(polled, now)
             for batch_id, summary in polled.items():
-                eta = self.schedule.eta(batch_id, summary, now)
+                eta = self.schedule.last_eta(batch_id)
                 notes.append(("info", progress_line(batch_id, summary, eta_seconds=eta)))
         states = self._states(job)
         if states.waiting:
@@ -336,7 +376,7 @@ class Waiting:
             job.idle_since = job.idle_since if job.idle_since is not None else now
         else:
             job.idle_since = None
-        return None
+        return states
 
     # -- states ----------------------------------------------------------------------------------
 
@@ -376,9 +416,11 @@ class Waiting:
 
     # -- decisions -------------------------------------------------------------------------------
 
-    def _wait(self, job: Job, live_ids: tuple[str, ...], now: float) -> Wait:
+    def _wait(
+        self, job: Job, live_ids: tuple[str, ...], now: float, polled_at: float, notes: tuple[Note, ...]
+    ) -> Wait:
         wait = self.schedule.next_interval() if self._polled else self.schedule.interval
-        reason, detail = "adaptive", ""
+        asked, grid, reason = wait, None, "adaptive"
         if self._worst_fault:
             # Slow down while the API is failing; never call again before the Retry-After it asked for.
             wait = max(wait, backoff_delay(self._worst_fault, self.poll_interval, self.max_poll_interval))
@@ -388,30 +430,27 @@ class Waiting:
         else:
             # On the grid, waits that started at different moments poll together and can share calls.
             # Only shortened, so a finished batch is seen no later than the schedule promised.
-            asked = wait
-            wait, grid = align_to_grid(now, wait, self.poll_interval, self.max_poll_interval)
-            if grid is not None:
-                detail = f", aligned to the {format_duration(grid)} grid"
-                if wait < asked * 0.999:
-                    detail += f"; the schedule asked {format_duration(asked)}"
+            wait, grid = align_to_grid(polled_at, wait, self.poll_interval, self.max_poll_interval)
+            # Due from when the poll began: what the poll itself took is not waited again.
+            wait = max(0.0, wait - (now - polled_at))
         if job.deadline is not None and job.deadline - now < wait:
-            wait, reason, detail = max(0.0, job.deadline - now), "deadline", ""
-        total = sum(1 for _, a in job.attempts() if a.created)
-        message = (
-            f"{len(live_ids)} of {total} batch(es) not final yet; next poll in "
-            f"{format_duration(wait)} ({reason}{detail})"
+            wait, reason, grid = max(0.0, job.deadline - now), "deadline", None
+        batches = sum(1 for chunk in job.chunks for a in chunk.attempts if a.batch_id is not None)
+        return Wait(
+            poll=live_ids, after=wait, reason=reason, batches=batches, grid=grid, asked=asked, notes=notes
         )
-        return Wait(poll=live_ids, after=wait, reason=reason, message=message)
 
-    def _timeout(self, job: Job, live_ids: tuple[str, ...]) -> Timeout:
+    def _timeout(self, job: Job, live_ids: tuple[str, ...], notes: tuple[Note, ...] = ()) -> Timeout:
         states = ", ".join(f"{b} ({self._status(job, b)})" for b in live_ids)
         message = f"Deadline passed with {len(live_ids)} batch(es) not final: {states}"
         if not self.cancel_on_kill:
             message += "; left running (cancel_on_kill=False)"
-        return Timeout(cancel=live_ids if self.cancel_on_kill else (), message=message)
+        return Timeout(cancel=live_ids if self.cancel_on_kill else (), message=message, notes=notes)
 
-    def _finish(self, job: Job, states: _ChunkStates, deadline_passed: bool) -> Finish:
-        notes: list[Note] = []
+    def _finish(
+        self, job: Job, states: _ChunkStates, deadline_passed: bool, polled_notes: tuple[Note, ...]
+    ) -> Finish:
+        notes: list[Note] = list(polled_notes)
         warnings: list[str] = []
         stuck = [job.chunks[i] for i in (*states.waiting, *states.exhausted)]
         never_created = [c for c in stuck if not c.current.created]
@@ -501,9 +540,3 @@ def _status_counts(result: Mapping[str, Mapping[str, Any]]) -> str:
 
 def _input_file(chunk: Chunk) -> str | None:
     return chunk.create.input_file_id if chunk.create is not None else chunk.current.input_file_id
-
-
-def _with_notes(decision: Decision, notes: list[Note]) -> Decision:
-    if not notes:
-        return decision
-    return replace(decision, notes=(*notes, *decision.notes))

@@ -265,7 +265,9 @@ class OpenAIBatchSensor(BaseSensorOperator):
 
     def _look(self, job: Job) -> Decision:
         """Poll the batches not known to be final, and decide."""
-        return self._waiting_now().step(job, self._poll(job.live_batch_ids()), self.clock())
+        polled_at = self.clock()
+        results = self._poll(job.live_batch_ids())
+        return self._waiting_now().step(job, results, self.clock(), polled_at)
 
     def _poll(self, batch_ids: Sequence[str]) -> dict[str, Mapping[str, Any] | Fault]:
         results: dict[str, Mapping[str, Any] | Fault] = {}

@@ -2,11 +2,18 @@
 
 A triggerer runs every deferred task's trigger in one event loop. Left alone, 1,000 triggers that each
 wait on one batch make 1,000 ``batches.retrieve`` calls per round of polls. With the board they share:
-a trigger asks the board for the current state of its batches, and the requests that arrive within a
-short window (:data:`COALESCE_SECONDS`) are served together, by a ``batches.list`` walk (up to 100
-batches per call, newest first) when that costs fewer calls than one retrieve per batch, and by
-retrieves otherwise and for whatever the walk did not find. Triggers meet in the same window because
-they align their polls on a grid in absolute time (:func:`~airflow_openai_batch.core.progress.align_to_grid`).
+a trigger asks the board for the current state of its batches, and the requests that arrive together
+(within :data:`COALESCE_SECONDS` of each other, up to :data:`MAX_COALESCE_SECONDS`) are served together,
+by a ``batches.list`` walk (up to 100 batches per call, newest first) when that costs fewer calls than
+one retrieve per batch, and by retrieves otherwise and for whatever the walk did not find. Triggers meet
+in the same round because they align their polls on a grid in absolute time
+(:func:`~airflow_openai_batch.core.progress.align_to_grid`).
+
+A walk reads its pages at once, not one after the other: the board remembers where each page of the
+last walk ended, and those batch ids are the cursors (``after``) of the next walk's pages. Batches are
+listed newest first and only new ones are added (at the front), so the pages still cover the list; the
+few batches pushed past the first page by new ones are read on from it. Pages are parsed as plain JSON:
+a trigger needs a handful of fields, not the SDK's models.
 
 The board owns one async client per (event loop, connection), shared by its triggers (one connection
 pool instead of one per trigger), and closes it once the last trigger has left.
@@ -22,18 +29,30 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import orjson
+
 from airflow_openai_batch.core.progress import classify_api_error, describe_api_error
 from airflow_openai_batch.limits import MAX_LIST_PAGE_SIZE
 from airflow_openai_batch.statuses import is_final
 
-__all__ = ["COALESCE_SECONDS", "LIST_MIN_IDS", "MAX_CONCURRENT_CALLS", "PollBoard", "join", "open_boards"]
+__all__ = [
+    "COALESCE_SECONDS",
+    "LIST_MIN_IDS",
+    "MAX_COALESCE_SECONDS",
+    "MAX_CONCURRENT_CALLS",
+    "PollBoard",
+    "join",
+    "open_boards",
+]
 
 log = logging.getLogger(__name__)
 
-#: Real seconds a round stays open to more requests after its first one. Triggers aligned on the same
-#: grid point wake within a millisecond or two of each other; 20 ms gathers them at a negligible cost in
-#: latency. A module-level value so tests (and the benchmark) can change it.
+#: Real seconds a round stays open to more requests after its first one, and again after each one that
+#: came meanwhile. Triggers aligned on the same grid point wake within a millisecond or two of each other;
+#: 20 ms gathers them at a negligible cost in latency. A module-level value so tests can change it.
 COALESCE_SECONDS = 0.02
+#: The longest a round stays open while requests keep coming (many triggers starting at once).
+MAX_COALESCE_SECONDS = 0.25
 #: Event-loop turns a round also stays open: coroutines woken in the same loop pass (a virtual clock
 #: waking every waiter due at one instant) all get their turn, even with :data:`COALESCE_SECONDS` at 0.
 COALESCE_TURNS = 3
@@ -79,13 +98,29 @@ def open_boards() -> list[PollBoard]:
 
 
 class _Round:
-    """The batch ids asked for within one coalescing window, and the future that answers them all."""
+    """The batch ids asked for within one coalescing window, and a future per asker to answer.
 
-    __slots__ = ("future", "ids")
+    A future per asker (not one shared): cancelling one asker cancels its future only, never the
+    round the others wait on.
+    """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    __slots__ = ("ids", "waiters")
+
+    def __init__(self) -> None:
         self.ids: dict[str, None] = {}
-        self.future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.waiters: list[asyncio.Future[dict[str, Any]]] = []
+
+    def answer(self, results: dict[str, Any] | BaseException | None) -> None:
+        """Give every asker the results, or the exception, or (``None``) cancel them."""
+        for waiter in self.waiters:
+            if waiter.done():
+                continue
+            if results is None:
+                waiter.cancel()
+            elif isinstance(results, BaseException):
+                waiter.set_exception(results)
+            else:
+                waiter.set_result(results)
 
 
 class PollBoard:
@@ -119,6 +154,8 @@ class PollBoard:
         self._page_hint: dict[str, int] = {}
         #: Off after a non-transient list error: a server that refuses batches.list still serves retrieves.
         self._walks_enabled = True
+        #: The last batch id of each page of the last walk, in order: the cursors of the next walk's pages.
+        self._cursors: list[str] = []
 
     # -- triggers' side ------------------------------------------------------------------------
 
@@ -127,7 +164,9 @@ class PollBoard:
         self.client = await self.hook.aget_async_client()
 
     async def fetch(self, batch_ids: Sequence[str]) -> dict[str, Any]:
-        """The current state of each batch: ``{batch_id: openai Batch or the exception its call raised}``.
+        """The current state of each batch: ``{batch_id: state or the exception its call raised}``, a state
+        being the batch as the API answered it: a ``dict`` (parsed from a list page) or an openai
+        ``Batch`` (from a retrieve); :func:`~airflow_openai_batch.core.progress.batch_summary` takes both.
 
         A ``batches.list`` failure is the answer for every batch the walk was still looking for; a
         retrieve failure only for its batch. Cancelling the caller does not cancel the round: other
@@ -139,12 +178,14 @@ class PollBoard:
             return {}
         current = self._open
         if current is None:
-            current = self._open = _Round(asyncio.get_running_loop())
+            current = self._open = _Round()
             task = asyncio.ensure_future(self._serve(current))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         current.ids.update(dict.fromkeys(batch_ids))
-        results = await asyncio.shield(current.future)
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        current.waiters.append(waiter)
+        results = await waiter
         return {batch_id: results[batch_id] for batch_id in batch_ids}
 
     async def leave(self, batch_ids: Iterable[str] = ()) -> None:
@@ -189,23 +230,28 @@ class PollBoard:
         try:
             for _ in range(COALESCE_TURNS):
                 await asyncio.sleep(0)
-            if COALESCE_SECONDS > 0:
+            # Open while requests keep coming: triggers started together (a triggerer restart, a burst of
+            # deferrals) wake spread over the time it takes to start them all.
+            waited, asked = 0.0, -1
+            while COALESCE_SECONDS > 0 and len(current.ids) != asked and waited < MAX_COALESCE_SECONDS:
+                asked = len(current.ids)
                 await asyncio.sleep(COALESCE_SECONDS)
+                waited += COALESCE_SECONDS
             if self._open is current:
                 self._open = None
             results = await self._collect(list(current.ids))
         except asyncio.CancelledError:
             if self._open is current:
                 self._open = None
-            current.future.cancel()
+            current.answer(None)
             raise
         except Exception as err:
             # A bug here must end the triggers' waits with an error, never leave them hanging.
             if self._open is current:
                 self._open = None
-            current.future.set_exception(err)
+            current.answer(err)
             return
-        current.future.set_result(results)
+        current.answer(results)
 
     async def _collect(self, ids: list[str]) -> dict[str, Any]:
         self.rounds += 1
@@ -220,10 +266,10 @@ class PollBoard:
         for batch_id, result in results.items():
             if isinstance(result, BaseException):
                 continue
-            if is_final(str(result.status)):
+            if is_final(str(_field(result, "status"))):
                 self._forget(batch_id)  # never asked for again
             else:
-                self._created_at[batch_id] = result.created_at
+                self._created_at[batch_id] = int(_field(result, "created_at") or 0)
         log.debug(
             "Poll round for %d batch(es) of %s: walk planned %d page(s), %d retrieve(s); "
             "totals %d list call(s), %d retrieve(s) in %d round(s)",
@@ -261,35 +307,40 @@ class PollBoard:
     async def _walk(self, ids: list[str], depth: int, results: dict[str, Any]) -> list[str]:
         """Walk the list for ``ids``, filling ``results``; return the ids left for retrieves.
 
-        Stops when every id is seen; or when the pages get older than every id still unseen; or at
-        ``len(ids) - 1`` pages (never more calls than the retrieves it replaces); or past the planned
-        ``depth`` as soon as it has spent as many pages as it found batches.
+        The planned ``depth`` pages are read at once, from the cursors of the last walk. Then, while ids
+        are unseen: what new batches pushed past the first page is read on from it; and past the planned
+        pages the walk goes on one page at a time, stopping when every id is seen, when the pages get
+        older than every id still unseen, at ``len(ids) - 1`` pages (never more calls than the retrieves
+        it replaces), or as soon as it has spent as many pages as it found batches.
         """
-        wanted = set(ids)
-        unseen = set(ids)
-        pages = found = 0
+        walk = _Walk(ids)
+        cursors = self._cursors[: depth - 1]
         try:
-            async with contextlib.aclosing(self.hook.alist_batch_pages(page_size=LIST_PAGE_SIZE)) as walk:
-                async for page in walk:
-                    pages += 1
-                    self.list_calls += 1
-                    oldest: int | None = None
-                    for batch in page:
-                        created = batch.created_at
-                        oldest = created if oldest is None else min(oldest, created)
-                        if batch.id in wanted or batch.id in self._page_hint:
-                            self._page_hint[batch.id] = pages - 1
-                        if batch.id in unseen:
-                            unseen.discard(batch.id)
-                            results[batch.id] = batch
-                            found += 1
-                    if not unseen or pages >= len(ids) - 1 or (pages >= depth and found <= pages):
-                        break
-                    horizon = self._horizon(unseen)
-                    if oldest is not None and horizon is not None and oldest < horizon:
-                        break
+            pages = await asyncio.gather(*(self._list_page(after) for after in [None, *cursors]))
+            for index, page in enumerate(pages):
+                self._read(walk, page, index)
+            first = pages[0]
+            if walk.unseen and cursors and first.data and first.data[-1]["id"] != cursors[0]:
+                # New batches came in front: the ones they pushed past the first page sit between its
+                # end and the second page's cursor.
+                after: str | None = first.data[-1]["id"]
+                while walk.unseen and after is not None and walk.pages < len(ids) - 1:
+                    page = await self._list_page(after)
+                    self._read(walk, page, 1)
+                    reached = any(batch["id"] == cursors[0] for batch in page.data)
+                    after = page.data[-1]["id"] if page.data and page.has_more and not reached else None
+            chain = list(pages)
+            while walk.unseen and chain[-1].has_more and chain[-1].data and walk.pages < len(ids) - 1:
+                if walk.pages >= depth and walk.found <= walk.pages:
+                    break
+                horizon = self._horizon(walk.unseen)
+                if horizon is not None and min(b["created_at"] for b in chain[-1].data) < horizon:
+                    break
+                page = await self._list_page(chain[-1].data[-1]["id"])
+                self._read(walk, page, len(chain))
+                chain.append(page)
         except Exception as err:
-            self.list_calls += 1
+            results.update(walk.seen)
             if classify_api_error(err) == "fatal":
                 # Not something waiting fixes (a compatible server without batches.list, say): retrieves
                 # still work, so stop walking rather than fail every trigger.
@@ -299,16 +350,40 @@ class PollBoard:
                     self.conn_id,
                     describe_api_error(err),
                 )
-                return [batch_id for batch_id in ids if batch_id in unseen]
+                return [batch_id for batch_id in ids if batch_id in walk.unseen]
             # Transient (429, 5xx, timeout, dropped connection): every trigger served by this walk counts
             # it as a fault and backs off (honouring Retry-After), as after a failed retrieve.
-            for batch_id in unseen:
+            for batch_id in walk.unseen:
                 results[batch_id] = err
             return []
-        for batch_id in unseen:
+        self._cursors = [page.data[-1]["id"] for page in chain if page.data]
+        results.update(walk.seen)
+        for batch_id in walk.unseen:
             # Deeper than this walk went: guess twice as deep, so repeated misses stop planning walks soon.
-            self._page_hint[batch_id] = max(self._page_hint.get(batch_id, 0), 2 * pages)
-        return [batch_id for batch_id in ids if batch_id in unseen]
+            self._page_hint[batch_id] = max(self._page_hint.get(batch_id, 0), 2 * walk.pages)
+        return [batch_id for batch_id in ids if batch_id in walk.unseen]
+
+    async def _list_page(self, after: str | None) -> _Page:
+        """One ``batches.list`` page after ``after`` (the first page for ``None``), parsed as plain JSON."""
+        client = await self.hook.aget_async_client()
+        self.list_calls += 1
+        async with self._semaphore:
+            raw = await client.batches.with_raw_response.list(
+                limit=LIST_PAGE_SIZE, **({"after": after} if after is not None else {})
+            )
+        body = orjson.loads(raw.http_response.content)
+        return _Page(body.get("data") or [], bool(body.get("has_more")))
+
+    def _read(self, walk: _Walk, page: _Page, index: int) -> None:
+        walk.pages += 1
+        for batch in page.data:
+            batch_id = batch["id"]
+            if batch_id in walk.wanted or batch_id in self._page_hint:
+                self._page_hint[batch_id] = index
+            if batch_id in walk.unseen:
+                walk.unseen.discard(batch_id)
+                walk.seen[batch_id] = batch
+                walk.found += 1
 
     def _horizon(self, unseen: set[str]) -> int | None:
         """The creation time of the oldest batch still unseen, if known for all of them."""
@@ -328,3 +403,31 @@ class PollBoard:
     def _forget(self, batch_id: str) -> None:
         self._created_at.pop(batch_id, None)
         self._page_hint.pop(batch_id, None)
+
+
+class _Page:
+    """One list page: its batches (plain dicts, newest first) and whether older ones follow."""
+
+    __slots__ = ("data", "has_more")
+
+    def __init__(self, data: list[dict[str, Any]], has_more: bool) -> None:
+        self.data = data
+        self.has_more = has_more
+
+
+class _Walk:
+    """What one walk is looking for and has found."""
+
+    __slots__ = ("found", "pages", "seen", "unseen", "wanted")
+
+    def __init__(self, ids: Sequence[str]) -> None:
+        self.wanted = set(ids)
+        self.unseen = set(ids)
+        self.seen: dict[str, dict[str, Any]] = {}
+        self.pages = 0
+        self.found = 0
+
+
+def _field(state: Any, name: str) -> Any:
+    """A field of a batch state: a dict from a list page, or an openai ``Batch`` from a retrieve."""
+    return state.get(name) if isinstance(state, dict) else getattr(state, name)

@@ -185,6 +185,7 @@ class OpenAIBatchTrigger(BaseTrigger):
 
     async def _poll(self, board: _poll_board.PollBoard) -> dict[str, Any]:
         waiting = self.waiting
+        log = self.log  # looked up once: the loop below runs every poll of a long wait
         deadline = self.job.deadline
         self.log.info(
             "Waiting for %d batch(es) %s; polling every %s to %s%s",
@@ -197,6 +198,7 @@ class OpenAIBatchTrigger(BaseTrigger):
         poll: Sequence[str] = self.job.live_batch_ids()
         while True:
             results: dict[str, Mapping[str, Any] | Fault] = {}
+            polled_at = self._clock()
             if poll:
                 self.polls += 1
                 # The board answers every batch: its state, or the exception of the call that asked for it.
@@ -205,12 +207,13 @@ class OpenAIBatchTrigger(BaseTrigger):
                     results[batch_id] = (
                         Fault.of(result) if isinstance(result, BaseException) else batch_summary(result)
                     )
-            decision = waiting.step(self.job, results, self._clock())
+            decision = waiting.step(self.job, results, self._clock(), polled_at)
             for level, text in decision.notes:
-                self.log.log(_LOG_LEVELS[level], "%s", text)
+                log.log(_LOG_LEVELS[level], "%s", text)
             if isinstance(decision, Wait):
                 self._waits.append((decision.after, decision.reason))
-                self.log.info("%s", decision.message)
+                # Debug: the progress lines above say what matters on every poll; this is for diagnosis.
+                log.debug("%s", decision)
                 await self._sleep(decision.after)
                 poll = decision.poll
                 continue
@@ -295,6 +298,8 @@ class OpenAIBatchTrigger(BaseTrigger):
         await self._close_client()
 
     async def _close_client(self) -> None:
+        if "hook" not in self.__dict__:
+            return  # never made (only cancels need it): nothing to close
         try:
             await self.hook.aclose()
         except Exception:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from airflow_openai_batch.core.progress import AdaptivePollSchedule, align_to_grid, batch_summary
+from airflow_openai_batch.core.progress import GRID_KEEPS, AdaptivePollSchedule, align_to_grid, batch_summary
 from airflow_openai_batch.emulator.simulated_time import SimulatedTime
 from airflow_openai_batch.triggers import _poll_board
 from airflow_openai_batch.triggers.batch import OpenAIBatchTrigger
@@ -275,7 +275,7 @@ def test_a_trigger_cancelled_mid_round_closes_the_client_after_the_call(emulator
 # -- alignment -------------------------------------------------------------------------------------
 
 
-def test_align_to_grid_never_lengthens_and_keeps_half():
+def test_align_to_grid_never_lengthens_and_keeps_most_of_the_wait():
     rng = random.Random(3)
     for _ in range(20_000):
         poll, top = rng.choice([(60.0, 600.0), (0.05, 0.5), (7.0, 100.0), (1.0, 1.0)])
@@ -283,7 +283,7 @@ def test_align_to_grid_never_lengthens_and_keeps_half():
         wait = rng.uniform(poll, top * 1.5)
         aligned, grid = align_to_grid(now, wait, poll, top)
         assert grid is not None
-        assert wait / 2 <= aligned <= wait
+        assert wait * GRID_KEEPS <= aligned <= wait
         expected_grid = top if wait >= top else poll
         assert grid in (expected_grid, expected_grid / 2)
         phase = (now + aligned) % grid
@@ -298,6 +298,14 @@ def test_align_to_grid_reaches_the_coarse_grid_in_two_waits():
     assert (second, grid) == (300.0, 600.0)
     third, grid = align_to_grid(now + first + second, 600.0, 60.0, 600.0)
     assert (third, grid) == (600.0, 600.0)
+
+
+def test_a_waiter_a_moment_past_a_half_grid_point_moves_to_the_full_grid():
+    # Polled at 1 s past a 2 s grid point plus the 30 ms the poll took: the full grid keeps 0.97 s of
+    # the 2 s wait (more than GRID_KEEPS), so the waiter joins the full grid instead of staying apart.
+    wait, grid = align_to_grid(T0 + 1.03, 2.0, 2.0, 2.0)
+    assert grid == 2.0 and wait == pytest.approx(0.97)
+    assert align_to_grid(T0 + 2.0, 2.0, 2.0, 2.0) == (2.0, 2.0)
 
 
 def test_alignment_never_makes_a_wait_longer_than_the_schedules(monkeypatch):
