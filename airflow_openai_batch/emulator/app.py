@@ -420,6 +420,7 @@ async def batches_create(request: Request, state: EmulatorState) -> Response:
             failure_rate=cfg.failure_rate,
             failure_kinds=cfg.failure_kinds,
             attempt_of=state.line_attempt,
+            cached_prompt_rate=cfg.cached_prompt_rate,
             max_requests=cfg.max_requests_per_batch,
             max_bytes=cfg.max_bytes,
             max_embedding_inputs=cfg.max_embedding_inputs,

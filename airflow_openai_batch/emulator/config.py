@@ -41,6 +41,8 @@ KNOB_HELP: dict[str, str] = {
     "failure_rate": "share of request lines that fail (half HTTP 400/500, half non-HTTP errors)",
     "failure_kinds": "comma-separated kinds of failing lines among 400,429,500,503,internal (default: "
     "a quarter 400, a quarter 500, half internal); all but 400 fail again only by a fresh draw per attempt",
+    "cached_prompt_rate": "share of lines with a prompt of 1,024+ tokens that report it read from the prompt "
+    "cache (in 128-token steps)",
     "missing_rate": "share of processed lines of a batch left out of both result files (never returned)",
     "expire_after": "seconds in progress before a batch expires ('none' = 24 h from creation)",
     "expire_next_batches": "the next N batches created expire once half their requests are processed",
@@ -93,6 +95,9 @@ class EmulatorConfig:
         400 line fails at every attempt; a transient one (the others) fails again only if a fresh draw
         for its attempt says so (the attempt of a custom_id is one more than its earlier transient
         failures in this emulator). Snapshotted per batch at creation.
+    :param cached_prompt_rate: share of the lines whose prompt has 1,024 tokens or more that report it
+        read from the prompt cache (``cached_tokens``: the prompt up to its last whole 128-token step), in
+        the lines' usage and in ``Batch.usage``. Snapshotted per batch at creation.
     :param missing_rate: share of processed lines that appear in neither result file, so clients must
         detect requests that were never answered. Snapshotted per batch at creation.
     :param expire_after: seconds after ``in_progress_at`` at which an unfinished batch expires;
@@ -139,6 +144,7 @@ class EmulatorConfig:
     failure_rate: float = 0.0
     failure_kinds: tuple[str, ...] | None = None
     missing_rate: float = 0.0
+    cached_prompt_rate: float = 0.0
     expire_after: float | None = None
     expire_next_batches: int = 0
     cancel_seconds: float = 0.0
@@ -175,7 +181,13 @@ class EmulatorConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first knob out of range."""
-        for name in ("failure_rate", "missing_rate", "fault_rate", "fault_after_create_rate"):
+        for name in (
+            "failure_rate",
+            "missing_rate",
+            "cached_prompt_rate",
+            "fault_rate",
+            "fault_after_create_rate",
+        ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {value!r}")

@@ -16,7 +16,10 @@ Token accounting (documented because client-side estimates are compared against 
   ``max_tokens`` / ``max_completion_tokens`` / ``max_output_tokens`` (then ``finish_reason`` is
   ``length``), times ``n`` choices; reasoning models (``o1``/``o3``/``o4``/``gpt-5``...) add
   reasoning tokens, counted in the output tokens as OpenAI does. Embeddings and moderations have
-  no output tokens. Cached tokens are always 0.
+  no output tokens.
+* cached prompt tokens are 0 unless the ``cached_prompt_rate`` knob is set: then that share of the chat,
+  responses and completions lines whose prompt has 1,024 tokens or more (OpenAI's threshold) report their
+  prompt cached up to its last whole step of 128 tokens, as OpenAI caches prefixes.
 """
 
 from __future__ import annotations
@@ -229,8 +232,19 @@ class LineUsage:
         return self.input_tokens + self.output_tokens
 
 
-def line_usage(endpoint: str, body: dict[str, Any], custom_id: str, seed: int) -> LineUsage:
-    """Deterministic usage of one line (see the module docstring)."""
+#: OpenAI caches prompts of this many tokens or more, in steps of :data:`CACHE_STEP_TOKENS`.
+CACHE_MIN_TOKENS = 1024
+CACHE_STEP_TOKENS = 128
+
+
+def line_usage(
+    endpoint: str, body: dict[str, Any], custom_id: str, seed: int, cached_prompt_rate: float = 0.0
+) -> LineUsage:
+    """Deterministic usage of one line (see the module docstring).
+
+    :param cached_prompt_rate: share of the lines with a prompt of :data:`CACHE_MIN_TOKENS` or more whose
+        prompt is read from the cache, as far as the last whole step of :data:`CACHE_STEP_TOKENS`.
+    """
     endpoint = canonical_endpoint(endpoint)
     prompt = estimate_prompt_tokens(endpoint, body)
     if endpoint in (ENDPOINT_EMBEDDINGS, ENDPOINT_MODERATIONS):
@@ -253,7 +267,10 @@ def line_usage(endpoint: str, body: dict[str, Any], custom_id: str, seed: int) -
         reasoning = 16 + stable_hash(seed, custom_id, "reasoning") % 48
     n = body.get("n") if endpoint in (ENDPOINT_CHAT, ENDPOINT_COMPLETIONS) else 1
     n = n if isinstance(n, int) and 1 <= n <= 128 else 1
-    return LineUsage(prompt, (visible + reasoning) * n, reasoning * n, truncated=truncated)
+    cached = 0
+    if prompt >= CACHE_MIN_TOKENS and unit_float(seed, custom_id, "cached") < cached_prompt_rate:
+        cached = prompt // CACHE_STEP_TOKENS * CACHE_STEP_TOKENS
+    return LineUsage(prompt, (visible + reasoning) * n, reasoning * n, cached, truncated=truncated)
 
 
 # --------------------------------------------------------------------------- JSON schema instances

@@ -811,7 +811,9 @@ class EmulatorState:
                     is_error = outcome != SUCCESS
                     if outcome == SUCCESS:
                         created = self.clock.unix(start + (index + 1) / rate if rate > 0 else t)
-                        usage = line_usage(endpoint, line["body"], custom_id, batch.seed)
+                        usage = line_usage(
+                            endpoint, line["body"], custom_id, batch.seed, batch.scan.cached_prompt_rate
+                        )
                         body = response_body(endpoint, line["body"], custom_id, batch.seed, usage, created)
                         shape_answer(endpoint, line["body"], body, custom_id, batch.seed, answer_faults)
                         record["response"] = {"status_code": 200, "request_id": request_id, "body": body}
@@ -889,7 +891,7 @@ class EmulatorState:
         }
         out["usage"] = {
             "input_tokens": input_tokens,
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {"cached_tokens": scan.cum_cached[processed] if counted else 0},
             "output_tokens": output_tokens,
             "output_tokens_details": {"reasoning_tokens": scan.cum_reasoning[processed] if counted else 0},
             "total_tokens": input_tokens + output_tokens,

@@ -53,6 +53,9 @@ class ScanResult:
     cum_input: array = field(default_factory=lambda: array("q", [0]))
     cum_output: array = field(default_factory=lambda: array("q", [0]))
     cum_reasoning: array = field(default_factory=lambda: array("q", [0]))
+    cum_cached: array = field(default_factory=lambda: array("q", [0]))
+    #: The ``cached_prompt_rate`` the usage figures were made with (the output lines use it too).
+    cached_prompt_rate: float = 0.0
     #: Lines at a later attempt than their first: ``{custom_id: attempt}``.
     attempts: dict[str, int] = field(default_factory=dict)
     #: Lines whose outcome is a transient failure at their attempt (the next attempt draws afresh).
@@ -85,6 +88,7 @@ def scan_input(
     max_embedding_inputs: int,
     failure_kinds: tuple[str, ...] | None = None,
     attempt_of: Callable[[str], int] | None = None,
+    cached_prompt_rate: float = 0.0,
 ) -> ScanResult:
     """Validate the JSONL batch input at ``path`` for a batch on ``endpoint``.
 
@@ -98,8 +102,9 @@ def scan_input(
     :param max_embedding_inputs: most embedding inputs over all lines of an embeddings batch.
     :param failure_kinds: the kinds failing lines pick from (``None``: the default mix).
     :param attempt_of: each line's attempt, by custom_id (``None``: every line at its first).
+    :param cached_prompt_rate: share of long prompts read from the prompt cache (see ``line_usage``).
     """
-    result = ScanResult()
+    result = ScanResult(cached_prompt_rate=cached_prompt_rate)
     size = Path(path).stat().st_size
     if size > max_bytes:
         result.add_error(
@@ -238,7 +243,7 @@ def scan_input(
             if result.error_count != before or not result.ok:
                 continue  # no need for usage figures: the batch will fail
             assert isinstance(body, dict) and isinstance(custom_id, str)
-            usage = line_usage(canonical, body, custom_id, seed)
+            usage = line_usage(canonical, body, custom_id, seed, cached_prompt_rate)
             result.prompt_tokens += usage.input_tokens
             attempt = attempt_of(custom_id) if attempt_of is not None else 1
             if attempt > 1:
@@ -251,6 +256,7 @@ def scan_input(
             result.cum_input.append(result.cum_input[-1] + (0 if failed else usage.input_tokens))
             result.cum_output.append(result.cum_output[-1] + (0 if failed else usage.output_tokens))
             result.cum_reasoning.append(result.cum_reasoning[-1] + (0 if failed else usage.reasoning_tokens))
+            result.cum_cached.append(result.cum_cached[-1] + (0 if failed else usage.cached_tokens))
 
     if result.total == 0:
         result.add_error("empty_file", "The batch input file is empty.")
@@ -268,7 +274,7 @@ def scan_input(
     result.model = first_model or DEFAULT_MODELS.get(canonical)
     if not result.ok:
         # The per-line figures are meaningless for a failed batch: drop them.
-        for name in ("cum_failed", "cum_input", "cum_output", "cum_reasoning"):
+        for name in ("cum_failed", "cum_input", "cum_output", "cum_reasoning", "cum_cached"):
             setattr(result, name, array("q", [0]))
         result.attempts, result.transient_failures = {}, []
     return result

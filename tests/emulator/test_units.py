@@ -89,6 +89,21 @@ def test_usage_is_deterministic_and_capped() -> None:
     assert reasoning.reasoning_tokens > 0 and reasoning.output_tokens > reasoning.reasoning_tokens
 
 
+def test_cached_prompt_tokens_follow_openais_cache_rules() -> None:
+    long = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 6000}]}
+    short = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 4000}]}
+    usages = [
+        line_usage("/v1/chat/completions", long, f"id-{i}", 0, cached_prompt_rate=0.5) for i in range(400)
+    ]
+    cached = [u for u in usages if u.cached_tokens]
+    assert 150 < len(cached) < 250  # about half
+    # the prompt (1,500 + 6 framing tokens) up to its last whole 128-token step
+    assert {u.cached_tokens for u in cached} == {1408} and usages[0].input_tokens == 1506
+    # under 1,024 tokens nothing is cached; the knob off, nothing either
+    assert line_usage("/v1/chat/completions", short, "id-1", 0, cached_prompt_rate=1.0).cached_tokens == 0
+    assert all(line_usage("/v1/chat/completions", long, f"id-{i}", 0).cached_tokens == 0 for i in range(50))
+
+
 def test_line_outcomes_follow_the_failure_rate() -> None:
     outcomes = [line_outcome(0, f"id-{i}", 0.2) for i in range(5000)]
     failed = sum(1 for o in outcomes if o)
