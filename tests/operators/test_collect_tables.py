@@ -73,6 +73,12 @@ def submit_and_finish(emulator, make_context, requests, **kwargs) -> list[str]:
     return ids
 
 
+def submit_table(emulator, make_context, path: Path | str, **kwargs) -> list[str]:
+    """Submit a table of tickets (prompt from ``text``) and let its batches finish."""
+    options = {"id_column": "ticket_id", "prompt": "{text}", "model": "gpt-4o-mini", **kwargs}
+    return submit_and_finish(emulator, make_context, str(path), **options)
+
+
 def collect(make_context, batch_ids, **kwargs) -> dict:
     context = make_context(task_id="collect", run_id=f"manual__{uuid.uuid4().hex}")
     context["outlet_events"] = _NoEvents()
@@ -116,14 +122,8 @@ def test_answers_join_back_to_every_input_row_in_order(
 ) -> None:
     emulator.configure(time_scale=0, failure_rate=0.3, failure_kinds="400")
     path = write_table(tmp_path / name, tickets())
-    ids = submit_and_finish(
-        emulator,
-        make_context,
-        str(path),
-        id_column="ticket_id",
-        prompt="Label this ticket: {text}",
-        model="gpt-4o-mini",
-        max_requests_per_batch=5,
+    ids = submit_table(
+        emulator, make_context, path, prompt="Label this ticket: {text}", max_requests_per_batch=5
     )
     assert len(ids) == 3
     out = tmp_path / "out"
@@ -153,9 +153,7 @@ def test_answers_join_back_to_every_input_row_in_order(
 def test_keep_columns_keeps_only_those(emulator, make_context, tmp_path) -> None:
     emulator.configure(time_scale=0)
     path = write_table(tmp_path / "tickets.parquet", tickets())
-    ids = submit_and_finish(
-        emulator, make_context, str(path), id_column="ticket_id", prompt="{text}", model="gpt-4o-mini"
-    )
+    ids = submit_table(emulator, make_context, path)
     out = tmp_path / "out"
     summary = collect(
         make_context,
@@ -176,15 +174,7 @@ def test_keep_columns_keeps_only_those(emulator, make_context, tmp_path) -> None
 def test_rows_of_batches_left_out_are_unanswered(emulator, make_context, tmp_path) -> None:
     emulator.configure(time_scale=0)
     path = write_table(tmp_path / "tickets.parquet", tickets())
-    ids = submit_and_finish(
-        emulator,
-        make_context,
-        str(path),
-        id_column="ticket_id",
-        prompt="{text}",
-        model="gpt-4o-mini",
-        max_requests_per_batch=5,
-    )
+    ids = submit_table(emulator, make_context, path, max_requests_per_batch=5)
     out = tmp_path / "out"
     summary = collect(make_context, ids[:1], output_uri=str(out), join_input=True)
     answers = read_answers(out / "answers.jsonl")
@@ -199,14 +189,7 @@ def test_a_table_and_the_output_on_s3(emulator, make_context, s3_bucket, s3_serv
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     local = write_table(tmp_path / "tickets.parquet", tickets())
     s3.put_object(Bucket=s3_bucket, Key="in/tickets.parquet", Body=local.read_bytes())
-    ids = submit_and_finish(
-        emulator,
-        make_context,
-        f"s3://aws_default@{s3_bucket}/in/tickets.parquet",
-        id_column="ticket_id",
-        prompt="{text}",
-        model="gpt-4o-mini",
-    )
+    ids = submit_table(emulator, make_context, f"s3://aws_default@{s3_bucket}/in/tickets.parquet")
     summary = collect(
         make_context,
         ids,
@@ -230,16 +213,7 @@ def test_a_table_and_the_output_on_s3(emulator, make_context, s3_bucket, s3_serv
 def test_submit_puts_the_table_in_each_batch_metadata(emulator, make_context, tmp_path) -> None:
     emulator.configure(time_scale=0)
     path = write_table(tmp_path / "tickets.csv", tickets())
-    ids = submit_and_finish(
-        emulator,
-        make_context,
-        str(path),
-        id_column="ticket_id",
-        prompt="{text}",
-        model="gpt-4o-mini",
-        max_requests_per_batch=6,
-        metadata={"team": "support"},
-    )
+    ids = submit_table(emulator, make_context, path, max_requests_per_batch=6, metadata={"team": "support"})
     for batch_id in ids:
         metadata = emulator.client().batches.retrieve(batch_id).metadata
         assert metadata[METADATA_TABLE_URI] == str(path.absolute()) and metadata["team"] == "support"
