@@ -210,6 +210,45 @@ def test_a_walk_that_stops_short_of_the_wanted_batches_retrieves_them(emulator, 
     assert calls(emulator) == (5, 16)
 
 
+def test_a_walk_reads_its_pages_at_once_and_reads_on_past_new_batches(emulator, boards, monkeypatch):
+    # Pages of 10: thirty wanted batches fill three pages. The first walk learns where each page ends;
+    # the next ones read all three at once from those cursors; when new batches come in front, the
+    # ones they pushed past the first page are read on from it. Nothing is left for retrieves.
+    monkeypatch.setattr(_poll_board, "LIST_PAGE_SIZE", 10)
+    emulator.configure(rate=0.0)
+    wanted = create_batches(emulator, [3] * 30)
+    in_flight, most = [0], [0]
+    real_page = _poll_board.PollBoard._list_page
+
+    async def counted(self: Any, after: Any) -> Any:
+        in_flight[0] += 1
+        most[0] = max(most[0], in_flight[0])
+        try:
+            return await real_page(self, after)
+        finally:
+            in_flight[0] -= 1
+
+    monkeypatch.setattr(_poll_board.PollBoard, "_list_page", counted)
+
+    async def scenario() -> list[tuple[int, int, int]]:
+        board = _poll_board.join("openai_default", make_trigger(None)._make_poll_hook)
+        rounds = []
+        try:
+            for new in (0, 0, 5):
+                create_batches(emulator, [1] * new)
+                before, most[0] = board.list_calls, 0
+                states = await board.fetch(wanted)
+                assert set(states) == set(wanted)
+                assert {_poll_board._field(s, "status") for s in states.values()} == {"in_progress"}
+                rounds.append((board.list_calls - before, most[0], board.retrieve_calls))
+        finally:
+            await board.leave()
+        return rounds
+
+    assert asyncio.run(scenario()) == [(3, 1, 0), (3, 3, 0), (4, 3, 0)]
+    assert calls(emulator) == (10, 0)
+
+
 # -- the shared client -----------------------------------------------------------------------------
 
 
