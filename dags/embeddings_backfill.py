@@ -1,13 +1,11 @@
-"""Embeddings backfill: documents -> /v1/embeddings batches -> Parquet of (id, vector).
+"""Embeddings backfill: a Parquet of documents -> /v1/embeddings batches -> a Parquet of vectors by id.
 
-The requests are built in a task and handed to the submit operator as a list (XCom), one document per
-request; the vectors land in a run-scoped folder, ready for a vector store load.
+The first task stands for the warehouse export that lands a documents table on object storage; the
+rest reads that table directly: one request per row, and the answers joined back to the rows' ids.
 """
 
 from __future__ import annotations
 
-import csv
-import itertools
 import os
 from pathlib import Path
 
@@ -33,46 +31,36 @@ with DAG(
 ) as dag:
 
     @task
-    def documents_to_requests(params: dict) -> list[dict]:
-        """``{custom_id, body}`` items: the operator fills in method and url from the endpoint."""
-        with DOCUMENTS_CSV.open(newline="") as documents:
-            rows = list(itertools.islice(csv.DictReader(documents), params["documents"]))
-        return [
-            {"custom_id": row["ticket_id"], "body": {"input": row["text"], "dimensions": 256}} for row in rows
-        ]
+    def export_documents(params: dict, run_id: str) -> str:
+        """The documents table as Parquet (in production: the warehouse's export)."""
+        import pyarrow.csv as pacsv
+        import pyarrow.parquet as pq
+
+        folder = Path(params["output_root"]) / "embeddings" / run_id
+        folder.mkdir(parents=True, exist_ok=True)
+        documents = pacsv.read_csv(DOCUMENTS_CSV).select(["ticket_id", "text"]).slice(0, params["documents"])
+        pq.write_table(documents, folder / "documents.parquet")
+        return str(folder / "documents.parquet")
 
     submit = OpenAIBatchSubmitOperator(
         task_id="submit",
-        requests=documents_to_requests(),
+        requests=export_documents(),
         endpoint="/v1/embeddings",
         model="text-embedding-3-small",
+        id_column="ticket_id",
+        prompt="{text}",
+        body={"dimensions": 256},
     )
     wait = OpenAIBatchSensor(
         task_id="wait",
         batch_ids=submit.output,
         poll_interval=float(os.environ.get("OPENAI_BATCH_POLL_INTERVAL", "60")),
     )
-    collect = OpenAIBatchCollectOperator(
+    # answers.parquet: ticket_id beside its embedding, in the documents' order, ready for a vector store.
+    OpenAIBatchCollectOperator(
         task_id="collect",
         batch_ids=wait.output,
-        output_uri="{{ params.output_root }}/embeddings/{{ run_id }}",
+        output_uri="{{ params.output_root }}/embeddings/{{ run_id }}/vectors",
         output_format="parquet",
+        keep_columns=["ticket_id"],
     )
-
-    @task
-    def write_vectors(summary: dict) -> str:
-        """Keep only (id, vector): the shape a vector store loader wants."""
-        import pyarrow.parquet as pq
-        from airflow.sdk import ObjectStoragePath
-
-        folder = ObjectStoragePath(summary["output_uri"])
-        with (folder / "successes.parquet").open("rb") as source:
-            table = pq.read_table(source, columns=["custom_id", "embedding"])
-        table = table.rename_columns(["id", "vector"])
-        target = folder / "vectors.parquet"
-        with target.open("wb") as out:
-            pq.write_table(table, out)
-        print(f"{table.num_rows} vectors of {len(table.column('vector')[0])} dims -> {target}")
-        return str(target)
-
-    write_vectors(collect.output)

@@ -1,43 +1,36 @@
 """Nightly ETL: classify support tickets with the OpenAI Batch API at half price.
 
-read tickets -> build chat requests (JSON-schema answers) -> submit -> wait (deferred, no worker
-slot) -> collect to Parquet in a run-scoped folder -> load the labels and report.
+tickets table (CSV) + prompt template + Pydantic answer model -> submit -> wait (deferred, no worker
+slot; failed requests retried by themselves) -> collect: the tickets table with typed answer columns
+(``answers.parquet``) in a run-scoped folder -> report.
 
 Templated with ``run_id`` (not ``ds``): manual runs in Airflow 3 have no logical date.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
 import pendulum
 from airflow.sdk import DAG, Param, task
+from pydantic import BaseModel
 
 from airflow_openai_batch.operators.collect import OpenAIBatchCollectOperator
 from airflow_openai_batch.operators.submit import OpenAIBatchSubmitOperator
 from airflow_openai_batch.sensors.batch import OpenAIBatchSensor
 
 TICKETS_CSV = Path(__file__).parent / "data" / "support_tickets.csv"
-CATEGORIES = ["billing", "account", "bug", "delivery", "feature_request", "other"]
-RESPONSE_FORMAT = {
-    "type": "json_schema",
-    "json_schema": {
-        "name": "ticket_label",
-        "strict": True,
-        "schema": {
-            "type": "object",
-            "properties": {
-                "category": {"type": "string", "enum": CATEGORIES},
-                "urgent": {"type": "boolean"},
-            },
-            "required": ["category", "urgent"],
-            "additionalProperties": False,
-        },
-    },
-}
+
+
+class TicketLabel(BaseModel):
+    """The answer each ticket gets: a typed struct column ``parsed`` in the output."""
+
+    category: Literal["billing", "account", "bug", "delivery", "feature_request", "other"]
+    urgent: bool
+
 
 with DAG(
     dag_id="nightly_classification",
@@ -46,42 +39,20 @@ with DAG(
     catchup=False,
     tags=["openai-batch", "example"],
     params={
+        "tickets": Param(str(TICKETS_CSV), type="string", description="the tickets table (CSV or Parquet)"),
         "output_root": Param(os.environ.get("OPENAI_BATCH_OUTPUT_ROOT", "/tmp/openai-batch"), type="string"),
         "model": Param(os.environ.get("OPENAI_BATCH_MODEL", "gpt-4o-mini"), type="string"),
-        "sample_size": Param(0, type="integer", description="0 = every ticket"),
         "max_requests_per_batch": Param(50_000, type="integer"),
     },
 ) as dag:
-
-    @task
-    def build_requests(params: dict, run_id: str) -> str:
-        """One chat request per ticket, written as JSONL into the run's folder."""
-        folder = Path(params["output_root"]) / "classification" / run_id
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "requests.jsonl"
-        with TICKETS_CSV.open(newline="") as tickets, path.open("w") as out:
-            for n, row in enumerate(csv.DictReader(tickets)):
-                if params["sample_size"] and n >= params["sample_size"]:
-                    break
-                request = {
-                    "custom_id": row["ticket_id"],
-                    "method": "POST",
-                    "url": "/v1/chat/completions",
-                    "body": {
-                        "messages": [
-                            {"role": "system", "content": "Label the support ticket."},
-                            {"role": "user", "content": row["text"]},
-                        ],
-                        "response_format": RESPONSE_FORMAT,
-                        "max_completion_tokens": 50,
-                    },
-                }
-                out.write(json.dumps(request) + "\n")
-        return str(path)
-
     submit = OpenAIBatchSubmitOperator(
         task_id="submit",
-        requests=build_requests(),
+        requests="{{ params.tickets }}",
+        id_column="ticket_id",
+        system_prompt="Label the support ticket.",
+        prompt="{text}",
+        response_schema=TicketLabel,
+        body={"max_completion_tokens": 50},
         model="{{ params.model }}",
         metadata={"pipeline": "ticket-classification"},
         max_requests_per_batch="{{ params.max_requests_per_batch }}",
@@ -97,27 +68,25 @@ with DAG(
         batch_ids=wait.output,
         output_uri="{{ params.output_root }}/classification/{{ run_id }}/results",
         output_format="parquet",
+        join_input=True,
         fail_on_failure_ratio=0.5,
     )
 
     @task
     def report(summary: dict) -> dict:
-        """Load the labelled tickets and print a small report."""
+        """Count the labels straight from the typed ``parsed`` column of the joined table."""
         import pyarrow.parquet as pq
         from airflow.sdk import ObjectStoragePath
 
-        labels: dict[str, int] = {}
-        urgent = 0
-        with ObjectStoragePath(summary["successes_uri"]).open("rb") as parquet:
-            contents = pq.read_table(parquet, columns=["content"]).column("content").to_pylist()
-        for content in contents:
-            answer = json.loads(content or "{}")
-            labels[answer.get("category", "unparsed")] = labels.get(answer.get("category", "unparsed"), 0) + 1
-            urgent += bool(answer.get("urgent"))
+        with ObjectStoragePath(summary["answers_uri"]).open("rb") as parquet:
+            answers = pq.read_table(parquet, columns=["ticket_id", "status", "parsed"])
+        parsed = answers.column("parsed").combine_chunks()
+        categories = [c for c in parsed.field("category").to_pylist() if c is not None]
         report = {
-            "labelled": sum(labels.values()),
-            "urgent": urgent,
-            "by_category": labels,
+            "tickets": answers.num_rows,
+            "labelled": len(categories),
+            "urgent": sum(bool(u) for u in parsed.field("urgent").to_pylist()),
+            "by_category": {c: categories.count(c) for c in sorted(set(categories))},
             "failed": summary["failed"],
             "failed_by_code": summary["failed_by_code"],
         }
