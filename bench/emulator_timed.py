@@ -13,6 +13,7 @@ import re
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 _ID = re.compile(r"/(file|batch)[-_][A-Za-z0-9]+")
@@ -51,16 +52,17 @@ class Timing:
             self.calls[route] += 1
 
 
-def main() -> None:
+def serve(knobs: dict[str, Any], wrap: Callable[[Any], Any]) -> None:
+    """Serve the emulator with ``knobs`` behind the ASGI middleware ``wrap(app)`` on a free port, saying
+    ``emulator listening on <url>`` once it accepts connections (what the bench harness waits for)."""
     from airflow_openai_batch.emulator import EmulatorConfig, create_app
     from airflow_openai_batch.emulator.server import NotifyingServer, bind_socket, uvicorn_config
 
-    knobs = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
     app = create_app(EmulatorConfig(**knobs))
     sock = bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
     server = NotifyingServer(
-        uvicorn_config(Timing(app)),
+        uvicorn_config(wrap(app)),
         on_ready=lambda: print(f"emulator listening on http://127.0.0.1:{port}", flush=True),
         on_shutdown=app.state.emulator.close,
     )
@@ -68,6 +70,10 @@ def main() -> None:
         server.run(sockets=[sock])
     finally:
         sock.close()
+
+
+def main() -> None:
+    serve(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}, Timing)
 
 
 if __name__ == "__main__":

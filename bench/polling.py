@@ -121,6 +121,15 @@ class Emulator:
             self.proc.wait()
 
 
+def _chat_input(batch: int, lines: int) -> bytes:
+    """A batch input file of ``lines`` small chat requests (custom ids unique across batches)."""
+    return b"".join(
+        b'{"custom_id":"b%d-r%d","method":"POST","url":"/v1/chat/completions",'
+        b'"body":{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}}\n' % (batch, j)
+        for j in range(lines)
+    )
+
+
 def create_batches(
     emulator: Emulator, count: int, window: float, rate: float, sample: int = 1
 ) -> list[tuple[str, float]]:
@@ -135,12 +144,7 @@ def create_batches(
     out = []
     for i in range(sample // 2, count, sample):
         lines = max(1, round((i + 1) * window / count * rate))
-        body = b"".join(
-            b'{"custom_id":"b%d-r%d","method":"POST","url":"/v1/chat/completions",'
-            b'"body":{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}}\n' % (i, j)
-            for j in range(lines)
-        )
-        upload = client.files.create(file=(f"in-{i}.jsonl", body), purpose="batch")
+        upload = client.files.create(file=(f"in-{i}.jsonl", _chat_input(i, lines)), purpose="batch")
         batch = client.batches.create(
             input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
         )
@@ -345,36 +349,27 @@ def serve(spec: dict[str, Any]) -> None:
     """Serve the emulator with ``spec["latency"]`` seconds added to every API call (``python -m
     bench.polling '<spec>'``): half before the request is handled, half before its response starts, so a
     batch's status is read at the middle of the call, as over a network."""
-    from airflow_openai_batch.emulator import EmulatorConfig, create_app
-    from airflow_openai_batch.emulator.server import NotifyingServer, bind_socket, uvicorn_config
+    from bench.emulator_timed import serve as serve_wrapped
 
-    app = create_app(EmulatorConfig(**spec["knobs"]))
     half = float(spec["latency"]) / 2
 
-    async def delayed(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
-            await app(scope, receive, send)
-            return
-        await asyncio.sleep(half)
+    def with_latency(app: Any) -> Any:
+        async def delayed(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+                await app(scope, receive, send)
+                return
+            await asyncio.sleep(half)
 
-        async def send_later(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                await asyncio.sleep(half)
-            await send(message)
+            async def send_later(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    await asyncio.sleep(half)
+                await send(message)
 
-        await app(scope, receive, send_later)
+            await app(scope, receive, send_later)
 
-    sock = bind_socket("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    server = NotifyingServer(
-        uvicorn_config(delayed),
-        on_ready=lambda: print(f"emulator listening on http://127.0.0.1:{port}", flush=True),
-        on_shutdown=app.state.emulator.close,
-    )
-    try:
-        server.run(sockets=[sock])
-    finally:
-        sock.close()
+        return delayed
+
+    serve_wrapped(spec["knobs"], with_latency)
 
 
 async def _create_concurrently(emulator: Emulator, sizes: list[int], concurrency: int = 50) -> list[str]:
@@ -385,13 +380,8 @@ async def _create_concurrently(emulator: Emulator, sizes: list[int], concurrency
     gate = asyncio.Semaphore(concurrency)
 
     async def create(i: int, lines: int) -> str:
-        body = b"".join(
-            b'{"custom_id":"b%d-r%d","method":"POST","url":"/v1/chat/completions",'
-            b'"body":{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}}\n' % (i, j)
-            for j in range(lines)
-        )
         async with gate:
-            upload = await client.files.create(file=(f"in-{i}.jsonl", body), purpose="batch")
+            upload = await client.files.create(file=(f"in-{i}.jsonl", _chat_input(i, lines)), purpose="batch")
             batch = await client.batches.create(
                 input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
             )

@@ -8,16 +8,7 @@ from typing import Any
 import pytest
 
 from airflow_openai_batch.core.job import JOB_VERSION, Attempt, Chunk, CreateSpec, Job, read_job
-
-
-def summary(status: str, completed: int = 0, failed: int = 0, total: int = 10) -> dict[str, Any]:
-    return {
-        "status": status,
-        "request_counts": {"total": total, "completed": completed, "failed": failed},
-        "output_file_id": None,
-        "error_file_id": None,
-        "replaces": [],
-    }
+from tests.support.summaries import summary
 
 
 def chained_job() -> Job:

@@ -13,22 +13,10 @@ from airflow_openai_batch.exceptions import (
     OpenAIBatchOutcomeError,
     OpenAIBatchPollingError,
 )
+from tests.support.summaries import summary
 
 T0 = 1_750_000_000.0
 CAPACITY = [{"code": "token_limit_exceeded", "message": "Enqueued token limit reached"}]
-
-
-def summary(
-    status: str, completed: int = 0, failed: int = 0, total: int = 10, **extra: Any
-) -> dict[str, Any]:
-    return {
-        "status": status,
-        "request_counts": {"total": total, "completed": completed, "failed": failed},
-        "output_file_id": None,
-        "error_file_id": None,
-        "replaces": [],
-        **extra,
-    }
 
 
 def waiting(**kwargs: Any) -> Waiting:

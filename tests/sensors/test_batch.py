@@ -23,20 +23,7 @@ from airflow_openai_batch.exceptions import (
 from airflow_openai_batch.sensors.batch import OpenAIBatchEventError, OpenAIBatchSensor
 from airflow_openai_batch.triggers.batch import OpenAIBatchTrigger
 from tests.conftest import TEST_API_KEY, TEST_DAGS_FOLDER
-
-
-def summary(
-    status: str, completed: int = 0, failed: int = 0, total: int = 10, **extra: Any
-) -> dict[str, Any]:
-    return {
-        "status": status,
-        "request_counts": {"total": total, "completed": completed, "failed": failed},
-        "output_file_id": "file-out" if completed else None,
-        "error_file_id": "file-err" if failed else None,
-        "replaces": [],
-        "model": "gpt-4o-mini",
-        **extra,
-    }
+from tests.support.summaries import summary
 
 
 def sensor(**kwargs: Any) -> OpenAIBatchSensor:
@@ -54,10 +41,10 @@ def event(
     """A trigger event whose job holds the batches ``ids`` (default: those of ``batches``), each at its
     summary in ``batches``."""
     job = Job.of_batches(ids or list(batches))
-    for batch_id, summary in batches.items():
+    for batch_id, seen in batches.items():
         found = job.find(batch_id)
-        if found is not None and isinstance(summary, dict) and "status" in summary:
-            found[1].see(summary)
+        if found is not None and isinstance(seen, dict) and "status" in seen:
+            found[1].see(seen)
     return {"status": status, "batches": batches, "message": message, "job": job.to_dict()}
 
 
