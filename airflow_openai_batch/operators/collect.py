@@ -401,13 +401,16 @@ class OpenAIBatchCollectOperator(BaseOperator):
     def _log_summary(self, summary: dict[str, Any]) -> None:
         cost = summary["estimated_cost_usd"]
         self.log.info(
-            "Collected %s requests: %s succeeded, %s failed %s; tokens in/out %s/%s; estimated cost %s",
+            "Collected %s requests: %s succeeded, %s failed %s; tokens in/out %s/%s "
+            "(%s cached, %s reasoning); estimated cost %s",
             f"{summary['total']:,}",
             f"{summary['succeeded']:,}",
             f"{summary['failed']:,}",
             summary["failed_by_code"] or "",
             f"{summary['usage']['input_tokens']:,}",
             f"{summary['usage']['output_tokens']:,}",
+            f"{summary['usage']['cached_input_tokens']:,}",
+            f"{summary['usage']['reasoning_tokens']:,}",
             "unknown (model not in the price table)" if cost is None else f"${cost:,.4f}",
         )
         anomalies = summary["anomalies"]["counts"]

@@ -213,6 +213,19 @@ def test_a_table_and_the_output_on_s3(name, emulator, make_context, s3_bucket, s
     assert 0 < summary["answers"]["failed"] < ROWS
 
 
+def test_a_table_changed_since_submit_is_refused_and_nothing_is_published(
+    emulator, make_context, tmp_path
+) -> None:
+    emulator.configure(time_scale=0)
+    path = write_table(tmp_path / "tickets.parquet", tickets())
+    ids = submit_table(emulator, make_context, path)
+    write_table(path, tickets(ROWS - 1))
+    out = tmp_path / "out"
+    with pytest.raises(OpenAIBatchJoinError, match=f"{ROWS - 1} rows, {ROWS} at submit"):
+        collect(make_context, ids, output_uri=str(out), join_input=True)
+    assert not out.exists() or not list(out.iterdir())
+
+
 def test_submit_puts_the_table_in_each_batch_metadata(emulator, make_context, tmp_path) -> None:
     emulator.configure(time_scale=0)
     path = write_table(tmp_path / "tickets.csv", tickets())
