@@ -6,8 +6,8 @@ Inputs are generated once into a temporary directory outside the repository and 
 Every case runs in its own interpreter (:mod:`bench.child`), so peak memory figures do not contaminate
 each other; timed cases run ``--repeat`` times (best wall time kept, highest peak RSS kept).
 
-Options: ``--large`` adds a ~3 GB preparation input; ``--only prep,collect,polling,e2e,cost,tables,structured`` picks
-sections;
+Options: ``--large`` adds a ~3 GB preparation input;
+``--only prep,collect,polling,e2e,cost,tables,structured`` picks sections;
 ``--quick`` shrinks every size (a smoke run, figures not comparable); ``--extended`` adds the slower
 variants (polling with one trigger for all batches, and with ``max_poll_interval=1200``).
 """
