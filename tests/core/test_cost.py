@@ -390,29 +390,37 @@ def _ratios(endpoint: str, bodies: Sequence[Mapping[str, Any]], encoding: str) -
 
 
 def _ticket_bodies() -> list[dict[str, Any]]:
-    """The nightly example DAG's requests, with its JSON-schema answer format (taken from the DAG file
-    without importing Airflow: only its two constants are run)."""
+    """The nightly example DAG's requests as submit builds them: its answer model made a strict
+    ``response_format`` (the model class is taken from the DAG file without importing Airflow)."""
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    from airflow_openai_batch.core.schema import SchemaInjector, response_schema
+
     tree = ast.parse((REPO_ROOT / "dags" / "nightly_classification.py").read_text())
-    constants = [
-        node
-        for node in tree.body
-        if isinstance(node, ast.Assign)
-        and getattr(node.targets[0], "id", None) in ("CATEGORIES", "RESPONSE_FORMAT")
+    model_class = [
+        node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "TicketLabel"
     ]
-    namespace: dict[str, Any] = {}
-    exec(compile(ast.Module(body=constants, type_ignores=[]), "nightly_classification.py", "exec"), namespace)
-    response_format = namespace["RESPONSE_FORMAT"]
+    namespace: dict[str, Any] = {"BaseModel": BaseModel, "Literal": Literal}
+    exec(
+        compile(ast.Module(body=model_class, type_ignores=[]), "nightly_classification.py", "exec"), namespace
+    )
+    ticket_label = namespace["TicketLabel"]
+    ticket_label.model_rebuild(_types_namespace=namespace)  # its annotations name this namespace's Literal
+    injector = SchemaInjector(response_schema(ticket_label), CHAT)
+    bodies = []
     with TICKETS.open(newline="") as tickets:
-        return [
-            {
+        for row in csv.DictReader(tickets):
+            body: dict[str, Any] = {
                 "messages": [
                     {"role": "system", "content": "Label the support ticket."},
                     {"role": "user", "content": row["text"]},
-                ],
-                "response_format": response_format,
+                ]
             }
-            for row in csv.DictReader(tickets)
-        ]
+            injector.inject_body(body)
+            bodies.append(orjson.loads(orjson.dumps(body)))
+    return bodies
 
 
 def test_estimate_error_on_the_example_data_is_small() -> None:
