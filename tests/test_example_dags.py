@@ -90,7 +90,7 @@ def test_embeddings_backfill_end_to_end(airflow_db, example_env) -> None:
 
 
 def test_retry_loop_resubmits_only_the_failures(airflow_db, example_env, emulator) -> None:
-    from tests.operators.test_submit import chat_line, write_jsonl
+    from tests.support.request_lines import chat_line, write_jsonl
 
     requests = write_jsonl(example_env / "in.jsonl", [chat_line(i) for i in range(50)])
     emulator.configure(failure_rate=0.3)

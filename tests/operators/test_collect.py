@@ -15,7 +15,7 @@ from airflow_openai_batch.exceptions import OpenAIBatchFailureRatioError, OpenAI
 from airflow_openai_batch.operators.collect import OpenAIBatchCollectOperator
 from airflow_openai_batch.operators.submit import OpenAIBatchSubmitOperator
 from tests.conftest import TEST_API_KEY
-from tests.operators.test_submit import chat_line, write_jsonl
+from tests.support.request_lines import chat_line, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("emulator")
 

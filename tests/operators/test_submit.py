@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -14,30 +13,7 @@ from airflow_openai_batch.operators.submit import (
     OpenAIBatchSubmitOperator,
 )
 from tests.conftest import InMemoryTaskStateStore
-
-CHAT = "/v1/chat/completions"
-
-
-def chat_line(i: int, model: str | None = "gpt-4o-mini", **overrides: object) -> dict:
-    body: dict = {"messages": [{"role": "user", "content": f"Classify item {i}"}]}
-    if model:
-        body["model"] = model
-    line = {"custom_id": f"req-{i}", "method": "POST", "url": CHAT, "body": body}
-    line.update(overrides)
-    return line
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    with path.open("wb") as out:
-        for row in rows:
-            out.write((row if isinstance(row, str) else json.dumps(row)).encode() + b"\n")
-    return path
-
-
-def batch_lines(emulator, batch_id: str) -> list[dict]:
-    client = emulator.client()
-    batch = client.batches.retrieve(batch_id)
-    return [json.loads(line) for line in client.files.content(batch.input_file_id).text.splitlines()]
+from tests.support.request_lines import CHAT, batch_lines, chat_line, write_jsonl
 
 
 def all_batches(emulator) -> list:

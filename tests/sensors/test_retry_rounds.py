@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from tests.conftest import TEST_DAGS_FOLDER
-from tests.operators.test_submit import write_jsonl
+from tests.support.request_lines import write_jsonl
 
 REQUESTS = 600
 PER_CHUNK = 200

@@ -11,7 +11,7 @@ from airflow_openai_batch.core.tokens import estimate_request_tokens
 from airflow_openai_batch.exceptions import OpenAIBatchFailedError
 from airflow_openai_batch.sensors.batch import OpenAIBatchSensor
 from tests.conftest import TEST_DAGS_FOLDER
-from tests.operators.test_submit import write_jsonl
+from tests.support.request_lines import write_jsonl
 
 CHUNKS = 6
 PER_CHUNK = 50
