@@ -69,7 +69,7 @@ def main() -> None:
                 f"  login:     {cluster.username} / {cluster.password}\n"
                 f"  emulator:  {emulator.base_url} (rate {args.rate:g} lines/s per batch)\n"
                 f"  results:   {output_root}\n"
-                "Trigger nightly_classification (set sample_size to e.g. 200). Ctrl-C stops everything.",
+                "Trigger nightly_classification (its tickets param names the table). Ctrl-C stops it all.",
                 flush=True,
             )
             threading.Event().wait()  # until Ctrl-C

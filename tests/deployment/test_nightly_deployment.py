@@ -112,7 +112,11 @@ def test_nightly_dag_runs_on_a_real_deployment_and_the_ui_shows_it(
         extra={"max_retries": 3},
     )
     emulator.configure(rate=0.0)  # the batches stay in progress until the sensor is seen deferred
-    conf = {"sample_size": SAMPLE, "max_requests_per_batch": PER_BATCH}
+    # The first SAMPLE tickets of the example table, so the run makes BATCHES batches.
+    tickets = cluster.home / "tickets.csv"
+    with (REPO_ROOT / "dags" / "data" / "support_tickets.csv").open() as full:
+        tickets.write_text("".join(line for _, line in zip(range(SAMPLE + 1), full, strict=False)))
+    conf = {"tickets": str(tickets), "max_requests_per_batch": PER_BATCH}
     run_id = cluster.trigger(DAG_ID, conf)
 
     def deferred_and_polled() -> bool:
