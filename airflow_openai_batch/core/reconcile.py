@@ -504,12 +504,13 @@ class _RequestFetcher:
 # -- the results ----------------------------------------------------------------------------------------
 
 
-class _Response(msgspec.Struct):
+# gc=False: decoded JSON only, never in a reference cycle (see the views in core/records.py).
+class _Response(msgspec.Struct, gc=False):
     status_code: int
     body: msgspec.Raw = msgspec.Raw(b"null")
 
 
-class _ResultLine(msgspec.Struct):
+class _ResultLine(msgspec.Struct, gc=False):
     """The typed view of a result line: what the join reads, the body kept as JSON text.
 
     Every line OpenAI writes fits it; one that does not (a custom_id that is not a string, a status code
