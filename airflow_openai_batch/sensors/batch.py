@@ -155,7 +155,7 @@ class OpenAIBatchSensor(BaseSensorOperator):
         self.retry_failed_requests = retry_failed_requests
         self.retry_error_codes = retry_error_codes
         self.fault_budget = fault_budget
-        self.retry_policy = RetryPolicy.of(retry_error_codes)
+        self.request_retry_policy = RetryPolicy.of(retry_error_codes)
         self._new_waiting()  # validates the settings now, at DAG parse time
         #: The job and the decision object of this process (poke mode keeps them across pokes).
         self._job: Job | None = None
@@ -167,8 +167,15 @@ class OpenAIBatchSensor(BaseSensorOperator):
 
     @cached_property
     def hook(self) -> OpenAIBatchHook:
-        # No SDK retries: a transient fault just waits for the next poll (counted against
-        # fault_budget), rather than blocking the worker in the SDK's hidden backoff.
+        """For the work (re-creations, retry rounds): the SDK retries transient faults there
+        (``batches.create`` excepted: it is never blindly retried)."""
+        return OpenAIBatchHook(conn_id=self.conn_id)
+
+    @cached_property
+    def poll_hook(self) -> OpenAIBatchHook:
+        """For polls and cancels: no SDK retries, so a transient fault waits for the next poll (counted
+        against ``fault_budget``) rather than blocking the worker in the SDK's hidden backoff, and a
+        cancel keeps to its own few short attempts (``on_kill`` has a bounded time)."""
         return OpenAIBatchHook(conn_id=self.conn_id, client_overrides={"max_retries": 0})
 
     def _new_waiting(self) -> Waiting:
@@ -273,7 +280,7 @@ class OpenAIBatchSensor(BaseSensorOperator):
         results: dict[str, Mapping[str, Any] | Fault] = {}
         for batch_id in batch_ids:
             try:
-                results[batch_id] = batch_summary(self.hook.get_batch(batch_id))
+                results[batch_id] = batch_summary(self.poll_hook.get_batch(batch_id))
             except Exception as err:
                 results[batch_id] = Fault.of(err)
         return results
@@ -451,7 +458,7 @@ class OpenAIBatchSensor(BaseSensorOperator):
         from airflow_openai_batch.operators.collect import batch_result_files
 
         batch = self.hook.get_batch(batch_id)
-        lines = RetryLines(work_dir / f"retry-{batch_id}.jsonl", self.retry_policy)
+        lines = RetryLines(work_dir / f"retry-{batch_id}.jsonl", self.request_retry_policy)
         try:
             Reconciler(lines, work_dir / "reconcile").add_batch(batch_result_files(self.hook, batch))
         finally:
@@ -463,7 +470,7 @@ class OpenAIBatchSensor(BaseSensorOperator):
                 "%s: no failed request is retryable (%s); retryable: %s",
                 batch_id,
                 kept or "none failed",
-                self.retry_policy.describe(),
+                self.request_retry_policy.describe(),
             )
             return
         if self._deadline_passed(job):
@@ -568,7 +575,7 @@ class OpenAIBatchSensor(BaseSensorOperator):
         for batch_id in batch_ids:
             for attempt in range(1, CANCEL_ATTEMPTS + 1):
                 try:
-                    summary = batch_summary(self.hook.cancel_batch(batch_id))
+                    summary = batch_summary(self.poll_hook.cancel_batch(batch_id))
                 except Exception as err:
                     if classify_api_error(err) == "transient" and attempt < CANCEL_ATTEMPTS:
                         # Short waits: on_kill has a bounded time, and a cancel matters more than

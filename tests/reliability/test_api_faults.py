@@ -114,6 +114,8 @@ def test_dag_run_under_20pct_faults_on_every_route_equals_the_fault_free_run(
         clean_run, clean = run_dag(tmp_path, f"clean-{seed}")
         require(clean_run.state == "success", f"the fault-free run failed: {clean['states']}")
         expected = dag_outcome(clean_run)
+        # The chunks' batches and the sensor's retry rounds of their failed lines (the same in both runs).
+        clean_batches = emulator.stats()["batches"]
 
         emulator.reset()  # rewinds the fault stream to the seed
         emulator.configure(fault_rate=FAULT_RATE, fault_kinds=ALL_KINDS, fault_routes=None, retry_after=0.2)
@@ -128,7 +130,7 @@ def test_dag_run_under_20pct_faults_on_every_route_equals_the_fault_free_run(
             seconds=faulty["seconds"],
         )
         assert faulty_run.state == "success", f"seed {seed}: {faulty['states']}"
-        assert stats["batches"] == REQUESTS // PER_BATCH, "a chunk was paid twice"
+        assert stats["batches"] == clean_batches, "a chunk or a retry round was paid twice"
         assert dag_outcome(faulty_run) == expected
         assert sum(stats["faults"][r] for r in ("files.create", "batches.create", "batches.retrieve")) > 0
 
@@ -179,7 +181,8 @@ def test_each_stage_survives_20pct_faults_and_results_equal_the_fault_free_run(f
         )
         assert faulty["outcome"] == clean["outcome"], f"seed {seed}: results differ from the fault-free run"
         assert faulty["records"] == faulty["summary"]["total"] == len(rows)
-        assert stats["batches"] == clean_batches == len(rows) // PER_BATCH, "a chunk was paid twice"
+        # The chunks' batches and the sensor's retry rounds of their failed lines, each made once.
+        assert stats["batches"] == clean_batches >= len(rows) // PER_BATCH, "a chunk was paid twice"
         assert faulty["deferrals"] >= 1, "the trigger path must have run"
     used = ("files.create", "batches.create", "batches.list", "batches.retrieve", "files.content")
     assert all(faults_per_route[route] > 0 for route in used), dict(faults_per_route)

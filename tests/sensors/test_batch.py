@@ -82,8 +82,13 @@ def test_defaults_and_stored_arguments():
     assert op.fail_on_statuses == ("failed", "cancelled")
     assert op.cancel_on_kill is True and op.max_resubmits == 10
     assert op.retry_failed_requests == 2 and op.retry_error_codes is None
-    assert op.retry_policy.codes == {"batch_expired", "rate_limit_exceeded", "server_error", "timeout"}
-    assert op.retry_policy.statuses == {429, 500, 502, 503, 504}
+    assert op.request_retry_policy.codes == {
+        "batch_expired",
+        "rate_limit_exceeded",
+        "server_error",
+        "timeout",
+    }
+    assert op.request_retry_policy.statuses == {429, 500, 502, 503, 504}
     assert op.timeout == 25 * 3600
     assert op.template_fields == ("batch_ids",)
 
