@@ -58,7 +58,7 @@ def start_run(cluster: AirflowCluster, emulator, tmp_path: Path) -> tuple[str, d
         states = cluster.ti_states(DAG_ID, run_id)
         if states.get("submit") == "failed":
             raise AssertionError(f"submit failed: {states}\n{cluster.tail()}")
-        rows = [t for t in cluster.triggers() if t["kwargs"].get("batch_ids")]
+        rows = [t for t in cluster.triggers() if t["kwargs"].get("job")]
         # Beyond the sensor's first look (one retrieve per batch): the trigger itself is polling.
         polled = emulator.stats()["batches.retrieve"] >= 3 * CHUNKS
         if states.get("wait") == "deferred" and rows and rows[0]["triggerer_id"] and polled:
@@ -102,7 +102,7 @@ def test_triggerer_killed_while_deferred_resumes_with_the_same_deadline(cluster,
     started = time.monotonic()
     run_id, before = start_run(cluster, emulator, tmp_path)
     old_triggerer = before["triggerer_id"]
-    assert before["kwargs"]["deadline"] > time.time() + 600
+    assert before["kwargs"]["job"]["deadline"] > time.time() + 600
 
     cluster.kill("triggerer")  # SIGKILL of the whole triggerer (supervisor and runner)
     killed_at = time.monotonic()
@@ -121,7 +121,8 @@ def test_triggerer_killed_while_deferred_resumes_with_the_same_deadline(cluster,
         resumed, timeout=90, interval=0.25, what="the new triggerer to poll", details=cluster.tail
     )
     downtime = time.monotonic() - killed_at
-    for key in ("deadline", "started_at", "batch_ids", "conn_id"):
+    # The trigger's kwargs hold the job (its batches, deadline and start) and the connection id.
+    for key in ("job", "conn_id"):
         assert after["kwargs"][key] == before["kwargs"][key], f"{key} changed across the restart"
     assert cluster.ti_states(DAG_ID, run_id)["wait"] == "deferred"
 
@@ -151,7 +152,7 @@ def test_triggerer_killed_while_deferred_resumes_with_the_same_deadline(cluster,
         downtime_s=downtime,
         polls_before_kill=polls_at_kill,
         polls_total=stats["batches.retrieve"],
-        deadline_kept=after["kwargs"]["deadline"] == before["kwargs"]["deadline"],
+        deadline_kept=after["kwargs"]["job"]["deadline"] == before["kwargs"]["job"]["deadline"],
         batches=stats["batches"],
         collected=summary["total"],
         seconds=time.monotonic() - started,
@@ -163,7 +164,7 @@ def test_marking_the_deferred_sensor_failed_cancels_its_batches(cluster, emulato
     emulator.configure(rate=0.0, cancel_seconds=0.0)
     started = time.monotonic()
     run_id, trigger = start_run(cluster, emulator, tmp_path)
-    batch_ids = trigger["kwargs"]["batch_ids"]
+    batch_ids = [chunk["attempts"][0]["batch_id"] for chunk in trigger["kwargs"]["job"]["chunks"]]
     assert len(batch_ids) == CHUNKS and emulator.stats()["batches.cancel"] == 0
 
     marked_at = time.monotonic()
