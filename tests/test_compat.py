@@ -3,29 +3,21 @@ matrix (3.0 to the newest) is decided in one module; a direct import elsewhere w
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 
 import airflow_openai_batch
 from airflow_openai_batch import compat
+from tests.support.imports import imports
 
 PACKAGE = Path(airflow_openai_batch.__file__).parent
 
 
 def airflow_imports(source: str, name: str) -> list[str]:
     """Every ``import airflow...`` / ``from airflow... import`` in a module's source, with its line."""
-    found = []
-    for node in ast.walk(ast.parse(source, filename=name)):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
-        else:
-            continue
-        found += [f"{name}:{node.lineno}: {n}" for n in names]
-    return [line for line in found if line.split(": ")[1].split(".")[0] == "airflow"]
+    found = sorted(imports(source, name), key=lambda found: (found.line, found.module))
+    return [f"{name}:{i.line}: {i.module}" for i in found if i.module.split(".")[0] == "airflow"]
 
 
 def test_only_compat_imports_airflow() -> None:
