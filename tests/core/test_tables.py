@@ -25,6 +25,7 @@ from airflow_openai_batch.core.tables import (
 )
 from airflow_openai_batch.core.writers import ResultWriter
 from airflow_openai_batch.exceptions import OpenAIBatchInputError, OpenAIBatchJoinError
+from tests.support.outlets import NoOutletEvents
 
 CHAT = "/v1/chat/completions"
 TICKETS_CSV = Path(__file__).resolve().parents[2] / "dags" / "data" / "support_tickets.csv"
@@ -777,7 +778,7 @@ def test_table_to_answers_through_the_emulator(emulator, make_context, tmp_path)
     batch_ids = OpenAIBatchSubmitOperator(task_id="submit", requests=str(jsonl)).execute(make_context())
     emulator.advance(3600)
     context = make_context(task_id="collect")
-    context["outlet_events"] = _NoEvents()
+    context["outlet_events"] = NoOutletEvents()
     summary = OpenAIBatchCollectOperator(
         task_id="collect",
         batch_ids=batch_ids,
@@ -802,15 +803,6 @@ def test_table_to_answers_through_the_emulator(emulator, make_context, tmp_path)
     assert joined.failed > 0 and joined.succeeded > 0
     succeeded = answers.filter(pa.compute.equal(answers.column("status"), "succeeded"))
     assert all(isinstance(c, str) for c in succeeded.column("content").to_pylist())
-
-
-class _NoEvents(dict):
-    def __getitem__(self, alias):
-        class _Accessor:
-            def add(self, asset, extra=None):
-                pass
-
-        return _Accessor()
 
 
 def test_doubled_braces_are_literal_braces_not_columns(tmp_path) -> None:

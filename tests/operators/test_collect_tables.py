@@ -20,6 +20,7 @@ from airflow_openai_batch.core.writers import read_records
 from airflow_openai_batch.exceptions import OpenAIBatchInputError, OpenAIBatchJoinError
 from airflow_openai_batch.operators.collect import OpenAIBatchCollectOperator
 from airflow_openai_batch.operators.submit import OpenAIBatchSubmitOperator
+from tests.support.outlets import NoOutletEvents
 
 ROWS = 12
 
@@ -81,17 +82,8 @@ def submit_table(emulator, make_context, path: Path | str, **kwargs) -> list[str
 
 def collect(make_context, batch_ids, **kwargs) -> dict:
     context = make_context(task_id="collect", run_id=f"manual__{uuid.uuid4().hex}")
-    context["outlet_events"] = _NoEvents()
+    context["outlet_events"] = NoOutletEvents()
     return OpenAIBatchCollectOperator(task_id="collect", batch_ids=batch_ids, **kwargs).execute(context)
-
-
-class _NoEvents(dict):
-    def __getitem__(self, alias):
-        class _Accessor:
-            def add(self, asset, extra=None):
-                pass
-
-        return _Accessor()
 
 
 def check_joined(answers: list[dict], table: pa.Table, out: Path, kept: list[str]) -> None:
