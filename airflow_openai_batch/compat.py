@@ -9,8 +9,9 @@ with every Airflow 3 release) instead of repeating that table here:
   ``BaseHook.aget_connection``; 3.0 and 3.1 keep ``AirflowSensorTimeout`` and ``TaskDeferred`` in
   ``airflow.exceptions``; ``mask_secret`` and ``XCom`` moved between SDK modules.
 - Features that arrived later are optional here, never assumed: ``task_state_store`` (3.3) is
-  ``None`` before 3.3, and a trigger's ``async on_kill`` is called by the triggerer from 3.3 on only
-  (:data:`TRIGGER_ON_KILL_IS_CALLED`).
+  ``None`` before 3.3, and a trigger's ``async on_kill`` is called by the triggerer (when a user kills,
+  clears or marks the deferred task) from 3.3 on only: older releases just drop the trigger, so a
+  deferred wait cannot cancel its batches there when the task is marked failed; its deadline still does.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from airflow.providers.common.compat.sdk import (
     TaskDeferred,
     XCom,
 )
-from airflow.providers.common.compat.version_compat import AIRFLOW_V_3_3_PLUS
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 try:
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
 
 __all__ = [
-    "TRIGGER_ON_KILL_IS_CALLED",
     "AirflowSensorTimeout",
     "Asset",
     "AssetAlias",
@@ -62,11 +61,6 @@ __all__ = [
     "mask_secret",
     "task_state_store",
 ]
-
-#: From Airflow 3.3 the triggerer calls a trigger's ``async on_kill()`` when a user kills, clears or marks
-#: the deferred task (never on a triggerer restart). Older releases just drop the trigger, so a deferred
-#: wait cannot cancel its batches there when the task is marked failed; its deadline still does.
-TRIGGER_ON_KILL_IS_CALLED: bool = AIRFLOW_V_3_3_PLUS
 
 
 class TaskStateStore(Protocol):
