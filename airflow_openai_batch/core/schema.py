@@ -574,7 +574,7 @@ class SchemaInjector:
             text = body.get("text")
             if isinstance(text, dict) and "format" in text:
                 return None
-            splice = text is None
+            splice = "text" not in body  # a `"text": null` must be replaced, not given a second key
         if splice and next(reversed(line)) == "body":
             # `body` is the line's last key: its closing brace is the last one but one.
             close = raw.rindex(b"}", 0, raw.rindex(b"}"))

@@ -336,6 +336,14 @@ def test_responses_text_object_keeps_its_other_settings() -> None:
     assert out["body"]["text"] == {"verbosity": "low", "format": SPEC.responses_format()}
 
 
+def test_responses_text_null_is_replaced_not_doubled() -> None:
+    injector = SchemaInjector(SPEC, RESPONSES)
+    raw = orjson.dumps(_line(RESPONSES, text=None))
+    out = injector.inject_line(raw, json.loads(raw))
+    assert out is not None and out.count(b'"text":') == 1
+    assert json.loads(out)["body"]["text"] == {"format": SPEC.responses_format()}
+
+
 @pytest.mark.parametrize(
     ("endpoint", "own"),
     [
