@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from airflow_openai_batch.core.batch_usage import batch_usage, describe_tokens
 from airflow_openai_batch.exceptions import (
     OpenAIBatchCancelledError,
     OpenAIBatchFailedError,
@@ -75,8 +76,10 @@ def batch_summary(batch: Any, *, replaces: Sequence[str] = ()) -> dict[str, Any]
     :param batch: an ``openai.types.Batch`` or its ``model_dump()``.
     :param replaces: ids of earlier batches this one replaces (re-created after a limit error).
     :return: ``{"status", "request_counts": {"total", "completed", "failed"}, "output_file_id",
-        "error_file_id", "replaces", "model"}`` plus ``"errors"`` (the batch's errors, at most
-        :data:`MAX_ERRORS_IN_SUMMARY`, with ``"errors_total"`` when cut) and ``"warnings"`` when any.
+        "error_file_id", "replaces", "model"}`` plus ``"usage"`` (tokens so far, see
+        :func:`~airflow_openai_batch.core.batch_usage.batch_usage`) when the API reports it, ``"errors"``
+        (the batch's errors, at most :data:`MAX_ERRORS_IN_SUMMARY`, with ``"errors_total"`` when cut) and
+        ``"warnings"`` when any.
     """
     data = _as_mapping(batch)
     counts = data.get("request_counts") or {}
@@ -94,6 +97,9 @@ def batch_summary(batch: Any, *, replaces: Sequence[str] = ()) -> dict[str, Any]
         "replaces": list(replaces),
         "model": data.get("model"),
     }
+    usage = batch_usage(data)
+    if usage is not None:
+        summary["usage"] = usage
     errors_obj = data.get("errors") or {}
     raw_errors = errors_obj.get("data") if isinstance(errors_obj, Mapping) else None
     if raw_errors:
@@ -192,6 +198,9 @@ def progress_line(batch_id: str, summary: Mapping[str, Any], *, eta_seconds: flo
             line += "; results are being written"
         elif eta_seconds is not None and math.isfinite(eta_seconds):
             line += f", about {format_duration(eta_seconds)} left at the current rate"
+        tokens = describe_tokens(summary.get("usage"))
+        if tokens:
+            line += f"; {tokens}"
     for warning in summary.get("warnings") or ():
         line += f" WARNING: {warning}"
     return line

@@ -348,6 +348,22 @@ def test_poke_mode_against_the_emulator(emulator):
     assert emulator.stats()["batches.retrieve"] == 6
 
 
+def test_poke_mode_logs_tokens_so_far_and_returns_the_batchs_model_and_usage(emulator, capfd):
+    emulator.configure(rate=1.0, time_scale=0.0)
+    [batch_id] = create_batches(emulator, 1, lines=4)
+    op = sensor(batch_ids=[batch_id], deferrable=False)
+    emulator.advance(3)  # validated, then some lines answered
+    assert op.poke({}).is_done is False
+    running = [line for line in capfd.readouterr().out.splitlines() if f"{batch_id}: in_progress" in line]
+    assert running and "tokens so far (" in running[-1], running
+    emulator.advance(60)
+    summary = op.poke({}).xcom_value[batch_id]
+    assert summary["model"] == emulator.client().batches.retrieve(batch_id).model == "gpt-4o-mini"
+    usage = summary["usage"]
+    assert usage["input_tokens"] > 0 and usage["output_tokens"] > 0
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+
+
 def test_poke_mode_execute_returns_the_summaries(emulator):
     ids = create_batches(emulator, 2)
     emulator.advance(5)

@@ -516,6 +516,32 @@ def test_progress_line_formats():
     assert "WARNING: completed with 0 successful requests" in progress_line("b", zero)
 
 
+def test_summary_and_progress_line_carry_the_batchs_own_usage():
+    usage = {
+        "input_tokens": 1_000_000,
+        "input_tokens_details": {"cached_tokens": 200_000},
+        "output_tokens": 234_567,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 1_234_567,
+    }
+    running = batch_summary(make_batch("b", "in_progress", total=50, completed=20, usage=usage))
+    assert running["model"] == "gpt-4o-mini"
+    assert running["usage"] == {
+        "input_tokens": 1_000_000,
+        "cached_input_tokens": 200_000,
+        "output_tokens": 234_567,
+        "reasoning_tokens": 0,
+        "total_tokens": 1_234_567,
+    }
+    assert progress_line("b", running).endswith(
+        "; 1,234,567 tokens so far (1,000,000 in, 200,000 cached; 234,567 out)"
+    )
+    done = batch_summary(make_batch("b", "completed", total=50, completed=50, usage=usage))
+    assert "tokens so far" not in progress_line("b", done)
+    unreported = batch_summary(make_batch("b", "in_progress", total=50, completed=20))
+    assert "usage" not in unreported and "tokens" not in progress_line("b", unreported)
+
+
 def test_summary_tolerates_azure_quirks():
     summary = batch_summary(
         {
