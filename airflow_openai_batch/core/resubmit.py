@@ -30,6 +30,7 @@ __all__ = [
     "RetryLines",
     "RetryPolicy",
     "adopt_follow_ups",
+    "capacity_error_code",
     "follow_up_metadata",
     "is_capacity_error",
     "is_capacity_failure",
@@ -71,11 +72,20 @@ def is_capacity_error(code: Any, message: Any = "") -> bool:
     return "enqueued" in text and "limit" in text
 
 
+def capacity_error_code(summary: Mapping[str, Any]) -> str | None:
+    """The code (``token_limit_exceeded``, ``request_limit_exceeded``) of a batch that ended ``failed``
+    only because an enqueued limit was reached; ``None`` for any other summary."""
+    if summary.get("status") != "failed":
+        return None
+    for error in summary.get("errors") or ():
+        if is_capacity_error(error.get("code"), error.get("message")):
+            return str(error.get("code") or "enqueued_limit_reached")
+    return None
+
+
 def is_capacity_failure(summary: Mapping[str, Any]) -> bool:
     """A batch summary that ended ``failed`` only because the enqueued limit was reached."""
-    if summary.get("status") != "failed":
-        return False
-    return any(is_capacity_error(e.get("code"), e.get("message")) for e in summary.get("errors") or ())
+    return capacity_error_code(summary) is not None
 
 
 # -- retry rounds --------------------------------------------------------------------------------

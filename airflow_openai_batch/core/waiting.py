@@ -29,7 +29,7 @@ from airflow_openai_batch.core.progress import (
     progress_line,
     retry_after_seconds,
 )
-from airflow_openai_batch.core.resubmit import is_capacity_failure
+from airflow_openai_batch.core.resubmit import capacity_error_code, is_capacity_failure
 from airflow_openai_batch.exceptions import (
     OpenAIBatchError,
     OpenAIBatchFailedError,
@@ -353,11 +353,11 @@ class Waiting:
             status = result["status"]
             if before == status:
                 continue
-            if is_capacity_failure(result):
-                notes.append(
-                    ("info", f"{batch_id} failed on the enqueued-token limit: it will be re-created")
-                )
-            elif before is not None and not is_final(before) and is_final(status):
+            capacity_code = capacity_error_code(result)
+            if capacity_code is not None:
+                notes.append(("info", f"{batch_id} failed with {capacity_code}: it will be re-created"))
+                continue
+            if before is not None and not is_final(before) and is_final(status):
                 freed += 1
             if status in self.fail_on_statuses and chunk.current is attempt:
                 notes.append(("warning", f"{batch_id} ended {status}: the task will fail once all are final"))

@@ -585,11 +585,11 @@ class _ChunkSubmitter:
         except Exception as err:
             if not is_capacity_error(getattr(err, "code", None), getattr(err, "message", "")):
                 raise
-            # Azure refuses the create call when the enqueued-token limit is reached: not an error,
-            # the sensor creates this chunk's batch once capacity frees.
+            # Azure (and the emulator's reject mode) refuse the create call when an enqueued token
+            # or request limit is reached: not an error, the sensor creates this batch once capacity frees.
             self.log.warning(
                 "Chunk %d/%d (file %s): create refused for now (%s); the sensor will create it "
-                "when enqueued-token capacity frees",
+                "when enqueued capacity frees",
                 chunk.index + 1,
                 self.chunk_count,
                 file_id,

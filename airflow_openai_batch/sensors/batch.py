@@ -37,6 +37,7 @@ from airflow_openai_batch.core.resubmit import (
     RetryLines,
     RetryPolicy,
     adopt_follow_ups,
+    capacity_error_code,
     follow_up_metadata,
     is_capacity_error,
     may_have_follow_up,
@@ -421,7 +422,7 @@ class OpenAIBatchSensor(BaseSensorOperator):
             )
             chunk.create = spec
             self.log.warning(
-                "Chunk %s: create refused again for enqueued-token capacity (re-creation %d of %d): %s",
+                "Chunk %s: create refused again for enqueued capacity (re-creation %d of %d): %s",
                 chunk.key or follows,
                 chunk.recreations,
                 self.max_resubmits,
@@ -444,7 +445,7 @@ class OpenAIBatchSensor(BaseSensorOperator):
             batch.id,
             chunk.recreations,
             self.max_resubmits,
-            f"batch {current.batch_id} failed with token_limit_exceeded"
+            f"batch {current.batch_id} failed with {capacity_error_code(current.summary or {})}"
             if current.created
             else "its create call had been refused for capacity",
         )

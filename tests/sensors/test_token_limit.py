@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 from airflow_openai_batch.core.tokens import estimate_request_tokens
+from airflow_openai_batch.core.writers import read_records
 from airflow_openai_batch.exceptions import OpenAIBatchFailedError
 from airflow_openai_batch.sensors.batch import OpenAIBatchSensor
 from tests.conftest import TEST_DAGS_FOLDER
@@ -201,3 +202,52 @@ def test_poke_mode_re_creates_as_capacity_frees(emulator, limited, make_context)
     replaced = [old for s in waited.values() for old in s["replaces"]]
     failed = [b.id for b in all_batches(emulator) if b.status == "failed"]
     assert replaced and sorted(replaced) == sorted(failed)
+
+
+def embedding_request(i: int) -> dict:
+    return {
+        "custom_id": f"e{i:04d}",
+        "method": "POST",
+        "url": "/v1/embeddings",
+        "body": {"model": "text-embedding-3-small", "input": f"row {i}"},
+    }
+
+
+@pytest.mark.parametrize("mode", ["fail", "reject"])
+def test_an_embeddings_job_over_the_request_cap_is_split_and_re_created(
+    mode, emulator, tmp_path, make_context, capfd
+):
+    """The enqueued-*requests* cap (OpenAI: 1,000,000 for embeddings) is met like the token cap: the job is
+    split with ``max_requests_per_batch`` at submit, and chunks refused for the cap are re-created once the
+    earlier ones finish."""
+    from airflow_openai_batch.operators.collect import OpenAIBatchCollectOperator
+    from airflow_openai_batch.operators.submit import OpenAIBatchSubmitOperator
+
+    emulator.configure(rate=100.0, enqueued_request_limit=int(PER_CHUNK * 2.5), token_limit_mode=mode)
+    requests = [embedding_request(i) for i in range(CHUNKS * PER_CHUNK)]
+    submit = OpenAIBatchSubmitOperator(
+        task_id="submit", requests=requests, endpoint="/v1/embeddings", max_requests_per_batch=PER_CHUNK
+    )
+    submit_context = make_context(task_id="submit")
+    ids = submit.execute(submit_context)
+    job = submit_context["ti"].xcoms["job"]  # names the chunks whose create was refused, too
+    sensor = OpenAIBatchSensor(task_id="wait", batch_ids=job, poll_interval=0.01, max_poll_interval=0.05)
+    waited = run_deferred(sensor, make_context(task_id="wait"))
+
+    assert len(waited) == CHUNKS and all(s["status"] == "completed" for s in waited.values())
+    refused = [b for b in all_batches(emulator) if b.status == "failed"]
+    if mode == "fail":
+        assert refused and all(b.errors.data[0].code == "request_limit_exceeded" for b in refused)
+        assert sorted(old for s in waited.values() for old in s["replaces"]) == sorted(b.id for b in refused)
+        log = capfd.readouterr().out
+        assert f"{refused[0].id} failed with request_limit_exceeded: it will be re-created" in log
+        assert f"batch {refused[0].id} failed with request_limit_exceeded" in log
+        assert "the task will fail" not in log
+    else:
+        assert len(ids) < CHUNKS and not refused, "creates over the cap are refused, then made by the sensor"
+    summary = OpenAIBatchCollectOperator(
+        task_id="collect", batch_ids=waited, output_uri=str(tmp_path / "out")
+    ).execute(make_context(task_id="collect"))
+    assert summary["total"] == CHUNKS * PER_CHUNK == summary["succeeded"]
+    ids_seen = Counter(r["custom_id"] for r in read_records(tmp_path / "out" / "successes.jsonl"))
+    assert set(ids_seen) == {r["custom_id"] for r in requests} and set(ids_seen.values()) == {1}
