@@ -9,13 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx2
 import openai
 import pytest
-from openai.types import Batch
 
 from airflow_openai_batch.core.job import Job
 from airflow_openai_batch.core.progress import (
@@ -35,116 +33,20 @@ from airflow_openai_batch.exceptions import (
 )
 from airflow_openai_batch.triggers.batch import OpenAIBatchTrigger
 from tests.conftest import TEST_API_KEY, connection_uri_json
-
-T0 = 1_750_000_000.0
-
+from tests.support.triggers import (
+    T0,
+    FakeTime,
+    ScriptedHook,
+    api_error,
+    create_sized_batches,
+    first_event,
+    first_event_async,
+    make_batch,
+    make_trigger,
+    virtual_time,
+)
 
 # -- helpers -------------------------------------------------------------------------------------
-
-
-def make_batch(
-    batch_id: str, status: str, total: int = 10, completed: int = 0, failed: int = 0, **extra: Any
-):
-    data: dict[str, Any] = {
-        "id": batch_id,
-        "object": "batch",
-        "endpoint": "/v1/chat/completions",
-        "input_file_id": "file-in",
-        "completion_window": "24h",
-        "status": status,
-        "created_at": int(T0),
-        "model": "gpt-4o-mini",
-        "request_counts": {"total": total, "completed": completed, "failed": failed},
-    }
-    data.update(extra)
-    return Batch(**data)
-
-
-def api_error(status: int, headers: dict[str, str] | None = None) -> openai.APIStatusError:
-    request = httpx2.Request("GET", "http://127.0.0.1/v1/batches/b")
-    response = httpx2.Response(status, headers=headers or {}, request=request)
-    cls = {
-        401: openai.AuthenticationError,
-        404: openai.NotFoundError,
-        429: openai.RateLimitError,
-        500: openai.InternalServerError,
-        503: openai.InternalServerError,
-    }[status]
-    return cls(f"HTTP {status} from the test", response=response, body=None)
-
-
-class ScriptedHook:
-    """Stands in for OpenAIBatchHook: each retrieve of a batch returns its next scripted state."""
-
-    def __init__(self, script: dict[str, list[Any]]) -> None:
-        self.script = {bid: list(states) for bid, states in script.items()}
-        self.calls: list[tuple[str, str]] = []
-        self.closed = False
-
-    async def aget_async_client(self) -> None:
-        return None
-
-    async def aget_batch(self, batch_id: str) -> Batch:
-        self.calls.append(("retrieve", batch_id))
-        states = self.script[batch_id]
-        state = states.pop(0) if len(states) > 1 else states[0]
-        if isinstance(state, BaseException):
-            raise state
-        return state
-
-    async def acancel_batch(self, batch_id: str) -> Batch:
-        self.calls.append(("cancel", batch_id))
-        return make_batch(batch_id, "cancelling")
-
-    async def aclose(self) -> None:
-        self.closed = True
-
-
-class FakeTime:
-    """A clock (epoch seconds) and a sleep that only moves it, optionally driving the emulator too."""
-
-    def __init__(self, start: float = T0, on_sleep: Callable[[float], None] | None = None) -> None:
-        self.now = start
-        self.sleeps: list[float] = []
-        self.on_sleep = on_sleep
-
-    def time(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-        if self.on_sleep is not None:
-            self.on_sleep(seconds)
-        await asyncio.sleep(0)
-
-
-def make_trigger(fake: FakeTime | None = None, hook: Any = None, **kwargs: Any) -> OpenAIBatchTrigger:
-    kwargs.setdefault("batch_ids", ["batch_a"])
-    kwargs.setdefault("poll_interval", 0.01)
-    kwargs.setdefault("max_poll_interval", 0.05)
-    kwargs.setdefault("retry_failed_requests", 0)  # retry rounds have tests of their own
-    trigger = OpenAIBatchTrigger(**kwargs)
-    if fake is not None:
-        trigger._clock = fake.time
-        trigger._sleep = fake.sleep
-    if hook is not None:
-        trigger.__dict__["hook"] = hook  # replaces the cached_property
-        trigger._make_poll_hook = lambda: hook  # the poll board's hook too (one board per test loop)
-    return trigger
-
-
-async def _first_event(trigger: OpenAIBatchTrigger) -> dict[str, Any]:
-    gen = trigger.run()
-    event = await gen.__anext__()
-    # Exactly one event: the generator must end right after it.
-    with pytest.raises(StopAsyncIteration):
-        await gen.__anext__()
-    return event.payload
-
-
-def first_event(trigger: OpenAIBatchTrigger) -> dict[str, Any]:
-    return asyncio.run(_first_event(trigger))
 
 
 # -- serialization -------------------------------------------------------------------------------
@@ -484,7 +386,7 @@ def test_on_kill_cancels_only_non_final_batches_and_respects_the_flag():
             await asyncio.sleep(3600)
 
         trigger._sleep = sleep
-        task = asyncio.ensure_future(_first_event(trigger))
+        task = asyncio.ensure_future(first_event_async(trigger))
         await polled.wait()
         task.cancel()  # what the triggerer does on a user action, before calling on_kill()
         with pytest.raises(asyncio.CancelledError):
@@ -633,37 +535,6 @@ def create_batches(server: Any, count: int, lines: int = 3) -> list[str]:
     return create_sized_batches(server, [lines] * count)
 
 
-def create_sized_batches(server: Any, sizes: list[int]) -> list[str]:
-    """One chat batch per entry of ``sizes``, holding that many requests; their ids, oldest first."""
-    client = server.client()
-    ids = []
-    for n, size in enumerate(sizes):
-        body = b"".join(
-            json.dumps(
-                {
-                    "custom_id": f"req-{n}-{i}",
-                    "method": "POST",
-                    "url": "/v1/chat/completions",
-                    "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"hi {i}"}]},
-                }
-            ).encode()
-            + b"\n"
-            for i in range(size)
-        )
-        upload = client.files.create(file=("in.jsonl", body), purpose="batch")
-        batch = client.batches.create(
-            input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
-        )
-        ids.append(batch.id)
-    return ids
-
-
-def virtual_time(server: Any) -> FakeTime:
-    """A fake clock whose sleeps move the emulator's (frozen) virtual clock by the same amount."""
-    server.configure(time_scale=0.0)
-    return FakeTime(start=time.time(), on_sleep=server.advance)
-
-
 def test_rebuilt_trigger_runs_to_its_event_and_never_serializes_the_key(emulator):
     ids = create_batches(emulator, 2)
     original = OpenAIBatchTrigger(
@@ -738,7 +609,7 @@ def test_survives_a_thirty_percent_fault_storm(emulator, monkeypatch):
     ]
 
     async def scenario() -> list[dict[str, Any]]:
-        return await clock.run(*(_first_event(t) for t in triggers))
+        return await clock.run(*(first_event_async(t) for t in triggers))
 
     for payload in asyncio.run(scenario()):
         assert payload["status"] == "success", payload["message"]
@@ -781,7 +652,7 @@ def test_retry_after_from_the_emulator_is_honoured(emulator):
 
         poll_hook.aget_batch = timed_get  # type: ignore[method-assign]
         trigger._make_poll_hook = lambda: poll_hook
-        payload = await _first_event(trigger)
+        payload = await first_event_async(trigger)
         waits.extend(w for w, _ in trigger._waits)
         return payload
 
@@ -807,7 +678,7 @@ def test_triggerer_restart_resumes_against_the_same_deadline_without_cancelling(
             await asyncio.sleep(3600)
 
         trigger._sleep = sleep
-        task = asyncio.ensure_future(_first_event(trigger))
+        task = asyncio.ensure_future(first_event_async(trigger))
         await waiting.wait()
         task.cancel()  # a triggerer shutting down: no on_kill(), only cleanup()
         with pytest.raises(asyncio.CancelledError):
@@ -842,7 +713,7 @@ def test_on_kill_cancels_live_batches_in_the_emulator(emulator):
             await asyncio.sleep(3600)
 
         trigger._sleep = sleep
-        task = asyncio.ensure_future(_first_event(trigger))
+        task = asyncio.ensure_future(first_event_async(trigger))
         await polled.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

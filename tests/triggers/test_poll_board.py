@@ -17,14 +17,14 @@ from airflow_openai_batch.core.progress import GRID_KEEPS, AdaptivePollSchedule,
 from airflow_openai_batch.emulator.simulated_time import SimulatedTime
 from airflow_openai_batch.triggers import _poll_board
 from airflow_openai_batch.triggers.batch import OpenAIBatchTrigger
-from tests.triggers.test_batch import (
+from tests.support.triggers import (
     T0,
     ScriptedHook,
-    _first_event,
+    first_event_async,
     make_batch,
     make_trigger,
 )
-from tests.triggers.test_batch import create_sized_batches as create_batches
+from tests.support.triggers import create_sized_batches as create_batches
 
 
 def frozen_clock(server: Any) -> SimulatedTime:
@@ -76,7 +76,7 @@ def test_many_triggers_in_one_loop_share_list_walks(emulator, boards, monkeypatc
     ended_at: dict[str, float] = {}
 
     async def wait(trigger: OpenAIBatchTrigger) -> dict[str, Any]:
-        payload = await _first_event(trigger)
+        payload = await first_event_async(trigger)
         ended_at[trigger.batch_ids[0]] = clock.now
         return payload
 
@@ -110,7 +110,7 @@ def test_triggers_started_at_different_times_meet_on_the_grid(emulator):
 
     async def start_later(trigger: OpenAIBatchTrigger) -> dict[str, Any]:
         await clock.sleep(rng.uniform(0, 600))  # DAG runs that deferred at different moments
-        return await _first_event(trigger)
+        return await first_event_async(trigger)
 
     payloads = asyncio.run(clock.run(*(start_later(t) for t in triggers)))
     assert all(p["status"] == "success" for p in payloads)
@@ -125,7 +125,7 @@ def test_a_lonely_trigger_polls_by_retrieves_only(emulator, boards):
     ids = create_batches(emulator, [300])
     clock = frozen_clock(emulator)
     (trigger,) = per_batch_triggers(clock, ids)
-    (payload,) = asyncio.run(clock.run(_first_event(trigger)))
+    (payload,) = asyncio.run(clock.run(first_event_async(trigger)))
     assert payload["batches"][ids[0]]["status"] == "completed"
     assert trigger.polls > 3
     # Exactly one retrieve per poll, as before the board: no list call, nothing coalesced away.
@@ -140,7 +140,7 @@ def test_a_list_fault_reaches_every_trigger_it_served(emulator):
     ids = create_batches(emulator, [3] * 10)
     clock = frozen_clock(emulator)
     triggers = per_batch_triggers(clock, ids, poll_interval=1.0, max_poll_interval=60.0, fault_budget=2)
-    payloads = asyncio.run(clock.run(*(_first_event(t) for t in triggers)))
+    payloads = asyncio.run(clock.run(*(first_event_async(t) for t in triggers)))
     for trigger, payload in zip(triggers, payloads, strict=True):
         # Each walk's 429 counted once against every trigger it served: budget 2, so the third ends it.
         assert payload["status"] == "error"
@@ -171,7 +171,7 @@ def test_a_batch_the_walk_does_not_find_is_still_retrieved(emulator, boards, mon
         return result
 
     monkeypatch.setattr(_poll_board.PollBoard, "_collect", collect)
-    payloads = asyncio.run(clock.run(*(_first_event(t) for t in triggers)))
+    payloads = asyncio.run(clock.run(*(first_event_async(t) for t in triggers)))
     for batch_id, payload in zip(wanted, payloads, strict=True):
         assert payload["status"] == "success", payload["message"]
         assert payload["batches"][batch_id]["status"] == "completed"
@@ -198,7 +198,7 @@ def test_a_walk_that_stops_short_of_the_wanted_batches_retrieves_them(emulator, 
         board = _poll_board.join("openai_default", triggers[0]._make_poll_hook)
         board._page_hint.update(dict.fromkeys(wanted, 4))
         try:
-            return await clock.run(*(_first_event(t) for t in triggers))
+            return await clock.run(*(first_event_async(t) for t in triggers))
         finally:
             await board.leave()
 
@@ -260,16 +260,16 @@ def test_the_boards_client_is_closed_once_the_last_trigger_leaves(emulator, boar
     open_after_first: list[bool] = []
 
     async def first(trigger: OpenAIBatchTrigger) -> dict[str, Any]:
-        payload = await _first_event(trigger)
+        payload = await first_event_async(trigger)
         board = boards[0]
         open_after_first.append(not board.closed and not board.client.is_closed())
         return payload
 
     async def scenario() -> None:
-        await clock.run(first(triggers[0]), *(_first_event(t) for t in triggers[1:]))
+        await clock.run(first(triggers[0]), *(first_event_async(t) for t in triggers[1:]))
         # A trigger joining after the board closed gets a fresh board (and client), never the closed one.
         late = clock.attach(make_trigger(None, batch_ids=[ids[0]], poll_interval=10.0, max_poll_interval=60))
-        assert (await _first_event(late))["status"] == "success"
+        assert (await first_event_async(late))["status"] == "success"
 
     asyncio.run(scenario())
     assert open_after_first == [True], "the board closed under the triggers still waiting"
@@ -296,7 +296,7 @@ def test_a_trigger_cancelled_mid_round_closes_the_client_after_the_call(emulator
 
     async def scenario() -> None:
         trigger = make_trigger(None, batch_ids=ids)
-        task = asyncio.ensure_future(_first_event(trigger))
+        task = asyncio.ensure_future(first_event_async(trigger))
         await asked.wait()
         assert boards[0]._open is not None and boards[0]._tasks
         task.cancel()
@@ -369,7 +369,7 @@ def test_alignment_never_makes_a_wait_longer_than_the_schedules(monkeypatch):
         return await real_fetch(self, batch_ids)
 
     monkeypatch.setattr(_poll_board.PollBoard, "fetch", fetch)
-    (payload,) = asyncio.run(clock.run(_first_event(trigger)))
+    (payload,) = asyncio.run(clock.run(first_event_async(trigger)))
     assert payload["status"] == "success"
 
     # The same observations through an unaligned schedule: what it would have asked for each time.
