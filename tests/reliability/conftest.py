@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.reliability.helpers import FIGURES
+from tests.support.reliability.helpers import FIGURES
 
 
 @pytest.fixture(autouse=True)

@@ -27,9 +27,9 @@ from airflow_openai_batch.operators.collect import OpenAIBatchCollectOperator
 from airflow_openai_batch.operators.submit import OpenAIBatchSubmitOperator
 from airflow_openai_batch.sensors.batch import OpenAIBatchSensor
 from tests.conftest import TEST_DAGS_FOLDER, connection_uri_json
-from tests.reliability.helpers import chat_request, count_ids, outcome_of, report, reseed
-from tests.reliability.pipeline import rebuild, run_pipeline
-from tests.reliability.worker import make_context
+from tests.support.reliability.helpers import chat_request, count_ids, outcome_of, report, reseed
+from tests.support.reliability.pipeline import rebuild, run_pipeline
+from tests.support.reliability.worker import make_context
 
 SEEDS = (11, 12, 13)
 #: Seed 13 first: its (deterministic, sequential) submit stage meets a 429 on batches.create.

@@ -18,8 +18,8 @@ import pytest
 from airflow_openai_batch.core.writers import read_records
 from airflow_openai_batch.operators.collect import OpenAIBatchCollectOperator
 from airflow_openai_batch.operators.submit import OpenAIBatchSubmitOperator
-from tests.reliability.helpers import Worker, chat_request, count_ids, report
-from tests.reliability.worker import make_context
+from tests.support.reliability.helpers import Worker, chat_request, count_ids, report
+from tests.support.reliability.worker import make_context
 
 REQUESTS = 300
 FINAL_NAMES = {"successes.jsonl", "failures.jsonl", "retry_requests.jsonl", "manifest.json"}

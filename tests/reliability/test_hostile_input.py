@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from airflow_openai_batch.exceptions import OpenAIBatchInputError
 from airflow_openai_batch.operators.collect import OpenAIBatchCollectOperator
 from airflow_openai_batch.operators.submit import OpenAIBatchSubmitOperator
-from tests.reliability.helpers import CHAT, report
-from tests.reliability.worker import make_context
+from tests.support.reliability.helpers import CHAT, report
+from tests.support.reliability.worker import make_context
 
 CLEAN_KINDS = ("valid",) * 6 + (
     "unicode_raw",

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import TEST_API_KEY, TEST_DAGS_FOLDER, connection_uri_json
-from tests.reliability.helpers import report, wait_until
 from tests.support.cluster import AirflowCluster
+from tests.support.reliability.helpers import report, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

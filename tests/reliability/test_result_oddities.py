@@ -23,10 +23,10 @@ from airflow_openai_batch.operators.collect import OpenAIBatchCollectOperator
 from airflow_openai_batch.operators.submit import OpenAIBatchSubmitOperator
 from airflow_openai_batch.sensors.batch import OpenAIBatchSensor
 from tests.conftest import connection_uri_json
-from tests.reliability.helpers import chat_request, count_ids, report
-from tests.reliability.pipeline import first_event, rebuild
-from tests.reliability.quirks import QuirksMiddleware
-from tests.reliability.worker import make_context
+from tests.support.reliability.helpers import chat_request, count_ids, report
+from tests.support.reliability.pipeline import first_event, rebuild
+from tests.support.reliability.quirks import QuirksMiddleware
+from tests.support.reliability.worker import make_context
 
 REQUESTS = 40
 

@@ -21,9 +21,9 @@ from airflow_openai_batch.operators.collect import OpenAIBatchCollectOperator
 from airflow_openai_batch.operators.submit import OpenAIBatchSubmitOperator
 from airflow_openai_batch.sensors.batch import OpenAIBatchSensor
 from tests.conftest import TEST_API_KEY, connection_uri_json, free_port
-from tests.reliability.helpers import chat_request, report
-from tests.reliability.pipeline import first_event, rebuild
-from tests.reliability.worker import make_context
+from tests.support.reliability.helpers import chat_request, report
+from tests.support.reliability.pipeline import first_event, rebuild
+from tests.support.reliability.worker import make_context
 
 SECRETS = (TEST_API_KEY, TEST_API_KEY.removeprefix("sk-test-"))
 

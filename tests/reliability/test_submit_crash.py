@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from airflow_openai_batch.operators.submit import OpenAIBatchSubmitOperator
-from tests.reliability.helpers import Worker, chat_request, report, write_jsonl
-from tests.reliability.worker import make_context
+from tests.support.reliability.helpers import Worker, chat_request, report, write_jsonl
+from tests.support.reliability.worker import make_context
 
 REQUESTS = 30
 PER_BATCH = 10

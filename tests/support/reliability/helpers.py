@@ -14,7 +14,7 @@ from typing import Any
 
 from tests.support.polling import wait_until
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 #: Every figures line printed by this suite, repeated in pytest's terminal summary (see conftest.py).
 FIGURES: list[str] = []
 CHAT = "/v1/chat/completions"
@@ -94,7 +94,7 @@ class FileTaskStateStore:
 
 
 class Worker:
-    """``python -m tests.reliability.worker SPEC`` in a subprocess that blocks at a chosen point.
+    """``python -m tests.support.reliability.worker SPEC`` in a subprocess that blocks at a chosen point.
 
     The worker writes ``spec["marker"]`` when it reaches the point, then blocks forever; the test waits
     for the marker (bounded polling of a file) and SIGKILLs it: a real crash, not an exception.
@@ -117,7 +117,7 @@ class Worker:
         spec_path.write_text(json.dumps(self.spec))
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.reliability.worker", str(spec_path)],
+            [sys.executable, "-m", "tests.support.reliability.worker", str(spec_path)],
             cwd=REPO_ROOT,
             env=full_env,
             stdout=self._log,

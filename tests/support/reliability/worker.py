@@ -1,6 +1,6 @@
 """Runs a submit or collect operator's ``execute`` in its own process and blocks at a chosen point.
 
-``python -m tests.reliability.worker SPEC.json`` (started by ``helpers.Worker``). When the run reaches
+``python -m tests.support.reliability.worker SPEC.json`` (started by ``helpers.Worker``). When the run reaches
 ``spec["kill_point"]`` the worker writes ``spec["marker"]`` (JSON, atomically) and then blocks forever,
 so the test can SIGKILL it exactly there: a real crash, with no ``finally`` block, no ``atexit`` and no
 exception handler running. The emulator runs in the test process and is reached over loopback
@@ -56,7 +56,7 @@ class _OutletEvents(dict):
 def make_context(spec: dict[str, Any]) -> dict[str, Any]:
     import pendulum
 
-    from tests.reliability.helpers import FileTaskStateStore
+    from tests.support.reliability.helpers import FileTaskStateStore
 
     class _DagRun:
         run_after = pendulum.from_timestamp(spec["run_after"], tz="UTC")

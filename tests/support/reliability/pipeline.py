@@ -20,8 +20,8 @@ from airflow_openai_batch.core.writers import read_records
 from airflow_openai_batch.operators.collect import OpenAIBatchCollectOperator
 from airflow_openai_batch.operators.submit import OpenAIBatchSubmitOperator
 from airflow_openai_batch.sensors.batch import OpenAIBatchSensor
-from tests.reliability.helpers import outcome_of, reseed
-from tests.reliability.worker import make_context
+from tests.support.reliability.helpers import outcome_of, reseed
+from tests.support.reliability.worker import make_context
 
 
 async def first_event(trigger: Any) -> dict[str, Any]:
