@@ -32,11 +32,12 @@ import contextlib
 import hashlib
 import io
 import itertools
+import operator
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -65,9 +66,12 @@ from airflow_openai_batch.limits import (
 )
 
 __all__ = [
+    "BuiltLines",
     "Chunk",
+    "LineBuilder",
     "PreparedInput",
     "normalize_endpoint",
+    "prepare_from_built",
     "prepare_from_lines",
     "prepare_from_records",
 ]
@@ -142,6 +146,44 @@ class PreparedInput:
         self.cleanup()
 
 
+@dataclass(frozen=True)
+class BuiltLines:
+    """Request lines a caller built itself (a table's, from a template) and checked with the request
+    rules it was given (see :class:`LineBuilder`), with what it knows of each line: the splitter and the
+    estimate take them as they are, and only their custom_ids are still checked here (for repeats).
+
+    :param data: the lines, each ending with a newline (bytes, or a buffer of them: written through).
+    :param ends: where each line ends in ``data``, newline included, after a leading 0 (one more entry
+        than there are lines).
+    :param ids: each line's custom_id (a non-empty string).
+    :param model: the model of every line.
+    :param caps: each line's output-token cap (``None``: none).
+    :param inputs: each line's embedding inputs (embeddings endpoint only, else ``None``).
+    :param tokens: each line's prompt tokens when every line is counted, else ``None`` (then sampled).
+    :param own_formats: lines that kept their own format where a response schema was to be put in.
+    """
+
+    data: bytes | memoryview
+    ends: list[int]
+    ids: list[str]
+    model: str
+    caps: list[int | None]
+    inputs: list[int] | None = None
+    tokens: list[int] | None = None
+    own_formats: int = 0
+
+
+class LineBuilder(Protocol):
+    """A source that builds its request lines itself, given the submission's rules (a table from a
+    prompt template: :class:`~airflow_openai_batch.core.tables.TableRequests`)."""
+
+    def built_blocks(self, rules: RequestRules) -> Iterable[BuiltLines | bytes]:
+        """The lines in order: :class:`BuiltLines` that ``rules`` accept as they are (the builder applies
+        the rules' model, response schema and limits itself), or newline-terminated raw blocks, which are
+        validated line by line like a JSONL file's (and name every problem)."""
+        ...
+
+
 # -- splitting --------------------------------------------------------------------------------------------
 
 
@@ -181,24 +223,27 @@ class _Counts:
 class _Run:
     """Valid request lines of one model, in input order: what the splitter places.
 
-    :param lines: the lines, without their newline.
+    :param lines: the lines, without their newline; ``None`` when ``ends`` says where they are in ``data``.
     :param ids: the custom_id of each line.
     :param inputs: embedding inputs of each line, or ``None`` when not counted.
     :param tokens: estimated prompt tokens of each line, or ``None`` when not counted.
     :param caps: the output-token cap of each line (``None``: none).
     :param numbers: the 1-based input line number of each line.
     :param data: the lines each ending with a newline, when at hand (a whole block: written as it is).
+    :param ends: where each line ends in ``data`` (newline included), after a leading 0, when the caller
+        knows it (lines built from a table): the lines need not be split out of ``data``.
     """
 
     def __init__(
         self,
-        lines: list[bytes],
+        lines: list[bytes] | None,
         ids: list[str],
         inputs: list[int] | None,
         tokens: list[int] | None,
         caps: list[int | None],
         numbers: range | list[int],
         data: bytes | None = None,
+        ends: list[int] | None = None,
     ) -> None:
         self.lines = lines
         self.ids = ids
@@ -209,9 +254,10 @@ class _Run:
         self.data = data
         #: Running totals of bytes, inputs and tokens: entry i counts the lines before line i.
         self._sums: tuple[list[int], list[int] | None, list[int] | None] | None = None
+        self._ends = ends
 
     def __len__(self) -> int:
-        return len(self.lines)
+        return len(self.ids)
 
     def _running_totals(self) -> tuple[list[int], list[int] | None, list[int] | None]:
         if self._sums is None:
@@ -219,7 +265,7 @@ class _Run:
             def running(values: Iterable[int] | None) -> list[int] | None:
                 return list(itertools.accumulate(values, initial=0)) if values is not None else None
 
-            sizes = running(len(line) + 1 for line in self.lines)
+            sizes = self._ends or running(len(line) + 1 for line in self.lines)  # type: ignore[union-attr]
             self._sums = (sizes, running(self.inputs), running(self.tokens))  # type: ignore[assignment]
         return self._sums  # type: ignore[return-value]
 
@@ -243,11 +289,29 @@ class _Run:
     def piece(self, start: int, stop: int) -> bytes:
         """Lines ``[start, stop)``, each ending with a newline."""
         if self.data is None:
-            return b"".join(line + b"\n" for line in self.lines[start:stop])
+            return b"".join(line + b"\n" for line in self.lines[start:stop])  # type: ignore[index]
         if start == 0 and stop == len(self):
             return self.data
         sizes = self._running_totals()[0]
         return self.data[sizes[start] : sizes[stop]]
+
+    def line(self, index: int) -> bytes:
+        """Line ``index``, without its newline."""
+        if self.lines is not None:
+            return self.lines[index]
+        ends = self._ends
+        return bytes(self.data[ends[index] : ends[index + 1] - 1])  # type: ignore[index]
+
+    def longest(self, start: int, stop: int) -> tuple[int, int]:
+        """``(bytes with its newline, index)`` of the longest of lines ``[start, stop)`` (the first such)."""
+        if self.lines is not None:
+            sizes = list(map(len, self.lines[start:stop]))
+            longest = max(sizes)
+            return longest + 1, start + sizes.index(longest)
+        ends = self._ends
+        sizes = list(map(operator.sub, ends[start + 1 : stop + 1], ends[start:stop]))  # type: ignore[index]
+        longest = max(sizes)
+        return longest, start + sizes.index(longest)
 
 
 class _OpenChunk:
@@ -292,11 +356,9 @@ class _OpenChunk:
             if room > 0:
                 numbers = run.numbers
                 self.unbounded_lines += [numbers[start + i] for i, c in enumerate(caps) if c is None][:room]
-        lines = run.lines
-        longest = max(map(len, lines[start:stop]))
-        if longest + 1 > self.largest[0]:
-            at = next(i for i in range(start, stop) if len(lines[i]) == longest)
-            self.largest = (longest + 1, run.numbers[at])
+        longest, at = run.longest(start, stop)
+        if longest > self.largest[0]:
+            self.largest = (longest, run.numbers[at])
 
 
 class _Splitter:
@@ -453,19 +515,37 @@ class _Preparer:
             self.splitter.place(valid, numbers)
             self.own_formats += valid.own_formats
             if valid.tokens is None:
-                self._sample(valid, numbers)
+                self._sample(valid.models, valid.lines.__getitem__, len(valid.lines), numbers)
 
-    def _sample(self, valid: ValidLines, numbers: range | list[int]) -> None:
+    def take_built(self, built: BuiltLines) -> None:
+        """Lines built and checked by the caller: their ids are checked for repeats, the rest is placed
+        as it is."""
+        first = self.lines_read + 1
+        count = len(built.ids)
+        self.ids.add(first, built.ids)  # type: ignore[arg-type]
+        self.lines_read += count
+        self.requests_read += count
+        if not count or self.problems.total:
+            return
+        numbers = range(first, first + count)
+        run = _Run(None, built.ids, built.inputs, built.tokens, built.caps, numbers, built.data, built.ends)
+        self.splitter._place(built.model, run)
+        self.own_formats += built.own_formats
+        if built.tokens is None:
+            self._sample(built.model, run.line, count, numbers)
+
+    def _sample(
+        self, models: str | list[str], line_at: Callable[[int], bytes], count: int, numbers: range | list[int]
+    ) -> None:
         """Count the prompt of one line in _SAMPLE_EVERY for the estimate (when lines are not all counted):
         a chunk's prompt tokens are its bytes times what its model's sampled lines weigh per byte."""
-        models = valid.models
         sample = self.estimator.sample
-        picked = range(0, len(valid.lines), self.estimator.sample_every)
+        picked = range(0, count, self.estimator.sample_every)
         if not isinstance(models, str):
             # Each model's first line too: a model whose lines fall between the picks is still weighed.
             picked = sorted({*picked, *map(models.index, set(models))})  # type: ignore[assignment]
         for index in picked:
-            line = valid.lines[index]
+            line = line_at(index)
             model = models if isinstance(models, str) else models[index]
             sample(model, numbers[index], len(line) + 1, orjson.loads(line)["body"])
 
@@ -530,6 +610,7 @@ def _prepare(
     schema: Any,
     token_count: str | None,
     prices: PriceTable | Mapping[str, Mapping[str, Any]] | str | None,
+    builder: LineBuilder | None = None,
 ) -> PreparedInput:
     """Check the arguments, then validate and split, keeping nothing on failure."""
     _check_limits(
@@ -571,8 +652,10 @@ def _prepare(
     splitter = _Splitter(work_dir, limits)
     preparer = _Preparer(rules, splitter, work_dir, max_problems, estimator)
     try:
-        for block in _blocks(lines):
-            if isinstance(block, bytes):
+        for block in builder.built_blocks(rules) if builder is not None else _blocks(lines):
+            if isinstance(block, BuiltLines):
+                preparer.take_built(block)
+            elif isinstance(block, bytes):
                 preparer.take_block(block)
             else:
                 preparer.take_lines(block)
@@ -687,6 +770,51 @@ def prepare_from_lines(
         schema=response_schema,
         token_count=token_count,
         prices=prices,
+    )
+
+
+def prepare_from_built(
+    builder: LineBuilder,
+    *,
+    endpoint: str,
+    work_dir: Path | str,
+    model: str | None = None,
+    max_requests_per_batch: int = MAX_REQUESTS_PER_BATCH,
+    max_bytes_per_batch: int = MAX_BYTES_PER_BATCH,
+    max_embedding_inputs: int = MAX_EMBEDDING_INPUTS_PER_BATCH,
+    max_enqueued_tokens: int | None = None,
+    max_problems: int = 50,
+    response_schema: Any = None,
+    token_count: str | None = None,
+    prices: PriceTable | Mapping[str, Mapping[str, Any]] | str | None = None,
+) -> PreparedInput:
+    """Split lines a builder made and checked itself into chunk files (a table's lines: the submit
+    operator's path for a table with a prompt template), as :func:`prepare_from_lines` does a JSONL file's.
+
+    The builder is given the submission's :class:`~airflow_openai_batch.core.requests.RequestRules` (built
+    from these arguments) and hands back :class:`BuiltLines` the rules accept as they are, or raw blocks,
+    which go through the line validator. Repeated custom_ids, the split, the chunk files and the cost
+    estimate are the same as for :func:`prepare_from_lines`.
+
+    :param builder: the source of the lines.
+    :param endpoint: as in :func:`prepare_from_lines`; so are all other parameters.
+    :return: the chunks, in order.
+    :raises OpenAIBatchInputError: as :func:`prepare_from_lines`; or what the builder raises.
+    """
+    return _prepare(
+        (),
+        endpoint=endpoint,
+        work_dir=work_dir,
+        model=model,
+        max_requests_per_batch=max_requests_per_batch,
+        max_bytes_per_batch=max_bytes_per_batch,
+        max_embedding_inputs=max_embedding_inputs,
+        max_enqueued_tokens=max_enqueued_tokens,
+        max_problems=max_problems,
+        schema=response_schema,
+        token_count=token_count,
+        prices=prices,
+        builder=builder,
     )
 
 

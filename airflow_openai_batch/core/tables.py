@@ -47,7 +47,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from airflow_openai_batch.core.jsonl import DEFAULT_CHUNK_SIZE, LineIterator, lines_from_raw_blocks
-from airflow_openai_batch.core.prepare import PreparedInput, normalize_endpoint, prepare_from_lines
+from airflow_openai_batch.core.prepare import (
+    BuiltLines,
+    PreparedInput,
+    normalize_endpoint,
+    prepare_from_built,
+)
+from airflow_openai_batch.core.requests import RequestRules
 from airflow_openai_batch.core.table_format import TABLE_FORMATS, TABLE_SUFFIXES, table_format
 from airflow_openai_batch.exceptions import InputProblem, OpenAIBatchInputError, OpenAIBatchJoinError
 
@@ -472,6 +478,8 @@ class TableRequests:
                 "a table input needs id_column= (the column whose values become custom_id)", "id_column"
             )
         base = self._base_body(body)
+        self._base = base
+        self._templates = (prompt, system_prompt)
         if request_builder is not None:
             if prompt is not None or system_prompt is not None:
                 raise _problem(
@@ -479,7 +487,6 @@ class TableRequests:
                 )
             if not callable(request_builder):
                 raise _problem(f"must be callable, got {type(request_builder).__name__}", "request_builder")
-            self._base = base
             self._layout: list[str | _Field] = []
         else:
             if prompt is None:
@@ -604,9 +611,87 @@ class TableRequests:
 
         :raises OpenAIBatchInputError: at the end of the input, if any row had a problem.
         """
+        if self.request_builder is not None:
+            yield from self._builder_blocks()
+            return
+        for escaped, _ in self._escaped_batches():
+            yield from _cut_array(_joined(self._layout, escaped))
+
+    def built_blocks(self, rules: RequestRules) -> Iterator[BuiltLines | bytes]:
+        """The request lines as :func:`~airflow_openai_batch.core.prepare.prepare_from_built` takes them:
+        a batch of rows at a time, built with ``rules``' model and response schema in the template's body
+        and checked against ``rules`` (see :meth:`_built`), with what the template says of every line.
+
+        A batch the check does not clear, and the lines of a ``request_builder`` (arbitrary bodies) or of
+        a submission that counts every prompt, are handed over as raw blocks (:meth:`blocks`' lines), for
+        the line validator to check one by one and name every problem.
+
+        :param rules: the submission's request rules.
+        :raises OpenAIBatchInputError: at the end of the input, if any row had a problem.
+        """
+        if self.request_builder is not None or rules.prompt_tokens is not None:
+            yield from self.blocks()
+            return
+        base = dict(self._base)
+        if not base.get("model") and rules.fill_model is not None:
+            base["model"] = rules.fill_model  # what the validator fills in, put in once
+        # The schema's format goes into the template's body once; a body with its own keeps it.
+        own_format = rules.schema is not None and not rules.schema.inject_body(base)
+        layout = self._compile(*self._templates, base)  # type: ignore[arg-type]
+        for escaped, ids in self._escaped_batches():
+            built = self._built(rules, _joined(layout, escaped), ids, own_format)
+            if built is not None:
+                yield built
+            else:
+                yield from _cut_array(_joined(self._layout, escaped))
+
+    def _built(self, rules: RequestRules, lines: Any, ids: Any, own_format: bool) -> BuiltLines | None:
+        """A batch's lines as :class:`BuiltLines`, or ``None`` when the line validator must see them.
+
+        The lines differ only in their id and the template's values, which are JSON strings by
+        construction; the rest of a line (method, url, the body's fields, model, caps) is the template's,
+        the same on every line. So the validator checks the batch's first line (all the rules, the one
+        statement of them), and what a row's values can still get wrong is checked for the batch here:
+        ids non-empty (read with the rows), their repeats (by prepare), the longest line against the
+        size limit, the text valid UTF-8.
+        """
+        count = len(lines)
+        buffers = lines.buffers()
+        offsets = memoryview(buffers[1]).cast("i")[lines.offset : lines.offset + count + 1]
+        start = offsets[0]
+        ends = offsets.tolist() if not start else [end - start for end in offsets.tolist()]
+        data = memoryview(buffers[2])[start : start + ends[-1]]
+        first = bytes(data[: ends[1] - 1])
+        checked = rules.check_line(first)
+        if checked is None or checked.problems or checked.line != first:
+            return None
+        longest = pc.max(pc.binary_length(lines)).as_py()
+        if rules.limit_problem(longest, checked.inputs, checked.tokens) is not None:
+            return None
+        try:
+            lines.validate(full=True)  # UTF-8, as the validator checks every line's
+        except pa.ArrowInvalid:
+            return None
+        return BuiltLines(
+            data,
+            ends,
+            ids.to_pylist(),
+            checked.model,
+            [checked.cap] * count,
+            [checked.inputs] * count if rules.counts_inputs else None,
+            own_formats=count if own_format else 0,
+        )
+
+    def _escaped_batches(self) -> Iterator[tuple[dict[str, Any], Any]]:
+        """Each batch's template values and ids, escaped for a JSON string, by field text (the id's
+        under ``_ID.text``), and its ids as they are.
+
+        :raises OpenAIBatchInputError: at the end of the input, if any row had a problem.
+        """
         problems = _Problems(self.max_problems)
-        columns = None if self.request_builder is not None else self._read_columns
-        batches = self.table.batches(columns, string_columns=self._string_columns, batch_rows=self.batch_rows)
+        batches = self.table.batches(
+            self._read_columns, string_columns=self._string_columns, batch_rows=self.batch_rows
+        )
         self.rows = 0
         for batch in batches:
             first_row = self.rows + 1
@@ -614,19 +699,30 @@ class TableRequests:
             if batch.num_rows == 0:
                 continue
             ids = self._ids(batch, first_row, problems)
-            if self.request_builder is not None:
-                data = self._built_lines(batch, ids, first_row, problems)
-                if data and not problems.count:
-                    yield from _cut(data)
-                continue
             texts = self._field_texts(batch, first_row, problems)
             if problems.count:
                 continue  # only checking from here on: nothing more is handed on
             escaped = {key: _escaped(text) for key, text in texts.items()}
             escaped[_ID.text] = _escaped(ids)
-            parts = [p if isinstance(p, str) else escaped[p.text] for p in self._layout]
-            lines = pc.binary_join_element_wise(*parts, "")
-            yield from _cut_array(lines)
+            yield escaped, ids
+        if problems.count:
+            raise problems.error()
+        self._finished = True
+
+    def _builder_blocks(self) -> Iterator[bytes]:
+        """The lines of a ``request_builder``, a batch of rows at a time."""
+        problems = _Problems(self.max_problems)
+        batches = self.table.batches(None, string_columns=self._string_columns, batch_rows=self.batch_rows)
+        self.rows = 0
+        for batch in batches:
+            first_row = self.rows + 1
+            self.rows += batch.num_rows
+            if batch.num_rows == 0:
+                continue
+            ids = self._ids(batch, first_row, problems)
+            data = self._built_lines(batch, ids, first_row, problems)
+            if data and not problems.count:
+                yield from _cut(data)
         if problems.count:
             raise problems.error()
         self._finished = True
@@ -741,6 +837,12 @@ class TableRequests:
         )
 
 
+def _joined(layout: list[str | _Field], escaped: dict[str, Any]) -> Any:
+    """A batch's lines: the layout's constant text and escaped values spliced by one Arrow kernel."""
+    parts = [p if isinstance(p, str) else escaped[p.text] for p in layout]
+    return pc.binary_join_element_wise(*parts, "")
+
+
 def prepare_from_table(requests: TableRequests, **prepare_args: Any) -> tuple[PreparedInput, TableSource]:
     """A table's rows validated and split into chunk files: what the submit operator does with a table.
 
@@ -755,7 +857,7 @@ def prepare_from_table(requests: TableRequests, **prepare_args: Any) -> tuple[Pr
     :raises OpenAIBatchInputError: rows are invalid; nothing is kept in ``work_dir`` then.
     """
     try:
-        prepared = prepare_from_lines(requests.lines(), **prepare_args)
+        prepared = prepare_from_built(requests, **prepare_args)
     except OpenAIBatchInputError as err:
         if all(p.unit == "row" for p in err.problems):
             raise
