@@ -31,7 +31,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -926,13 +926,11 @@ class ChunkTally:
         return (self.byte_count + 3) // 4
 
 
-@dataclass(frozen=True)
-class ChunkEstimate:
-    """The estimate of one chunk.
+@dataclass(frozen=True, kw_only=True)
+class EstimateFigures:
+    """The additive figures of an estimate: of one chunk, or summed over the chunks.
 
-    :param chunk: the chunk's index.
-    :param model: its model.
-    :param requests: its lines.
+    :param requests: lines.
     :param input_tokens: estimated prompt tokens.
     :param output_tokens_max: output upper bound (``None``: unbounded lines and no known model limit).
     :param output_tokens_expected: the expected output (each line ``min(cap, typical)``).
@@ -940,12 +938,8 @@ class ChunkEstimate:
     :param cost_min: USD of the input alone (``None``: the model has no price); likewise below.
     :param cost_expected: USD of input + expected output.
     :param cost_max: USD of input + output upper bound.
-    :param unbounded_lines: the first line numbers without a cap.
-    :param largest_line: ``(bytes, line)`` of its largest line.
     """
 
-    chunk: int
-    model: str
     requests: int
     input_tokens: int
     output_tokens_max: int | None
@@ -954,13 +948,10 @@ class ChunkEstimate:
     cost_min: float | None
     cost_expected: float | None
     cost_max: float | None
-    unbounded_lines: tuple[int, ...]
-    largest_line: tuple[int, int]
 
-    def to_dict(self) -> dict[str, Any]:
+    def figures_dict(self) -> dict[str, Any]:
+        """The figures, JSON-safe, the cost as ``cost_usd: {"min", "expected", "max"}``."""
         return {
-            "chunk": self.chunk,
-            "model": self.model,
             "requests": self.requests,
             "input_tokens": self.input_tokens,
             "output_tokens_max": self.output_tokens_max,
@@ -968,6 +959,29 @@ class ChunkEstimate:
             "unbounded_requests": self.unbounded_requests,
             "cost_usd": _cost_range(self.cost_min, self.cost_expected, self.cost_max),
         }
+
+
+#: The names of :class:`EstimateFigures`' fields: what :func:`_totals` sums.
+_TOTALLED = tuple(f.name for f in fields(EstimateFigures))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChunkEstimate(EstimateFigures):
+    """The estimate of one chunk: its :class:`EstimateFigures` and
+
+    :param chunk: the chunk's index.
+    :param model: its model.
+    :param unbounded_lines: the first line numbers without a cap.
+    :param largest_line: ``(bytes, line)`` of its largest line.
+    """
+
+    chunk: int
+    model: str
+    unbounded_lines: tuple[int, ...]
+    largest_line: tuple[int, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"chunk": self.chunk, "model": self.model, **self.figures_dict()}
 
 
 def _cost_range(low: float | None, expected: float | None, high: float | None) -> dict[str, float | None]:
@@ -985,18 +999,6 @@ def _sum_or_none(values: Iterable[float | int | None]) -> Any:
             return None
         total += value
     return total
-
-
-_TOTALLED = (
-    "requests",
-    "input_tokens",
-    "output_tokens_max",
-    "output_tokens_expected",
-    "unbounded_requests",
-    "cost_min",
-    "cost_expected",
-    "cost_max",
-)
 
 
 def _totals(chunks: Sequence[ChunkEstimate]) -> dict[str, Any]:
@@ -1159,16 +1161,16 @@ class CostEstimator:
         )
 
 
-@dataclass(frozen=True)
-class CostEstimate:
-    """The estimate of a whole submit, per chunk and in total (XCom ``cost_estimate``: :meth:`to_dict`).
+@dataclass(frozen=True, kw_only=True)
+class CostEstimate(EstimateFigures):
+    """The estimate of a whole submit (XCom ``cost_estimate``: :meth:`to_dict`): the totals over the
+    chunks as :class:`EstimateFigures` (a total is ``None`` where a chunk's figure is unknown), and
 
     :param chunks: per chunk.
     :param counter: how prompt tokens were counted.
     :param prices_as_of: the price table's date.
     :param unpriced_models: models of the input that the price table does not know.
     :param model_limits: the output limit of each priced model (the bound of an unbounded line).
-    :param requests: the totals over the chunks, as in :class:`ChunkEstimate` (likewise below).
     """
 
     chunks: list[ChunkEstimate]
@@ -1176,15 +1178,6 @@ class CostEstimate:
     prices_as_of: str | None
     unpriced_models: list[str]
     model_limits: Mapping[str, int | None]
-    # The totals over the chunks (:func:`_totals`); ``None`` where a chunk's figure is unknown.
-    requests: int
-    input_tokens: int
-    output_tokens_max: int | None
-    output_tokens_expected: int
-    unbounded_requests: int
-    cost_min: float | None
-    cost_expected: float | None
-    cost_max: float | None
 
     def unbounded_lines(self) -> list[int]:
         """The first :data:`KEEP_LINES` line numbers without an output cap."""
@@ -1216,12 +1209,7 @@ class CostEstimate:
             "priced_at": "batch",
             "prices_as_of": self.prices_as_of,
             "prompt_tokens_counted_by": self.counter,
-            "requests": self.requests,
-            "input_tokens": self.input_tokens,
-            "output_tokens_max": self.output_tokens_max,
-            "output_tokens_expected": self.output_tokens_expected,
-            "unbounded_requests": self.unbounded_requests,
-            "cost_usd": _cost_range(self.cost_min, self.cost_expected, self.cost_max),
+            **self.figures_dict(),
             "unpriced_models": list(self.unpriced_models),
             "unbounded_lines": self.unbounded_lines(),
             "largest_lines": self.largest_lines(),
