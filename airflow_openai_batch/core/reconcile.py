@@ -37,7 +37,7 @@ import operator
 import os
 import re
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from enum import Enum
@@ -49,7 +49,14 @@ import orjson
 
 from airflow_openai_batch.core.jsonl import LineIterator
 from airflow_openai_batch.core.media import MediaSink
-from airflow_openai_batch.core.records import RecordBuilder, endpoint_kind, error_fields, usage_counts
+from airflow_openai_batch.core.records import (
+    RecordBuilder,
+    SuccessColumns,
+    as_counts,
+    endpoint_kind,
+    error_fields,
+    usage_counts,
+)
 from airflow_openai_batch.core.schema import AnswerSchema, RequestSchemas, StructuredAnswer
 from airflow_openai_batch.core.schema import response_schema as _normalise_schema
 from airflow_openai_batch.core.writers import RecordSink
@@ -602,11 +609,43 @@ class _BatchJoin:
             count = block.count(b"\n")
             results = _decode_block(block, count)
             if results is not None:
-                self._take(results, source, line_no)
+                if not self._take_block(block, results):
+                    self._take(results, source, line_no)
             else:
                 for i, line in enumerate(_lines_of(block), line_no + 1):
                     self._take_line(line, source, i)
             line_no += count
+
+    def _take_block(self, block: bytes, results: list[_ResultLine]) -> bool:
+        """Join a block of result lines a column at a time, if every line is the first answer to an
+        unanswered request that asked for no format, and a 2xx plain answer (see
+        :meth:`~airflow_openai_batch.core.records.RecordBuilder.successes`); else change nothing.
+
+        :return: whether the block was joined.
+        """
+        if self.default_schema is not None or self.schema_by_id:
+            return False
+        responses = [result.response for result in results]
+        if None in responses or any(result.error is not None for result in results):
+            return False
+        codes = [response.status_code for response in responses]
+        if min(codes) < 200 or max(codes) >= 300:
+            return False
+        ids = [result.custom_id for result in results]
+        unanswered = self.unanswered
+        if not unanswered.issuperset(ids):
+            return False
+        before = len(unanswered)
+        unanswered.difference_update(ids)
+        if before - len(unanswered) == len(ids):  # no id twice in the block
+            successes = self.build.successes(block, ids, codes, [response.body for response in responses])
+            if successes is not None:
+                self._count_block(successes)
+                self.sink.write_successes(successes)
+                self.tally.succeeded += len(ids)
+                return True
+        unanswered.update(ids)  # every one of them was unanswered before
+        return False
 
     def _take(self, results: list[_ResultLine], source: str, line_no: int) -> None:
         """Join decoded result lines (``line_no``: the lines before them).
@@ -720,13 +759,30 @@ class _BatchJoin:
             detail = "not in the batch's input"
             self.anomalies.add(self.tally, "unknown_custom_id", cid, source, line_no, detail)
 
-    def _count(self, view: Any) -> None:
-        """Add a success's tokens to its model's sums: the response's model (the dated snapshot, the real
-        model behind an Azure deployment name), which is what prices go by, else the batch's."""
-        counts = usage_counts(view.usage)
+    def _count_block(self, successes: SuccessColumns) -> None:
+        """:meth:`_count` of a block of successes, a column at a time where they all name one model."""
+        models, usage = successes.models, successes.usage
+        model = models[0]
+        if (
+            usage.missing is not None
+            or type(model) is not str
+            or not model
+            or models.count(model) != len(models)
+        ):
+            for model, counts in zip(models, usage.rows(), strict=True):
+                self._add_counts(model, None if counts is None else as_counts(counts))
+            return
+        inputs, outputs, totals, cached, reasoning = usage.counts
+        if None in totals:
+            rows = zip(inputs, outputs, totals, strict=True)
+            totals = [(i or 0) + (o or 0) if t is None else t for i, o, t in rows]
+        self._add_counts(
+            model, [sum(filter(None, column)) for column in (inputs, outputs, totals, cached, reasoning)]
+        )
+
+    def _add_counts(self, model: Any, counts: Sequence[int] | None) -> None:
         if counts is None:
             return
-        model = view.model
         key = model if type(model) is str and model else self._batch_model
         sums = self.usage.get(key)
         if sums is None:
@@ -736,6 +792,11 @@ class _BatchJoin:
         sums[2] += counts[2]
         sums[3] += counts[3]
         sums[4] += counts[4]
+
+    def _count(self, view: Any) -> None:
+        """Add a success's tokens to its model's sums: the response's model (the dated snapshot, the real
+        model behind an Azure deployment name), which is what prices go by, else the batch's."""
+        self._add_counts(view.model, usage_counts(view.usage))
 
     def fail_unanswered(self) -> None:
         """Fail every input request that got no result, then the input lines that cannot be joined."""

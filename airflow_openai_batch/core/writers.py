@@ -13,6 +13,7 @@ with its final name is always complete, and a folder with a ``manifest.json`` is
 from __future__ import annotations
 
 import functools
+import itertools
 import operator
 import os
 from abc import ABC, abstractmethod
@@ -23,7 +24,7 @@ from typing import Any, ClassVar, Literal
 import msgspec
 import orjson
 
-from airflow_openai_batch.core.records import usage_fields
+from airflow_openai_batch.core.records import SuccessColumns, usage_fields
 from airflow_openai_batch.core.schema import ParsedColumn, arrow_type, tool_calls_array, tool_calls_arrow_type
 
 __all__ = [
@@ -69,6 +70,12 @@ class RecordSink(ABC):
     @abstractmethod
     def write_success(self, record: dict[str, Any]) -> None:
         """Take one success record."""
+
+    def write_successes(self, successes: SuccessColumns) -> None:
+        """Take a block of success records, given as columns; by default one :meth:`write_success` per
+        record. A sink that stores columns, or writes many records at once, does better."""
+        for record in successes.records():
+            self.write_success(record)
 
     @abstractmethod
     def write_failure(self, record: dict[str, Any], request_line: bytes) -> None:
@@ -190,6 +197,10 @@ class _PartialFile(ABC):
         """Append one record (``request_line``: a failure's request, as in the input file)."""
 
     @abstractmethod
+    def add_block(self, successes: SuccessColumns) -> None:
+        """Append a block of success records."""
+
+    @abstractmethod
     def _finish(self) -> None:
         """Write what is buffered and close the file."""
 
@@ -210,6 +221,7 @@ class _JsonlFile(_PartialFile):
     """Records as JSON lines (``body`` / ``request`` as nested JSON); raw JSON is written through."""
 
     _encode_into = msgspec.json.Encoder().encode_into
+    _encode_lines = msgspec.json.Encoder().encode_lines
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
@@ -222,6 +234,14 @@ class _JsonlFile(_PartialFile):
         buffer += b"\n"
         self.count += 1
         if len(buffer) >= _WRITE_BYTES:
+            self._flush()
+
+    def add_block(self, successes: SuccessColumns) -> None:
+        # One msgspec call for the block: each record a Struct whose fields are the record's keys, in order.
+        record_type = _record_struct(tuple(successes.columns))
+        self._buffer += self._encode_lines(list(map(record_type, *successes.columns.values())))
+        self.count += len(successes)
+        if len(self._buffer) >= _WRITE_BYTES:
             self._flush()
 
     def add_line(self, line: bytes) -> None:
@@ -241,6 +261,12 @@ class _JsonlFile(_PartialFile):
 
     def _discard(self) -> None:
         self._file.close()
+
+
+@functools.cache
+def _record_struct(names: tuple[str, ...]) -> type[msgspec.Struct]:
+    """A Struct type whose JSON is a record with these keys, in this order (``None`` values kept)."""
+    return msgspec.defstruct("Record", names, gc=False)
 
 
 def _usage_column(usage: Any) -> tuple[int | None, int | None, int | None] | None:
@@ -266,7 +292,8 @@ class _ParquetFile(_PartialFile):
     """Records as Parquet, in row groups of at most ``rows_limit`` rows or about ``bytes_limit`` bytes.
 
     Records are buffered as they come and turned into the schema's columns (a field a record lacks is
-    null) when their row group is written: one C-level pass per column rather than Python per value.
+    null): one C-level pass per column rather than Python per value. A block of records given as columns
+    (:meth:`add_block`) is buffered as it is.
     """
 
     def __init__(self, path: Path, schema: Any, rows_limit: int, bytes_limit: int) -> None:
@@ -275,7 +302,11 @@ class _ParquetFile(_PartialFile):
         self.schema = schema
         self._rows_limit = rows_limit
         self._bytes_limit = bytes_limit
+        #: Records added one by one since the last piece.
         self._records: list[dict[str, Any]] = []
+        #: Buffered rows, in order, as ``(rows, {column: values})`` (body, usage and request converted).
+        self._pieces: list[tuple[int, dict[str, list[Any]]]] = []
+        self._rows = 0
         self._bytes = 0
         #: The JSON Schema typing the ``parsed`` column (``None``: JSON text).
         self.parsed: Mapping[str, Any] | None = None
@@ -315,23 +346,55 @@ class _ParquetFile(_PartialFile):
         self._records.append(record)
         body = record.get("body")
         # Body and request line are most of a row (content and vectors are in the body too).
-        self._bytes += _ROW_OVERHEAD + len(request_line) + (len(body) if type(body) is _Raw else 0)
-        self.count += 1
-        if len(self._records) >= self._rows_limit or self._bytes >= self._bytes_limit:
+        self._added(1, _ROW_OVERHEAD + len(request_line) + (len(body) if type(body) is _Raw else 0))
+
+    def add_block(self, successes: SuccessColumns) -> None:
+        self._take_records()
+        columns = successes.columns
+        bodies = list(map(bytes, columns["body"]))  # see _json_text
+        usage_columns = successes.usage
+        usage = list(zip(*usage_columns.counts[:3], strict=True))
+        if usage_columns.missing is not None:
+            usage = [
+                None if gone else counts for counts, gone in zip(usage, usage_columns.missing, strict=True)
+            ]
+        self._pieces.append((len(successes), {**columns, "body": bodies, "usage": usage}))
+        self._added(len(successes), _ROW_OVERHEAD * len(successes) + sum(map(len, bodies)))
+
+    def _added(self, rows: int, size: int) -> None:
+        self.count += rows
+        self._rows += rows
+        self._bytes += size
+        if self._rows >= self._rows_limit or self._bytes >= self._bytes_limit:
             self._flush()
+
+    def _take_records(self) -> None:
+        """The records added one by one, made a piece of columns."""
+        records = self._records
+        if not records:
+            return
+        self._records = []
+        piece = {}
+        for f in self.schema:
+            values = list(map(operator.methodcaller("get", f.name), records))
+            convert = _CONVERTERS.get(f.name)
+            piece[f.name] = values if convert is None else list(map(convert, values))
+        self._pieces.append((len(records), piece))
 
     def _flush(self) -> None:
         if self._writer is None:
             self.open()
-        if not self._records:
+        self._take_records()
+        if not self._pieces:
             return
         pa = self._pa
-        records = self._records
-        self._records = []
-        self._bytes = 0
+        pieces = self._pieces
+        self._pieces = []
+        self._rows = self._bytes = 0
         arrays = []
         for f in self.schema:
-            values = list(map(operator.methodcaller("get", f.name), records))
+            parts = [piece.get(f.name) or [None] * rows for rows, piece in pieces]
+            values = parts[0] if len(parts) == 1 else list(itertools.chain.from_iterable(parts))
             if f.name in _ANSWER_COLUMNS and values.count(None) == len(values):
                 # Fields plain answers lack: nothing to convert (what keeps plain collects as fast).
                 arrays.append(pa.nulls(len(values), type=f.type))
@@ -340,8 +403,6 @@ class _ParquetFile(_PartialFile):
             elif f.name == "tool_calls":
                 arrays.append(tool_calls_array(values))
             else:
-                convert = _CONVERTERS.get(f.name)
-                values = values if convert is None else list(map(convert, values))
                 arrays.append(_arrow_array(pa, values, f.type))
         self._writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
 
@@ -351,6 +412,7 @@ class _ParquetFile(_PartialFile):
 
     def _discard(self) -> None:
         self._records = []
+        self._pieces = []
         if self._writer is not None:
             self._writer.close()
 
@@ -476,6 +538,10 @@ class ResultWriter(RecordSink):
         if self._parsed_misfit and record.get("parsed") is not None:
             record = {**record, "parsed": None}
         self._successes.add(record)
+
+    def write_successes(self, successes: SuccessColumns) -> None:
+        """Append a block of success records (plain answers: no ``parsed``)."""
+        self._successes.add_block(successes)
 
     def write_failure(self, record: dict[str, Any], request_line: bytes) -> None:
         """Append one failure record, and its request line to the retry file.
