@@ -163,8 +163,6 @@ class OpenAIBatchSensor(BaseSensorOperator):
         self._waiting: Waiting | None = None
         #: Whether this process already looked for follow-ups an earlier try made.
         self._adopted = False
-        #: The wait the last decision asked for, for the next poke.
-        self._next_poke: float | None = None
 
     @cached_property
     def hook(self) -> OpenAIBatchHook:
@@ -222,13 +220,6 @@ class OpenAIBatchSensor(BaseSensorOperator):
         if outcome is None:
             return PokeReturnValue(is_done=False)
         return PokeReturnValue(is_done=True, xcom_value=outcome)
-
-    def _get_next_poke_interval(self, started_at: Any, run_duration: Any, poke_count: int) -> float:
-        # The decision said how long to wait (adaptive, backoff, Retry-After, deadline, capacity).
-        if self._next_poke is None:
-            return super()._get_next_poke_interval(started_at, run_duration, poke_count)
-        remaining = max(0.0, self.timeout - run_duration())
-        return min(self._next_poke, remaining)
 
     # -- the job ---------------------------------------------------------------------------------
 
@@ -308,7 +299,10 @@ class OpenAIBatchSensor(BaseSensorOperator):
                 self.log.info("%s", decision.message)
                 if self.deferrable:
                     self._defer(job)
-                self._next_poke = decision.after
+                # Poke and reschedule modes: the base sensor waits ``poke_interval`` after a poke that is
+                # not done, so the decision's wait (adaptive, backoff, Retry-After, capacity, never past
+                # the deadline) becomes the next one.
+                self.poke_interval = decision.after
                 return None
             self._save(context, job)
             if isinstance(decision, Timeout):

@@ -248,8 +248,7 @@ def wait_poking(
     make: Callable[[str], OpenAIBatchSensor], context: dict[str, Any], clock: SimClock, mode: str
 ) -> Any:
     sensor = make(mode)
-    started = clock.now
-    for count in range(1, 1000):
+    for _ in range(1000):
         try:
             result = sensor.poke(context)
         except WorkerCrash:
@@ -258,8 +257,8 @@ def wait_poking(
             continue
         if result.is_done:
             return result.xcom_value
-        # What Airflow asks the sensor before sleeping (poke) or rescheduling (reschedule).
-        clock.advance(sensor._get_next_poke_interval(started, lambda: clock.now - started, count))
+        # What Airflow waits before the next poke (poke: sleeps; reschedule: the next try's start).
+        clock.advance(sensor.poke_interval)
         if mode == "reschedule":
             sensor = make(mode)  # every poke runs in a fresh process
     raise AssertionError("the sensor never finished")
