@@ -10,17 +10,20 @@ import orjson
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+import pydantic
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from airflow_openai_batch.core.jsonl import iter_lines
-from airflow_openai_batch.core.prepare import prepare_from_lines
+from airflow_openai_batch.core.prepare import BuiltLines, prepare_from_lines
+from airflow_openai_batch.core.requests import RequestRules
 from airflow_openai_batch.core.tables import (
     TableInput,
     TableRequests,
     TableSource,
     join_answers,
+    prepare_from_table,
     table_format,
 )
 from airflow_openai_batch.core.writers import ResultWriter
@@ -821,3 +824,128 @@ def test_a_pre_encoded_body_part_is_spliced_into_every_line(tmp_path) -> None:
     body = {"response_format": orjson.Fragment(orjson.dumps(response_format))}
     requests = TableRequests(TableInput(path), endpoint=CHAT, id_column="id", prompt="{text}", body=body)
     assert [line["body"]["response_format"] for line in lines_of(requests)] == [response_format] * 2
+
+
+# -- the prep of a table: its template lines go through prepare as they were built -------------------------
+
+
+class Label(pydantic.BaseModel):
+    label: str
+
+
+def chunk_contents(prepared) -> list[tuple[str, list[dict]]]:
+    return [
+        (c.model, [orjson.loads(line) for line in iter_lines(c.path.open("rb"))]) for c in prepared.chunks
+    ]
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "table_kwargs", "prepare_kwargs"),
+    [
+        (CHAT, {"system_prompt": "S {subject}", "body": {"temperature": 0, "max_completion_tokens": 7}}, {}),
+        (CHAT, {"body": {"n": 2, "max_tokens": 5}}, {"response_schema": Label}),
+        # The body's own format is kept, the schema is not put in (counted as own formats).
+        (CHAT, {"body": {"response_format": {"type": "json_object"}}}, {"response_schema": Label}),
+        (
+            "/v1/responses",
+            {"system_prompt": "S", "body": {"text": {"verbosity": "low"}}},
+            {"response_schema": Label},
+        ),
+        ("/v1/embeddings", {}, {"max_embedding_inputs": 5}),
+        # No model anywhere: the API's default model for moderations.
+        ("/v1/moderations", {"model": None}, {"model": None}),
+        ("/v1/completions", {"body": {"max_tokens": 9}}, {"max_requests_per_batch": 4}),
+    ],
+)
+def test_a_tables_prep_equals_the_line_validators_prep_of_its_lines(
+    tmp_path, endpoint, table_kwargs, prepare_kwargs
+) -> None:
+    """The fast path (lines handed to prepare as built) and the JSONL path (every line validated) make the
+    same requests, cut into the same chunks, with the same estimate."""
+    path = write_parquet(tmp_path / "t.parquet", tickets(23), row_group_size=10)
+    options = {"model": "gpt-4o-mini", **table_kwargs}
+
+    def requests() -> TableRequests:
+        return TableRequests(
+            TableInput(path),
+            endpoint=endpoint,
+            id_column="ticket_id",
+            prompt="P {text}",
+            batch_rows=8,
+            **options,
+        )
+
+    limits = {"endpoint": endpoint, "max_requests_per_batch": 10, "model": "gpt-4o-mini", **prepare_kwargs}
+    fast, source = prepare_from_table(requests(), work_dir=tmp_path / "fast", **limits)
+    slow = prepare_from_lines(requests().lines(), work_dir=tmp_path / "slow", **limits)
+    assert chunk_contents(fast) == chunk_contents(slow)
+    assert [c.request_count for c in fast.chunks] == [c.request_count for c in slow.chunks]
+    assert [c.embedding_inputs for c in fast.chunks] == [c.embedding_inputs for c in slow.chunks]
+    assert fast.own_formats == slow.own_formats
+    assert fast.cost.to_dict() == slow.cost.to_dict()
+    assert fast.total_requests == source.row_count == 23
+
+
+def test_template_lines_reach_prepare_as_built_and_a_request_builders_as_lines(tmp_path) -> None:
+    path = write_parquet(tmp_path / "t.parquet", tickets(20))
+    rules = RequestRules(CHAT, model=None, max_bytes=1 << 20, max_embedding_inputs=2048, max_tokens=None)
+    template = TableRequests(
+        TableInput(path), endpoint=CHAT, id_column="ticket_id", prompt="{text}", model="m"
+    )
+    [built] = template.built_blocks(rules)
+    assert isinstance(built, BuiltLines)
+    assert built.ids == tickets(20)["ticket_id"]
+    assert built.model == "m" and len(built.ends) == 21 and built.ends[-1] == len(built.data)
+    builder = TableRequests(
+        TableInput(path), endpoint=CHAT, id_column="ticket_id", request_builder=lambda row: {"model": "m"}
+    )
+    assert all(isinstance(block, bytes) for block in builder.built_blocks(rules))
+
+
+def test_a_row_too_large_for_a_batch_is_named_by_row(tmp_path) -> None:
+    """A batch whose longest line breaks a limit goes to the line validator, which names the row."""
+    texts = ["short"] * 12
+    texts[9] = "x" * 500
+    path = write_parquet(tmp_path / "t.parquet", {"id": [f"r{i}" for i in range(12)], "text": texts})
+    requests = TableRequests(TableInput(path), endpoint=CHAT, id_column="id", prompt="{text}", batch_rows=4)
+    with pytest.raises(OpenAIBatchInputError) as err:
+        prepare_from_table(
+            requests, endpoint=CHAT, work_dir=tmp_path / "w", model="m", max_bytes_per_batch=400
+        )
+    [problem] = err.value.problems
+    assert problem.line == 10 and problem.unit == "row"
+    assert "above max_bytes_per_batch=400" in problem.reason
+    assert not list((tmp_path / "w").glob("*.jsonl*"))
+
+
+def test_a_template_body_the_rules_refuse_is_named_on_every_row(tmp_path) -> None:
+    """The first line of a batch goes through the line validator: a body that breaks a rule sends the
+    rows to it line by line, and each is named as a JSONL file's line would be."""
+    path = write_parquet(tmp_path / "t.parquet", tickets(3))
+    requests = TableRequests(
+        TableInput(path),
+        endpoint=CHAT,
+        id_column="ticket_id",
+        prompt="{text}",
+        body={"stream": True},
+        model="m",
+    )
+    with pytest.raises(OpenAIBatchInputError) as err:
+        prepare_from_table(requests, endpoint=CHAT, work_dir=tmp_path / "w")
+    assert [(p.line, p.field) for p in err.value.problems] == [
+        (1, "body.stream"),
+        (2, "body.stream"),
+        (3, "body.stream"),
+    ]
+
+
+def test_a_duplicate_id_is_named_by_row_on_the_tables_path(tmp_path) -> None:
+    path = write_parquet(tmp_path / "t.parquet", {"id": ["a", "b", "c", "b"], "text": ["x"] * 4})
+    requests = TableRequests(
+        TableInput(path), endpoint=CHAT, id_column="id", prompt="{text}", model="m", batch_rows=2
+    )
+    with pytest.raises(OpenAIBatchInputError) as err:
+        prepare_from_table(requests, endpoint=CHAT, work_dir=tmp_path / "w")
+    [problem] = err.value.problems
+    assert (problem.line, problem.field, problem.unit) == (4, "custom_id", "row")
+    assert problem.reason.endswith("row 2")
