@@ -689,40 +689,35 @@ class TableRequests:
         :raises OpenAIBatchInputError: at the end of the input, if any row had a problem.
         """
         problems = _Problems(self.max_problems)
-        batches = self.table.batches(
-            self._read_columns, string_columns=self._string_columns, batch_rows=self.batch_rows
-        )
-        self.rows = 0
-        for batch in batches:
-            first_row = self.rows + 1
-            self.rows += batch.num_rows
-            if batch.num_rows == 0:
-                continue
-            ids = self._ids(batch, first_row, problems)
+        for batch, first_row, ids in self._rows(self._read_columns, problems):
             texts = self._field_texts(batch, first_row, problems)
             if problems.count:
                 continue  # only checking from here on: nothing more is handed on
             escaped = {key: _escaped(text) for key, text in texts.items()}
             escaped[_ID.text] = _escaped(ids)
             yield escaped, ids
-        if problems.count:
-            raise problems.error()
-        self._finished = True
 
     def _builder_blocks(self) -> Iterator[bytes]:
         """The lines of a ``request_builder``, a batch of rows at a time."""
         problems = _Problems(self.max_problems)
-        batches = self.table.batches(None, string_columns=self._string_columns, batch_rows=self.batch_rows)
-        self.rows = 0
-        for batch in batches:
-            first_row = self.rows + 1
-            self.rows += batch.num_rows
-            if batch.num_rows == 0:
-                continue
-            ids = self._ids(batch, first_row, problems)
+        for batch, first_row, ids in self._rows(None, problems):
             data = self._built_lines(batch, ids, first_row, problems)
             if data and not problems.count:
                 yield from _cut(data)
+
+    def _rows(self, columns: list[str] | None, problems: _Problems) -> Iterator[tuple[Any, int, Any]]:
+        """Each non-empty batch of rows with its first row's number and its ids (problems noted).
+
+        :raises OpenAIBatchInputError: at the end of the input, if any row had a problem.
+        """
+        self.rows = 0
+        for batch in self.table.batches(
+            columns, string_columns=self._string_columns, batch_rows=self.batch_rows
+        ):
+            first_row = self.rows + 1
+            self.rows += batch.num_rows
+            if batch.num_rows:
+                yield batch, first_row, self._ids(batch, first_row, problems)
         if problems.count:
             raise problems.error()
         self._finished = True
