@@ -530,6 +530,7 @@ class _ResultLine(msgspec.Struct, gc=False):
 
 
 _RESULT_LINES = msgspec.json.Decoder(_ResultLine)
+_error_of = operator.attrgetter("error")
 _decode_result = _RESULT_LINES.decode
 
 
@@ -626,7 +627,8 @@ class _BatchJoin:
         if self.default_schema is not None or self.schema_by_id:
             return False
         responses = [result.response for result in results]
-        if None in responses or any(result.error is not None for result in results):
+        errors = list(map(_error_of, results))
+        if not all(responses) or errors.count(None) != len(errors):
             return False
         codes = [response.status_code for response in responses]
         if min(codes) < 200 or max(codes) >= 300:

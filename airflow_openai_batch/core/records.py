@@ -25,7 +25,7 @@ import base64
 import contextlib
 import operator
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -313,6 +313,7 @@ class _ViewLine(msgspec.Struct, Generic[_B], gc=False):
 
 
 _NO_MESSAGE = _Message()
+_tool_calls_of = operator.attrgetter("tool_calls")
 _NO_CHOICE = _ChatChoice(message=_NO_MESSAGE)
 _TEXT_OR_NONE = frozenset({str, type(None)})
 
@@ -330,7 +331,7 @@ def _chat_columns(views: list[_ChatBody]) -> dict[str, list[Any]] | None:
     """:func:`_chat_fields` of a block of views as columns (``None``: some answer is a tool call)."""
     choices = [b.choices[0] if b.choices else _NO_CHOICE for b in views]
     messages = [c.message or _NO_MESSAGE for c in choices]
-    if any(m.tool_calls for m in messages):
+    if any(map(_tool_calls_of, messages)):
         return None
     return {
         "content": _text_column([m.content for m in messages], _content_or_parts),
@@ -501,7 +502,7 @@ def as_counts(fields: UsageFields) -> tuple[int, int, int, int, int]:
 _decode_usage_lines = msgspec.json.Decoder(_Usage | None).decode_lines
 
 
-def _first_set(first: list[Any], second: list[Any]) -> list[Any]:
+def _first_set(first: Sequence[Any], second: Sequence[Any]) -> Sequence[Any]:
     """Per row, ``first``'s value unless it is ``None``, else ``second``'s."""
     if None not in first:
         return first
@@ -510,7 +511,7 @@ def _first_set(first: list[Any], second: list[Any]) -> list[Any]:
     return [a if a is not None else b for a, b in zip(first, second, strict=True)]
 
 
-def _attr_column(rows: list[Any], name: str) -> list[Any]:
+def _attr_column(rows: Sequence[Any], name: str) -> list[Any]:
     """``row.name`` of each row (views: always true), ``None`` for a row that is ``None``."""
     if all(rows):
         return list(map(operator.attrgetter(name), rows))
@@ -527,7 +528,7 @@ class UsageColumns:
         row is.
     """
 
-    counts: tuple[list[int | None], ...]
+    counts: tuple[Sequence[int | None], ...]
     missing: list[bool] | None
 
     def rows(self) -> list[UsageFields | None]:
@@ -558,18 +559,16 @@ def usage_columns(usages: list[Raw]) -> UsageColumns:
         missing = [f is None for f in fields]
         counts = tuple(map(list, zip(*[_NO_FIELDS if f is None else f for f in fields], strict=True)))
         return UsageColumns(counts or ([],) * 5, missing if any(missing) else None)
-    cached = _first_set(
-        _attr_column(views, "input_tokens_details"), _attr_column(views, "prompt_tokens_details")
-    )
-    reasoning = _first_set(
-        _attr_column(views, "output_tokens_details"), _attr_column(views, "completion_tokens_details")
+    # A tuple per view, turned into a tuple per field (both C-level).
+    inp, prompt, out, completion, total, inp_details, prompt_details, out_details, completion_details = zip(
+        *map(msgspec.structs.astuple, views), strict=True
     )
     counts = (
-        _first_set(_attr_column(views, "input_tokens"), _attr_column(views, "prompt_tokens")),
-        _first_set(_attr_column(views, "output_tokens"), _attr_column(views, "completion_tokens")),
-        _attr_column(views, "total_tokens"),
-        _attr_column(cached, "cached_tokens"),
-        _attr_column(reasoning, "reasoning_tokens"),
+        _first_set(inp, prompt),
+        _first_set(out, completion),
+        total,
+        _attr_column(_first_set(inp_details, prompt_details), "cached_tokens"),
+        _attr_column(_first_set(out_details, completion_details), "reasoning_tokens"),
     )
     return UsageColumns(counts, None)
 

@@ -304,8 +304,8 @@ class _ParquetFile(_PartialFile):
         self._bytes_limit = bytes_limit
         #: Records added one by one since the last piece.
         self._records: list[dict[str, Any]] = []
-        #: Buffered rows, in order, as ``(rows, {column: values})`` (body, usage and request converted).
-        self._pieces: list[tuple[int, dict[str, list[Any]]]] = []
+        #: Buffered rows, in order, as ``(rows, {column: Arrow array})`` (a column left out is null).
+        self._pieces: list[tuple[int, dict[str, Any]]] = []
         self._rows = 0
         self._bytes = 0
         #: The JSON Schema typing the ``parsed`` column (``None``: JSON text).
@@ -349,17 +349,33 @@ class _ParquetFile(_PartialFile):
         self._added(1, _ROW_OVERHEAD + len(request_line) + (len(body) if type(body) is _Raw else 0))
 
     def add_block(self, successes: SuccessColumns) -> None:
+        """Buffered as Arrow arrays at once (its columns need no conversion per value)."""
         self._take_records()
-        columns = successes.columns
-        bodies = list(map(bytes, columns["body"]))  # see _json_text
-        usage_columns = successes.usage
-        usage = list(zip(*usage_columns.counts[:3], strict=True))
-        if usage_columns.missing is not None:
-            usage = [
-                None if gone else counts for counts, gone in zip(usage, usage_columns.missing, strict=True)
-            ]
-        self._pieces.append((len(successes), {**columns, "body": bodies, "usage": usage}))
-        self._added(len(successes), _ROW_OVERHEAD * len(successes) + sum(map(len, bodies)))
+        pa = self._pa
+        schema = self.schema
+        rows = len(successes)
+        arrays = {}
+        for name, values in successes.columns.items():
+            if name == "body":
+                # The bodies' JSON text end to end (one copy), cut by offsets: no bytes object per body. A
+                # block's lines were checked to be UTF-8 when it was decoded.
+                data = b"".join(values)
+                offsets = pa.array(itertools.accumulate(map(len, values), initial=0), pa.int32())
+                arrays[name] = pa.StringArray.from_buffers(rows, offsets.buffers()[1], pa.py_buffer(data))
+            elif name == "usage":
+                usage_type = schema.field(name).type
+                counts = [
+                    pa.array(column, usage_type.field(i).type)
+                    for i, column in enumerate(successes.usage.counts[:3])
+                ]
+                missing = successes.usage.missing
+                arrays[name] = pa.StructArray.from_arrays(
+                    counts, fields=list(usage_type), mask=None if missing is None else pa.array(missing)
+                )
+            else:
+                arrays[name] = _arrow_array(pa, values, schema.field(name).type)
+        self._pieces.append((rows, arrays))
+        self._added(rows, _ROW_OVERHEAD * rows + len(data))
 
     def _added(self, rows: int, size: int) -> None:
         self.count += rows
@@ -369,17 +385,25 @@ class _ParquetFile(_PartialFile):
             self._flush()
 
     def _take_records(self) -> None:
-        """The records added one by one, made a piece of columns."""
+        """The records added one by one so far, made a piece of Arrow arrays."""
         records = self._records
         if not records:
             return
         self._records = []
-        piece = {}
+        arrays = {}
         for f in self.schema:
             values = list(map(operator.methodcaller("get", f.name), records))
-            convert = _CONVERTERS.get(f.name)
-            piece[f.name] = values if convert is None else list(map(convert, values))
-        self._pieces.append((len(records), piece))
+            if f.name in _ANSWER_COLUMNS and values.count(None) == len(values):
+                continue  # fields plain answers lack: nothing to convert (null, see _flush)
+            if f.name == "parsed":
+                arrays[f.name] = _parsed_array(values, self.parsed)
+            elif f.name == "tool_calls":
+                arrays[f.name] = tool_calls_array(values)
+            else:
+                convert = _CONVERTERS.get(f.name)
+                values = values if convert is None else list(map(convert, values))
+                arrays[f.name] = _arrow_array(self._pa, values, f.type)
+        self._pieces.append((len(records), arrays))
 
     def _flush(self) -> None:
         if self._writer is None:
@@ -391,20 +415,19 @@ class _ParquetFile(_PartialFile):
         pieces = self._pieces
         self._pieces = []
         self._rows = self._bytes = 0
-        arrays = []
-        for f in self.schema:
-            parts = [piece.get(f.name) or [None] * rows for rows, piece in pieces]
-            values = parts[0] if len(parts) == 1 else list(itertools.chain.from_iterable(parts))
-            if f.name in _ANSWER_COLUMNS and values.count(None) == len(values):
-                # Fields plain answers lack: nothing to convert (what keeps plain collects as fast).
-                arrays.append(pa.nulls(len(values), type=f.type))
-            elif f.name == "parsed":
-                arrays.append(_parsed_array(values, self.parsed))
-            elif f.name == "tool_calls":
-                arrays.append(tool_calls_array(values))
-            else:
-                arrays.append(_arrow_array(pa, values, f.type))
-        self._writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
+        rows = sum(count for count, _ in pieces)
+        columns = [
+            pa.chunked_array(
+                [
+                    pa.nulls(count, f.type) if f.name not in arrays else arrays[f.name]
+                    for count, arrays in pieces
+                ],
+                f.type,
+            )
+            for f in self.schema
+        ]
+        # The pieces' arrays as chunks of one row group (no copy into one array per column).
+        self._writer.write_table(pa.Table.from_arrays(columns, schema=self.schema), row_group_size=rows)
 
     def _finish(self) -> None:
         self._flush()
