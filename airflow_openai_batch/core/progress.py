@@ -49,11 +49,12 @@ ErrorKind = Literal["transient", "fatal"]
 
 
 def _as_mapping(batch: Any) -> Mapping[str, Any]:
+    import openai
+
     if isinstance(batch, Mapping):
         return batch
-    dump = getattr(batch, "model_dump", None)
-    if callable(dump):
-        return dump()
+    if isinstance(batch, openai.BaseModel):  # a Batch, or a part of one (request_counts, an error)
+        return batch.model_dump()
     raise TypeError(f"expected an openai Batch or a mapping, got {type(batch).__name__}")
 
 
@@ -419,10 +420,11 @@ def classify_api_error(err: BaseException) -> ErrorKind:
 
 def retry_after_seconds(err: BaseException) -> float | None:
     """Seconds the server asked us to wait (``retry-after-ms`` or ``retry-after``), if it said so."""
-    response = getattr(err, "response", None)
-    headers = getattr(response, "headers", None)
-    if headers is None:
+    import openai
+
+    if not isinstance(err, openai.APIStatusError):
         return None
+    headers = err.response.headers
     for header, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
         value = headers.get(header)
         if value is None:
@@ -456,7 +458,11 @@ _KEYLIKE = re.compile(r"(sk-|key[=:]\s*)[A-Za-z0-9_\-]{4,}")
 
 def describe_api_error(err: BaseException) -> str:
     """A short, key-free description of an API error: ``RateLimitError (HTTP 429): message``."""
-    status = getattr(err, "status_code", None)
-    head = type(err).__name__ + (f" (HTTP {status})" if status is not None else "")
-    text = _KEYLIKE.sub(r"\1***", str(getattr(err, "message", None) or err))
+    import openai
+
+    head = type(err).__name__
+    if isinstance(err, openai.APIStatusError):
+        head += f" (HTTP {err.status_code})"
+    message = err.message if isinstance(err, openai.APIError) else None
+    text = _KEYLIKE.sub(r"\1***", str(message or err))
     return f"{head}: {text[:500]}"

@@ -35,6 +35,7 @@ __all__ = [
     "is_capacity_error",
     "is_capacity_failure",
     "may_have_follow_up",
+    "refused_for_capacity",
 ]
 
 #: Error codes (batch ``errors`` or a refused create call) that mean "no capacity yet, try later".
@@ -70,6 +71,13 @@ def is_capacity_error(code: Any, message: Any = "") -> bool:
         return True
     text = str(message or "").lower()
     return "enqueued" in text and "limit" in text
+
+
+def refused_for_capacity(err: BaseException) -> bool:
+    """True for an API error refusing a create call for an enqueued token (or request) limit."""
+    import openai
+
+    return isinstance(err, openai.APIError) and is_capacity_error(err.code, err.message)
 
 
 def capacity_error_code(summary: Mapping[str, Any]) -> str | None:

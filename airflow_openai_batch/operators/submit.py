@@ -27,7 +27,7 @@ from airflow_openai_batch.core.resubmit import (
     METADATA_ATTEMPT,
     METADATA_FOLLOWS,
     METADATA_KEY,
-    is_capacity_error,
+    refused_for_capacity,
 )
 from airflow_openai_batch.core.table_format import TABLE_FORMATS, table_format
 from airflow_openai_batch.exceptions import InputProblem, OpenAIBatchInputError
@@ -583,7 +583,7 @@ class _ChunkSubmitter:
         try:
             batch = self._create(key, chunk, file_id)
         except Exception as err:
-            if not is_capacity_error(getattr(err, "code", None), getattr(err, "message", "")):
+            if not refused_for_capacity(err):
                 raise
             # Azure (and the emulator's reject mode) refuse the create call when an enqueued token
             # or request limit is reached: not an error, the sensor creates this batch once capacity frees.

@@ -39,8 +39,8 @@ from airflow_openai_batch.core.resubmit import (
     adopt_follow_ups,
     capacity_error_code,
     follow_up_metadata,
-    is_capacity_error,
     may_have_follow_up,
+    refused_for_capacity,
 )
 from airflow_openai_batch.core.waiting import Decision, Fault, Finish, GiveUp, Timeout, Wait, Waiting, Work
 from airflow_openai_batch.exceptions import (
@@ -404,7 +404,7 @@ class OpenAIBatchSensor(BaseSensorOperator):
         try:
             batch = self._create(spec, metadata, lookup, current.number)
         except Exception as err:
-            if not is_capacity_error(getattr(err, "code", None), getattr(err, "message", "")):
+            if not refused_for_capacity(err):
                 raise
             chunk.attempts.append(
                 Attempt(
@@ -494,7 +494,7 @@ class OpenAIBatchSensor(BaseSensorOperator):
         try:
             made = self._create(spec, metadata, (METADATA_FOLLOWS, batch_id), number)
         except Exception as err:
-            if not is_capacity_error(getattr(err, "code", None), getattr(err, "message", "")):
+            if not refused_for_capacity(err):
                 raise
             chunk.attempts.append(
                 Attempt(number=number, reason="retry", input_file_id=upload.id, retry_of=batch_id)
