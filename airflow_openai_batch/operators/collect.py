@@ -14,6 +14,7 @@ from airflow_openai_batch.core.cost import PriceTable, usage_mismatch
 from airflow_openai_batch.core.job import Attempt, Chunk, Job, read_job
 from airflow_openai_batch.core.media import LocalMediaSink, MediaSink, ObjectStoreMediaSink
 from airflow_openai_batch.core.reconcile import BatchResultFiles, Reconciler, present_file_id
+from airflow_openai_batch.core.records import SuccessColumns
 from airflow_openai_batch.core.writers import OUTPUT_FORMATS, RecordSink, ResultWriter, write_manifest
 from airflow_openai_batch.exceptions import (
     OpenAIBatchFailureRatioError,
@@ -74,6 +75,11 @@ class _AnsweredIds(RecordSink):
         if self.noting:
             self.ids.add(record["custom_id"])
         self.sink.write_success(record)
+
+    def write_successes(self, successes: SuccessColumns) -> None:
+        if self.noting:
+            self.ids.update(successes.columns["custom_id"])
+        self.sink.write_successes(successes)
 
     def write_failure(self, record: dict[str, Any], request_line: bytes) -> None:
         if self.noting and record["custom_id"] is not None:
