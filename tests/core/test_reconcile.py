@@ -846,3 +846,70 @@ def test_a_chain_of_attempts_reports_each_request_once_from_its_last_attempt(tmp
     assert summary.anomalies["counts"] == {}
     assert summary.to_dict()["retried"] == 2
     assert summary.to_dict()["batches"]["batch_2"]["attempt"] == 2
+
+
+# -- blocks of plain answers (a sink taking raw JSON joins them a column at a time) ----------------------
+
+
+def _odd_bodies() -> list[dict]:
+    """Bodies that each make the column-at-a-time join take a branch of its own."""
+    parts = chat_body()
+    parts["choices"][0]["message"]["content"] = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    parts["choices"][0]["finish_reason"] = 7  # not a string: None in the record
+    return [
+        chat_body(prompt=10, completion=2, cached=1),
+        {**chat_body(), "usage": None},
+        {**chat_body(), "model": "gpt-4o-2024-08-06"},
+        {**chat_body(), "usage": {"input_tokens": 5, "output_tokens": 7}},  # no total: input + output
+        {**chat_body(), "usage": {"prompt_tokens": 3, "completion_tokens": "many"}},  # not a count: 0
+        parts,
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+@pytest.mark.parametrize("odd", [False, True], ids=["uniform", "odd"])
+def test_a_block_of_answers_gives_the_records_and_usage_each_body_states(
+    tmp_path: Path, fmt: str, odd: bool
+) -> None:
+    from airflow_openai_batch.core.writers import ResultWriter, read_records
+
+    bodies = (
+        _odd_bodies() * 50
+        if odd
+        else [chat_body(prompt=i % 7, completion=3, cached=i % 2) for i in range(300)]
+    )
+    ids = [f"r{i}" for i in range(len(bodies))]
+    output = [ok_line(cid, body) for cid, body in zip(ids, bodies, strict=True)]
+    repeat = [ok_line(ids[3], bodies[3])]  # a second result for an id: the first one is kept
+    with ResultWriter(tmp_path / "out", fmt) as writer:
+        rec = Reconciler(writer, tmp_path / "work")
+        rec.add_batch(
+            BatchResultFiles("b1", "completed", [request(c) for c in ids], output, repeat, model="m")
+        )
+    summary = rec.summary()
+    assert (summary.succeeded, summary.failed) == (len(ids), 0)
+    assert summary.anomalies["counts"] == {"duplicate_result": 1}
+    expected: dict[str, list[int]] = {}
+    for body in bodies:
+        counts = usage_counts(orjson.dumps(body["usage"]))
+        if counts is not None:
+            sums = expected.setdefault(body["model"], [0] * 5)
+            sums[:] = [a + b for a, b in zip(sums, counts, strict=True)]
+    keys = ["input_tokens", "output_tokens", "total_tokens", "cached_input_tokens", "reasoning_tokens"]
+    assert summary.usage_by_model == {m: dict(zip(keys, s, strict=True)) for m, s in expected.items()}
+    records = {r["custom_id"]: r for r in read_records(tmp_path / "out" / f"successes.{fmt}")}
+    for cid, body in zip(ids, bodies, strict=True):
+        record = records[cid]
+        assert record["body"] == body
+        content = body["choices"][0]["message"]["content"]
+        assert record["content"] == ("ab" if isinstance(content, list) else content)
+        finish = body["choices"][0]["finish_reason"]
+        assert record["finish_reason"] == (finish if isinstance(finish, str) else None)
+        if fmt == "jsonl":
+            assert record["usage"] == body["usage"]  # as the API gave it
+        elif body["usage"] is None:
+            assert record["usage"] is None
+        else:
+            stated = body["usage"]
+            assert record["usage"]["input_tokens"] == stated.get("input_tokens", stated.get("prompt_tokens"))
+            assert record["usage"]["total_tokens"] == stated.get("total_tokens")
