@@ -128,6 +128,16 @@ def run_collect(spec: dict[str, Any]) -> None:
                 reach(spec, "mid_reconcile", staged=staged["n"], staging=str(self.staging_dir))
 
         self.write_success = counting
+        write_successes = self.write_successes
+
+        def counting_block(successes: Any) -> None:  # a block of plain answers, written at once
+            before = staged["n"]
+            write_successes(successes)
+            staged["n"] += len(successes)
+            if before < int(spec.get("after_records", 1)) <= staged["n"]:
+                reach(spec, "mid_reconcile", staged=staged["n"], staging=str(self.staging_dir))
+
+        self.write_successes = counting_block
 
     original_copyfile = shutil.copyfile
 
