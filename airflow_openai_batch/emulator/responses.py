@@ -8,7 +8,10 @@ Token accounting (documented because client-side estimates are compared against 
   ``content``/``text`` of its items), completions ``prompt``, embeddings/moderations ``input``
   (strings; a token-id array counts one token per id). Chat adds OpenAI's message framing: 3 tokens
   per message and 3 to prime the reply (as OpenAI's own token-counting guide does for the gpt-4o
-  family). Names, tool definitions and other fields are not counted.
+  family). Chat and responses also count what OpenAI puts in front of the model besides the messages:
+  the JSON text of the requested format (chat ``response_format`` of type ``json_schema``, responses
+  ``text.format``) and of the ``tools``, ``ceil(n / 4)`` of its characters. Names and other fields
+  are not counted.
 * images (GPT image models): the prompt as above plus :data:`IMAGE_INPUT_TOKENS` per input image of an
   edit; output :data:`IMAGE_OUTPUT_TOKENS` per image by ``quality``, times ``n``. Other image models
   (DALL-E, retired) report no usage.
@@ -183,6 +186,18 @@ def request_text(endpoint: str, body: dict[str, Any]) -> str:
     return prompt if isinstance(prompt, str) else ""
 
 
+def _definition_tokens(endpoint: str, body: dict[str, Any]) -> int:
+    """Prompt tokens of a request's output format (a JSON schema) and tool definitions: OpenAI bills
+    them as input, since the model reads them with the prompt."""
+    if endpoint == ENDPOINT_CHAT:
+        fmt = body.get("response_format")
+    else:
+        text = body.get("text")
+        fmt = text.get("format") if isinstance(text, dict) else None
+    parts = [fmt if isinstance(fmt, dict) and fmt.get("type") == "json_schema" else None, body.get("tools")]
+    return sum(math.ceil(len(orjson.dumps(part)) / 4) for part in parts if part)
+
+
 def _token_id_count(value: Any) -> int:
     """Tokens given as ids (embeddings/completions accept int arrays)."""
     if isinstance(value, list) and value:
@@ -197,6 +212,8 @@ def estimate_prompt_tokens(endpoint: str, body: dict[str, Any]) -> int:
     chat message framing."""
     endpoint = canonical_endpoint(endpoint)
     tokens = math.ceil(len(request_text(endpoint, body)) / 4)
+    if endpoint in (ENDPOINT_CHAT, ENDPOINT_RESPONSES):
+        tokens += _definition_tokens(endpoint, body)
     if endpoint == ENDPOINT_CHAT:
         messages = body.get("messages")
         tokens += 3 * (len(messages) if isinstance(messages, list) else 0) + 3

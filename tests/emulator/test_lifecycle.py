@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx2
 import openai
+import orjson
 import pytest
 
 from airflow_openai_batch.emulator import EmulatorServer
@@ -495,8 +496,14 @@ def test_prompt_token_estimate_and_structured_outputs(
     }
 
     structured = lines["json"]["response"]["body"]
-    # ceil(len(all message text) / 4) + 3 per message (here 2) + 3 to prime the reply.
-    assert structured["usage"]["prompt_tokens"] == math.ceil(17 / 4) + 2 * 3 + 3
+    # ceil(len(all message text) / 4) + 3 per message (here 2) + 3 to prime the reply, and the format's
+    # (or the tools') JSON text, ceil(len / 4): OpenAI bills the schema the model reads as input.
+    fmt = records[0]["body"]["response_format"]
+    tools = records[1]["body"]["tools"]
+    framing = math.ceil(17 / 4) + 2 * 3 + 3
+    assert structured["usage"]["prompt_tokens"] == framing + math.ceil(len(orjson.dumps(fmt)) / 4)
+    tool_usage = lines["tool"]["response"]["body"]["usage"]
+    assert tool_usage["prompt_tokens"] == framing + math.ceil(len(orjson.dumps(tools)) / 4)
     assert structured["usage"]["completion_tokens"] == 3  # capped by max_tokens
     assert structured["choices"][0]["finish_reason"] == "length"
     # Cut by the cap, the JSON answer is cut too: a prefix of an object, not JSON.
