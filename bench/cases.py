@@ -239,4 +239,5 @@ def preload(case: str, kwargs: dict[str, Any]) -> None:
         import airflow_openai_batch.core.writers  # noqa: F401
     if kwargs.get("output_format") == "parquet":
         import pyarrow
+        import pyarrow.json  # the typed ``parsed`` column of structured answers
         import pyarrow.parquet  # noqa: F401

@@ -618,14 +618,12 @@ class _BatchJoin:
             line_no += count
 
     def _take_block(self, block: bytes, results: list[_ResultLine]) -> bool:
-        """Join a block of result lines a column at a time, if every line is the first answer to an
-        unanswered request that asked for no format, and a 2xx plain answer (see
+        """Join a block of result lines a column at a time, if every line is a 2xx answer, the first to an
+        unanswered request, and all those requests asked for the same thing (see
         :meth:`~airflow_openai_batch.core.records.RecordBuilder.successes`); else change nothing.
 
         :return: whether the block was joined.
         """
-        if self.default_schema is not None or self.schema_by_id:
-            return False
         responses = [result.response for result in results]
         errors = list(map(_error_of, results))
         if not all(responses) or errors.count(None) != len(errors):
@@ -634,17 +632,24 @@ class _BatchJoin:
         if min(codes) < 200 or max(codes) >= 300:
             return False
         ids = [result.custom_id for result in results]
+        if self.schema_by_id and not self.schema_by_id.keys().isdisjoint(ids):
+            return False  # some request asked for something else than the batch's most
         unanswered = self.unanswered
         if not unanswered.issuperset(ids):
             return False
         before = len(unanswered)
         unanswered.difference_update(ids)
         if before - len(unanswered) == len(ids):  # no id twice in the block
-            successes = self.build.successes(block, ids, codes, [response.body for response in responses])
+            bodies = [response.body for response in responses]
+            successes = self.build.successes(block, ids, codes, bodies, self.default_schema)
             if successes is not None:
-                self._count_block(successes)
-                self.sink.write_successes(successes)
-                self.tally.succeeded += len(ids)
+                if successes:
+                    self._count_block(successes)
+                    self.sink.write_successes(successes)
+                    self.tally.succeeded += len(successes)
+                for cid, status_code, view, answer in successes.unusable:
+                    self._count(view)  # an unusable answer was billed too
+                    self._unusable(cid, status_code, answer)
                 return True
         unanswered.update(ids)  # every one of them was unanswered before
         return False

@@ -27,6 +27,7 @@ import operator
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import compress, repeat
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -235,16 +236,17 @@ def _no_fields(body: _Body, record: dict[str, Any]) -> None:
 # Read only for a request that asked for a format or offered tools, or an answer that is a tool call (a
 # plain text answer to a plain request is never a failure: its record has content and finish_reason):
 # the classified answer (:func:`~airflow_openai_batch.core.schema.classify_answer`), from the record's
-# ``content`` and ``finish_reason`` and the body's view.
+# ``content`` and ``finish_reason`` (one by one, or a block's columns) and the body's view.
 
 
 def _text_or_none(value: Any) -> str | None:
     return value if type(value) is str else None
 
 
-def _chat_answer(body: _ChatBody, record: dict[str, Any], schema: AnswerSchema | None) -> StructuredAnswer:
+def _chat_answer(
+    body: _ChatBody, content: str | None, finish: str | None, schema: AnswerSchema | None
+) -> StructuredAnswer:
     """The first choice's answer: its content, or its function calls' arguments."""
-    finish = record["finish_reason"]
     message = body.choices[0].message if body.choices else None
     calls = None
     if message is not None and message.tool_calls:
@@ -254,11 +256,11 @@ def _chat_answer(body: _ChatBody, record: dict[str, Any], schema: AnswerSchema |
             if c.function is not None
         ]
     refusal = _text_or_none(message.refusal) if message is not None else None
-    return classify_answer(record["content"], finish, calls, refusal or None, schema)
+    return classify_answer(content, finish, calls, refusal or None, schema)
 
 
 def _responses_answer(
-    body: _ResponsesBody, record: dict[str, Any], schema: AnswerSchema | None
+    body: _ResponsesBody, content: str | None, finish: str | None, schema: AnswerSchema | None
 ) -> StructuredAnswer:
     """The output text, or the function calls' arguments."""
     calls = [
@@ -274,11 +276,11 @@ def _responses_answer(
         if isinstance(p, dict) and p.get("type") == "refusal" and isinstance(p.get("refusal"), str)
     ]
     refusal = "".join(refusals) if refusals else None
-    return classify_answer(record["content"], record["finish_reason"], calls, refusal, schema)
+    return classify_answer(content, finish, calls, refusal, schema)
 
 
 #: How chat and responses answers are read (the other kinds have no such answers).
-_ANSWERS: dict[str, Callable[[Any, dict[str, Any], AnswerSchema | None], StructuredAnswer]] = {
+_ANSWERS: dict[str, Callable[[Any, str | None, str | None, AnswerSchema | None], StructuredAnswer]] = {
     "chat": _chat_answer,
     "responses": _responses_answer,
 }
@@ -294,10 +296,11 @@ def _parsed_raw(answer: StructuredAnswer) -> Raw | None:
     return Raw(text)
 
 
-# -- blocks of plain successes -------------------------------------------------------------------------------
-# A block of result lines that are all 2xx plain answers (no tool call, no format asked, no images to
-# write) is made into records a column at a time: one decode of the block's typed views, one of its usage
-# objects, and C-level passes (comprehensions, ``map``) per column instead of Python calls per line.
+# -- blocks of successes -------------------------------------------------------------------------------------
+# A block of 2xx result lines whose requests all asked for the same thing (no images to write) is made into
+# records a column at a time: one decode of the block's typed views, one of its usage objects, and C-level
+# passes (comprehensions, ``map``) per column instead of Python calls per line. Structured answers are
+# still classified one by one, by the same function as on their own.
 
 _B = TypeVar("_B")
 
@@ -314,6 +317,7 @@ class _ViewLine(msgspec.Struct, Generic[_B], gc=False):
 
 _NO_MESSAGE = _Message()
 _tool_calls_of = operator.attrgetter("tool_calls")
+_error_code_of = operator.attrgetter("error_code")
 _NO_CHOICE = _ChatChoice(message=_NO_MESSAGE)
 _TEXT_OR_NONE = frozenset({str, type(None)})
 
@@ -327,26 +331,40 @@ def _content_or_parts(content: Any) -> str | None:
     return content if isinstance(content, str) or content is None else _parts_text(content, None)
 
 
-def _chat_columns(views: list[_ChatBody]) -> dict[str, list[Any]] | None:
-    """:func:`_chat_fields` of a block of views as columns (``None``: some answer is a tool call)."""
+#: A kind's convenience fields of a block of views, as columns, and whether some answer is a tool call.
+_Columns = tuple[dict[str, list[Any]], bool]
+
+
+def _chat_columns(views: list[_ChatBody]) -> _Columns:
+    """:func:`_chat_fields` of a block of views as columns."""
     choices = [b.choices[0] if b.choices else _NO_CHOICE for b in views]
     messages = [c.message or _NO_MESSAGE for c in choices]
-    if any(map(_tool_calls_of, messages)):
-        return None
-    return {
+    columns = {
         "content": _text_column([m.content for m in messages], _content_or_parts),
         "finish_reason": _text_column([c.finish_reason for c in choices], _text_or_none),
     }
+    return columns, any(map(_tool_calls_of, messages))
 
 
-def _completions_columns(views: list[_CompletionsBody]) -> dict[str, list[Any]]:
+def _responses_columns(views: list[_ResponsesBody]) -> _Columns:
+    """:func:`_responses_fields` of a block of views as columns (one call per view: its rules are many)."""
+    records: list[dict[str, Any]] = [{} for _ in views]
+    calls = any(list(map(_responses_fields, views, records)))
+    columns = {
+        "content": [record["content"] for record in records],
+        "finish_reason": [record["finish_reason"] for record in records],
+    }
+    return columns, calls
+
+
+def _completions_columns(views: list[_CompletionsBody]) -> _Columns:
     """:func:`_completions_fields` of a block of views as columns."""
     texts = [b.choices[0].text if b.choices else None for b in views]
-    return {"content": _text_column(texts, _text_or_none)}
+    return {"content": _text_column(texts, _text_or_none)}, False
 
 
-def _no_columns(views: list[_Body]) -> dict[str, list[Any]]:
-    return {}
+def _no_columns(views: list[_Body]) -> _Columns:
+    return {}, False
 
 
 @dataclass(frozen=True)
@@ -357,18 +375,20 @@ class _Kind:
         stands for a body the view does not fit).
     :param fields: writes the success record's convenience fields, read from the view; returns whether the
         answer is a tool call.
+    :param columns: ``fields`` of a block of views, as columns (see :data:`_Columns`); ``None``: the
+        kind's records are made one by one.
     """
 
     view: type[_Body]
     fields: Callable[[Any, dict[str, Any]], bool | None]
-    columns: Callable[[list[Any]], dict[str, list[Any]] | None] | None = None
+    columns: Callable[[list[Any]], _Columns] | None = None
 
 
 #: Every endpoint kind, by the name :func:`endpoint_kind` gives it.
 _KINDS: dict[str, _Kind] = {
     "chat": _Kind(_ChatBody, _chat_fields, _chat_columns),
     "completions": _Kind(_CompletionsBody, _completions_fields, _completions_columns),
-    "responses": _Kind(_ResponsesBody, _responses_fields),
+    "responses": _Kind(_ResponsesBody, _responses_fields, _responses_columns),
     "embeddings": _Kind(_EmbeddingsBody, _embeddings_fields),
     "images": _Kind(_Body, _no_fields, _no_columns),
     "other": _Kind(_Body, _no_fields, _no_columns),
@@ -550,6 +570,8 @@ def usage_columns(usages: list[Raw]) -> UsageColumns:
 
     :param usages: each body's ``usage``, as JSON text (``null`` where the body has none).
     """
+    if not usages:
+        return UsageColumns(([],) * 5, None)
     try:
         views = _decode_usage_lines(b"\n".join(usages))
     except msgspec.DecodeError:
@@ -606,17 +628,21 @@ def error_fields(line: dict[str, Any]) -> tuple[int | None, str, str]:
 
 @dataclass
 class SuccessColumns:
-    """The success records of a block of plain answers, a column per record field (see
+    """The success records of a block of 2xx answers, a column per record field (see
     :meth:`RecordBuilder.successes`).
 
     :param columns: record field -> its values, one per record, in the records' field order.
     :param usage: each record's token counts (:func:`usage_fields` of its ``usage``).
     :param models: each response's ``model`` as the body states it (any JSON value).
+    :param unusable: the block's answers that are not usable, left out of the columns, in block order:
+        ``(custom_id, status_code, view, answer)`` (as :meth:`RecordBuilder.success` returns it: make a
+        failure of it; its view's usage was billed too).
     """
 
     columns: dict[str, list[Any]]
     usage: UsageColumns = field(repr=False)
     models: list[Any] = field(repr=False)
+    unusable: list[tuple[str, int, Any, StructuredAnswer]] = field(default_factory=list, repr=False)
 
     def __len__(self) -> int:
         return len(self.models)
@@ -690,15 +716,22 @@ class RecordBuilder:
             return self._view_type(model=common.model, usage=common.usage)
 
     def successes(
-        self, block: bytes, custom_ids: list[str], status_codes: list[int], bodies: list[Raw]
+        self,
+        block: bytes,
+        custom_ids: list[str],
+        status_codes: list[int],
+        bodies: list[Raw],
+        schema: AnswerSchema | None = None,
     ) -> SuccessColumns | None:
-        """The success records of a block of 2xx result lines whose requests asked for no format, made a
-        column at a time; ``None`` when some line needs :meth:`success` (a body the typed view does not
-        fit, a tool call, an images batch with a media sink, parsed records).
+        """The success records of a block of 2xx result lines whose requests all asked for ``schema``,
+        made a column at a time (each answer classified as :meth:`success` does it); ``None`` when some
+        line needs :meth:`success` (a body the typed view does not fit, a tool call answering a plain
+        request, an images batch with a media sink, parsed records).
 
         :param block: the result lines (newline-terminated, nothing but them).
         :param custom_ids: their custom_ids; :param status_codes: their status codes; :param bodies:
             their bodies' JSON text.
+        :param schema: what every one of their requests asked its answer to be (``None``: plain text).
         """
         if self._columns is None:
             return None
@@ -709,9 +742,30 @@ class RecordBuilder:
         if len(lines) != len(bodies):
             return None
         views = [line.response.body for line in lines]
-        fields = self._columns(views)
-        if fields is None:
-            return None
+        fields, calls = self._columns(views)
+        answered = schema is not None and self._answer is not None
+        if calls and not answered:
+            return None  # a tool call's record has fields its plain neighbours lack
+        unusable = []
+        if answered:
+            answers = list(
+                map(self._answer, views, fields["content"], fields["finish_reason"], repeat(schema))
+            )
+            codes = list(map(_error_code_of, answers))
+            if codes.count(None) != len(codes):
+                unusable = [
+                    (custom_ids[i], status_codes[i], views[i], answers[i])
+                    for i, code in enumerate(codes)
+                    if code is not None
+                ]
+                keep = [code is None for code in codes]
+                custom_ids, status_codes, bodies, views, answers = (
+                    list(compress(column, keep))
+                    for column in (custom_ids, status_codes, bodies, views, answers)
+                )
+                fields = {name: list(compress(values, keep)) for name, values in fields.items()}
+            fields["tool_calls"] = list(map(_tool_calls_of, answers))
+            fields["parsed"] = list(map(_parsed_raw, answers))
         usages = [view.usage for view in views]
         count = len(views)
         columns = {
@@ -723,7 +777,7 @@ class RecordBuilder:
             **fields,
             "attempts": [self.attempt] * count,
         }
-        return SuccessColumns(columns, usage_columns(usages), [view.model for view in views])
+        return SuccessColumns(columns, usage_columns(usages), [view.model for view in views], unusable)
 
     def success(
         self, custom_id: str, status_code: int, body: Raw, view: Any, schema: AnswerSchema | None = None
@@ -758,7 +812,7 @@ class RecordBuilder:
                 "usage": msgspec.json.decode(view.usage),
             }
         if self.fields(view, record) or (schema is not None and self._answer is not None):
-            answer = self._answer(view, record, schema)  # type: ignore[misc]
+            answer = self._answer(view, record["content"], record["finish_reason"], schema)  # type: ignore[misc]
             if answer.error_code is not None:
                 return answer
             record["tool_calls"] = answer.tool_calls

@@ -31,7 +31,7 @@ import io
 import re
 import typing
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
@@ -1487,6 +1487,10 @@ def struct_array(values: Iterable[Any], schema: Mapping[str, Any] | None, *, enu
     return pa.array(values, type=plan.type)
 
 
+#: The placeholder of a null row in :class:`ParsedColumn`'s buffer (the validity bitmap hides it).
+_NULL_OBJECT = b"{}"
+
+
 class ParsedColumn:
     """Builds the ``parsed`` column of a block of success rows from the answers' validated JSON text.
 
@@ -1540,9 +1544,26 @@ class ParsedColumn:
             self._texts.append(text)
         self._valid.append(True)
 
+    def add_texts(self, texts: Sequence[Any]) -> None:
+        """Rows from many validated answers' JSON text (bytes-like, ``None`` for null): as
+        :meth:`add_text` / :meth:`add_null` of each, in one pass when each text is one line."""
+        data = b"\n".join([_NULL_OBJECT if text is None else text for text in texts])
+        if not self._fast or b"\r" in data or data.count(b"\n") != len(texts) - 1:
+            for text in texts:
+                if text is None:
+                    self.add_null()
+                else:
+                    self.add_text(bytes(text))
+            return
+        if texts:
+            self._longest = max(self._longest, len(_NULL_OBJECT), *map(len, filter(None, texts)))
+            self._buffer += data
+            self._buffer += b"\n"
+        self._valid += [text is not None for text in texts]
+
     def add_null(self) -> None:
         if self._fast:
-            self._buffer += b"{}\n"  # a placeholder the validity bitmap hides
+            self._buffer += _NULL_OBJECT + b"\n"  # a placeholder the validity bitmap hides
         else:
             self._texts.append(None)
         self._valid.append(False)

@@ -12,6 +12,7 @@ with its final name is always complete, and a folder with a ``manifest.json`` is
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import operator
@@ -372,8 +373,8 @@ class _ParquetFile(_PartialFile):
                 arrays[name] = pa.StructArray.from_arrays(
                     counts, fields=list(usage_type), mask=None if missing is None else pa.array(missing)
                 )
-            else:
-                arrays[name] = _arrow_array(pa, values, schema.field(name).type)
+            elif name not in _ANSWER_COLUMNS or values.count(None) != rows:
+                arrays[name] = self._array(schema.field(name), values)
         self._pieces.append((rows, arrays))
         self._added(rows, _ROW_OVERHEAD * rows + len(data))
 
@@ -395,15 +396,17 @@ class _ParquetFile(_PartialFile):
             values = list(map(operator.methodcaller("get", f.name), records))
             if f.name in _ANSWER_COLUMNS and values.count(None) == len(values):
                 continue  # fields plain answers lack: nothing to convert (null, see _flush)
-            if f.name == "parsed":
-                arrays[f.name] = _parsed_array(values, self.parsed)
-            elif f.name == "tool_calls":
-                arrays[f.name] = tool_calls_array(values)
-            else:
-                convert = _CONVERTERS.get(f.name)
-                values = values if convert is None else list(map(convert, values))
-                arrays[f.name] = _arrow_array(self._pa, values, f.type)
+            convert = _CONVERTERS.get(f.name)
+            arrays[f.name] = self._array(f, values if convert is None else list(map(convert, values)))
         self._pieces.append((len(records), arrays))
+
+    def _array(self, f: Any, values: list[Any]) -> Any:
+        """The Arrow array of field ``f`` from its records' values."""
+        if f.name == "parsed":
+            return _parsed_array(values, self.parsed)
+        if f.name == "tool_calls":
+            return tool_calls_array(values)
+        return _arrow_array(self._pa, values, f.type)
 
     def _flush(self) -> None:
         if self._writer is None:
@@ -448,11 +451,9 @@ def _parsed_array(values: list[Any], schema: Mapping[str, Any] | None) -> Any:
     """The ``parsed`` column of a row group: typed by ``schema`` (read by Arrow's JSON reader from the
     values' JSON text), or the JSON text itself."""
     column = ParsedColumn(schema)
-    for value in values:
-        if value is None:
-            column.add_null()
-        else:
-            column.add_text(bytes(value) if type(value) is _Raw else orjson.dumps(value))
+    column.add_texts(
+        [value if value is None or type(value) is _Raw else orjson.dumps(value) for value in values]
+    )
     return column.finish()
 
 
@@ -563,7 +564,10 @@ class ResultWriter(RecordSink):
         self._successes.add(record)
 
     def write_successes(self, successes: SuccessColumns) -> None:
-        """Append a block of success records (plain answers: no ``parsed``)."""
+        """Append a block of success records."""
+        if self._parsed_misfit and "parsed" in successes.columns:
+            columns = {**successes.columns, "parsed": [None] * len(successes)}
+            successes = dataclasses.replace(successes, columns=columns)
         self._successes.add_block(successes)
 
     def write_failure(self, record: dict[str, Any], request_line: bytes) -> None:

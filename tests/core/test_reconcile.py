@@ -913,3 +913,123 @@ def test_a_block_of_answers_gives_the_records_and_usage_each_body_states(
             stated = body["usage"]
             assert record["usage"]["input_tokens"] == stated.get("input_tokens", stated.get("prompt_tokens"))
             assert record["usage"]["total_tokens"] == stated.get("total_tokens")
+
+
+# -- blocks of structured answers (classified one by one, joined a column at a time) --------------------
+
+_TICKET = {
+    "type": "object",
+    "properties": {"category": {"type": "string", "enum": ["a", "b"]}, "score": {"type": "number"}},
+    "required": ["category", "score"],
+    "additionalProperties": False,
+}
+_CHAT_FORMAT = {"type": "json_schema", "json_schema": {"name": "ticket", "strict": True, "schema": _TICKET}}
+_RESPONSES_FORMAT = {"type": "json_schema", "name": "ticket", "strict": True, "schema": _TICKET}
+
+
+def _structured_chat_bodies() -> list[dict]:
+    """One chat answer of each outcome: valid, not JSON, a schema miss, refused, truncated, filtered, a
+    tool call, text spanning lines."""
+
+    def answer(content: Any, finish: str = "stop", **message: Any) -> dict:
+        body = chat_body(content)
+        body["choices"][0]["message"].update(message)
+        body["choices"][0]["finish_reason"] = finish
+        return body
+
+    call = {"type": "function", "function": {"name": "lookup", "arguments": '{"q": 1}'}}
+    return [
+        answer('{"category": "a", "score": 0.5}'),
+        answer("not json"),
+        answer('{"category": "c", "score": 1}'),
+        answer(None, refusal="I can't help with that"),
+        answer('{"category": "a", "sc', "length"),
+        answer("", "content_filter"),
+        answer(None, "tool_calls", tool_calls=[call]),
+        answer('{\n  "category": "b",\n  "score": 2\n}'),
+    ]
+
+
+def _structured_responses_bodies() -> list[dict]:
+    def answer(*content: dict, status: str = "completed", reason: str | None = None) -> dict:
+        return {
+            "object": "response",
+            "model": "gpt-5-mini",
+            "status": status,
+            "incomplete_details": {"reason": reason} if reason else None,
+            "output": [{"type": "message", "content": list(content)}],
+            "usage": {"input_tokens": 4, "output_tokens": 3, "total_tokens": 7},
+        }
+
+    def text(value: str) -> dict:
+        return {"type": "output_text", "text": value}
+
+    call = {
+        "object": "response",
+        "model": "gpt-5-mini",
+        "status": "completed",
+        "output": [{"type": "function_call", "name": "lookup", "arguments": '{"q": 2}'}],
+        "usage": {"input_tokens": 4, "output_tokens": 3, "total_tokens": 7},
+    }
+    return [
+        answer(text('{"category": "b", "score": 1.5}')),
+        answer(text("{oops")),
+        answer(text('{"category": "a"}')),
+        answer({"type": "refusal", "refusal": "no"}),
+        answer(text('{"cat'), status="incomplete", reason="max_output_tokens"),
+        answer(text(""), status="incomplete", reason="content_filter"),
+        call,
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+@pytest.mark.parametrize("url", [CHAT, "/v1/responses"])
+def test_a_block_of_structured_answers_gives_the_records_of_the_line_by_line_join(
+    tmp_path: Path, fmt: str, url: str
+) -> None:
+    from airflow_openai_batch.core.writers import ResultWriter, read_records
+
+    if url == CHAT:
+        bodies, asked = _structured_chat_bodies() * 40, {"response_format": _CHAT_FORMAT}
+    else:
+        bodies, asked = _structured_responses_bodies() * 40, {"text": {"format": _RESPONSES_FORMAT}}
+    ids = [f"r{i}" for i in range(len(bodies))]
+    inputs = [request(cid, url=url, **asked) for cid in ids]
+    output = [ok_line(cid, body) for cid, body in zip(ids, bodies, strict=True)]
+    # The line-by-line join (a sink taking parsed records), as the reference.
+    expected, expected_summary = reconcile(tmp_path / "lines", inputs, output, None)
+    with ResultWriter(tmp_path / "out", fmt) as writer:
+        rec = Reconciler(writer, tmp_path / "work")
+        rec.add_batch(BatchResultFiles("batch_1", "completed", inputs, output, None, model="gpt-4o-mini"))
+    summary = rec.summary()
+    assert summary.to_dict() == expected_summary.to_dict()
+    assert 0 < summary.succeeded < summary.total  # both outcomes are in the blocks
+    successes = list(read_records(tmp_path / "out" / f"successes.{fmt}"))
+    failures = list(read_records(tmp_path / "out" / f"failures.{fmt}"))
+    assert [r["custom_id"] for r in successes] == [r["custom_id"] for r in expected.successes]
+    assert [r["custom_id"] for r in failures] == [r["custom_id"] for r in expected.failures]
+    for got, want in zip(failures, expected.failures, strict=True):
+        assert (got["error_code"], got["error_message"], got["output"]) == (
+            want["error_code"],
+            want["error_message"],
+            want["output"],
+        )
+    for got, want in zip(successes, expected.successes, strict=True):
+        if fmt == "jsonl":
+            assert got == want
+            continue
+        assert (got["body"], got["content"], got["finish_reason"]) == (
+            want["body"],
+            want["content"],
+            want["finish_reason"],
+        )
+        assert got["parsed"] == want["parsed"]  # the typed struct column, read back
+        calls = want["tool_calls"]
+        assert got["tool_calls"] == (
+            None
+            if calls is None
+            else [
+                {"name": c["name"], "arguments": json.dumps(c["arguments"], separators=(",", ":"))}
+                for c in calls
+            ]
+        )
