@@ -522,13 +522,16 @@ def as_counts(fields: UsageFields) -> tuple[int, int, int, int, int]:
 _decode_usage_lines = msgspec.json.Decoder(_Usage | None).decode_lines
 
 
-def _first_set(first: Sequence[Any], second: Sequence[Any]) -> Sequence[Any]:
-    """Per row, ``first``'s value unless it is ``None``, else ``second``'s."""
-    if None not in first:
-        return first
-    if first.count(None) == len(first):
-        return second
-    return [a if a is not None else b for a, b in zip(first, second, strict=True)]
+def _first_set(rows: Sequence[Any], first: str, second: str) -> Sequence[Any]:
+    """Per row, its ``first`` attribute unless it is ``None``, else its ``second`` (which is read only when
+    needed: most usage objects name their counts one way)."""
+    firsts = list(map(operator.attrgetter(first), rows))
+    if None not in firsts:
+        return firsts
+    seconds = list(map(operator.attrgetter(second), rows))
+    if firsts.count(None) == len(firsts):
+        return seconds
+    return [a if a is not None else b for a, b in zip(firsts, seconds, strict=True)]
 
 
 def _attr_column(rows: Sequence[Any], name: str) -> list[Any]:
@@ -581,16 +584,15 @@ def usage_columns(usages: list[Raw]) -> UsageColumns:
         missing = [f is None for f in fields]
         counts = tuple(map(list, zip(*[_NO_FIELDS if f is None else f for f in fields], strict=True)))
         return UsageColumns(counts or ([],) * 5, missing if any(missing) else None)
-    # A tuple per view, turned into a tuple per field (both C-level).
-    inp, prompt, out, completion, total, inp_details, prompt_details, out_details, completion_details = zip(
-        *map(msgspec.structs.astuple, views), strict=True
-    )
+    # A C-level pass per field read.
     counts = (
-        _first_set(inp, prompt),
-        _first_set(out, completion),
-        total,
-        _attr_column(_first_set(inp_details, prompt_details), "cached_tokens"),
-        _attr_column(_first_set(out_details, completion_details), "reasoning_tokens"),
+        _first_set(views, "input_tokens", "prompt_tokens"),
+        _first_set(views, "output_tokens", "completion_tokens"),
+        list(map(operator.attrgetter("total_tokens"), views)),
+        _attr_column(_first_set(views, "input_tokens_details", "prompt_tokens_details"), "cached_tokens"),
+        _attr_column(
+            _first_set(views, "output_tokens_details", "completion_tokens_details"), "reasoning_tokens"
+        ),
     )
     return UsageColumns(counts, None)
 

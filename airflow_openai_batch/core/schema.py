@@ -1241,17 +1241,19 @@ class RequestSchemas:
         """Whether all ``count`` request lines in ``data`` ask for the same thing, and what.
 
         ``(True, schema)`` when every line holds one format already seen (or none asks for any: ``(True,
-        None)``), found by a few substring counts over the whole block; ``(False, None)`` when that
+        None)``), found by a few substring searches over the whole block; ``(False, None)`` when that
         cannot be told at once: ask :meth:`of_line` line by line.
         """
         # "json_" without its quote: searched several times faster in JSON text, where quotes abound.
         if b"json_" not in data and b'"tools"' not in data:
             return True, None
-        if b'"tools"' in data or b'"json_object"' in data:
+        if b'"tools"' in data:
             return False, None
-        tokens = data.count(b'"json_schema"')
-        for fragment, count_in_fragment, schema in self._known:
-            if tokens == count * count_in_fragment and data.count(fragment) == count:
+        # Every "json_" in the block is in one of the formats (which leaves no json_object format, and
+        # no other json_schema one), and there are as many formats as lines.
+        tokens = data.count(b"json_")
+        for fragment, _, schema in self._known:
+            if tokens == count * fragment.count(b"json_") and data.count(fragment) == count:
                 return True, schema
         return False, None
 
