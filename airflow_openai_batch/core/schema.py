@@ -934,8 +934,11 @@ class AnswerSchema:
         return cls(output=compile_schema(schema.schema), name=schema.name)
 
 
-class StructuredAnswer:
+class StructuredAnswer(msgspec.Struct, gc=False):
     """The answer of one success body, as :func:`read_answer` made it.
+
+    A ``Struct`` (made in C, several times faster than a class with ``__init__``): one is made per
+    answer. ``gc=False``: it holds strings and decoded JSON only, never a reference cycle.
 
     :param text: the answer text: the content / output text, a tool call's arguments (the first call's),
         or the refusal text.
@@ -948,23 +951,12 @@ class StructuredAnswer:
     :param valid: ``text`` is JSON valid against the answer's schema (then :attr:`parsed` is its value).
     """
 
-    __slots__ = ("error_code", "error_message", "finish_reason", "text", "tool_calls", "valid")
-
-    def __init__(
-        self,
-        text: str | None,
-        finish_reason: str | None,
-        tool_calls: list[dict[str, Any]] | None = None,
-        error_code: str | None = None,
-        error_message: str | None = None,
-        valid: bool = False,
-    ) -> None:
-        self.text = text
-        self.finish_reason = finish_reason
-        self.tool_calls = tool_calls
-        self.error_code = error_code
-        self.error_message = error_message
-        self.valid = valid
+    text: str | None
+    finish_reason: str | None
+    tool_calls: list[dict[str, Any]] | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    valid: bool = False
 
     @property
     def parsed(self) -> Any:
