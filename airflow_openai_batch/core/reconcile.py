@@ -433,7 +433,7 @@ class _InputIndex:
         """The schemas of a slab's requests: one substring test for a slab that all asks the same."""
         schemas = self._schemas
         assert schemas is not None
-        same, schema = schemas.of_block(data, len(slab))
+        same, schema = schemas.of_block(data, len(slab), slab)
         if same:
             self._note(ids, schema)
         else:

@@ -33,6 +33,7 @@ import typing
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter, methodcaller
 from typing import Any, Literal, Union
 
 import msgspec
@@ -1226,25 +1227,39 @@ class RequestSchemas:
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        # (encoded format, how many "json_schema" tokens it holds, its schema)
-        self._known: list[tuple[bytes, int, AnswerSchema | None]] = []
+        # (encoded format, how many "json_schema" tokens it holds, how a line the submit operator gave
+        # it ends, its schema)
+        self._known: list[tuple[bytes, int, bytes, AnswerSchema | None]] = []
 
-    def of_block(self, data: bytes, count: int) -> tuple[bool, AnswerSchema | None]:
+    def of_block(
+        self, data: bytes, count: int, lines: Sequence[bytes] | None = None
+    ) -> tuple[bool, AnswerSchema | None]:
         """Whether all ``count`` request lines in ``data`` ask for the same thing, and what.
 
         ``(True, schema)`` when every line holds one format already seen (or none asks for any: ``(True,
         None)``), found by a few substring searches over the whole block; ``(False, None)`` when that
         cannot be told at once: ask :meth:`of_line` line by line.
+
+        :param lines: the lines of ``data``, when the caller has them split: lines ending the way the
+            submit operator writes a format are told by a search of what is before it only.
         """
         # "json_" without its quote: searched several times faster in JSON text, where quotes abound.
         if b"json_" not in data and b'"tools"' not in data:
             return True, None
+        if lines is not None:
+            for _, _, ending, schema in self._known:
+                # Lines as the submit operator writes them end with the format (see SchemaInjector): what
+                # is before it, a fraction of the block, must ask for nothing else.
+                if all(map(methodcaller("endswith", ending), lines)):
+                    rest = b"".join(map(itemgetter(slice(0, -len(ending))), lines))
+                    same = b"json_" not in rest and b'"tools"' not in rest
+                    return same, schema if same else None
         if b'"tools"' in data:
             return False, None
         # Every "json_" in the block is in one of the formats (which leaves no json_object format, and
         # no other json_schema one), and there are as many formats as lines.
         tokens = data.count(b"json_")
-        for fragment, _, schema in self._known:
+        for fragment, _, _, schema in self._known:
             if tokens == count * fragment.count(b"json_") and data.count(fragment) == count:
                 return True, schema
         return False, None
@@ -1255,7 +1270,7 @@ class RequestSchemas:
             return None
         if b'"tools"' not in raw:
             tokens = raw.count(b'"json_schema"')
-            for fragment, count, schema in self._known:
+            for fragment, count, _, schema in self._known:
                 if count == tokens and fragment in raw:
                     return schema
         try:
@@ -1269,8 +1284,11 @@ class RequestSchemas:
         fmt = _format_of(self.kind, body)
         if fmt is not None and not body.get("tools") and len(self._known) < 64:
             fragment = orjson.dumps(fmt)
-            if all(fragment != known for known, _, _ in self._known):
-                self._known.append((fragment, fragment.count(b'"json_schema"'), schema))
+            if all(fragment != known for known, _, _, _ in self._known):
+                # The format as the body's last key, the body as the line's (SchemaInjector's splice).
+                key = b'"response_format":' if self.kind == _CHAT else b'"text":{"format":'
+                ending = key + fragment + (b"}}" if self.kind == _CHAT else b"}}}")
+                self._known.append((fragment, fragment.count(b'"json_schema"'), ending, schema))
         return schema
 
 

@@ -689,6 +689,32 @@ def test_request_schemas_of_a_whole_block() -> None:
     assert requests.of_block(b"\n".join(tool_lines(CHAT, 2)), 2) == (False, None)
 
 
+@pytest.mark.parametrize("endpoint", [CHAT, RESPONSES])
+def test_request_schemas_of_a_block_of_lines_ending_with_the_format(endpoint: str) -> None:
+    requests = RequestSchemas(KIND[endpoint])
+    lines = injected_lines(endpoint, SPEC, 4)
+    schema = requests.of_line(lines[0])
+    assert schema is not None
+
+    def of_block(block_lines: list[bytes]) -> tuple[bool, Any]:
+        return requests.of_block(
+            b"".join(line + b"\n" for line in block_lines), len(block_lines), block_lines
+        )
+
+    assert of_block(lines) == (True, schema)
+    # The same format at the end, and something else asked before it: line by line.
+    tools = {"tools": [{"type": "function", "function": TOOL}]}
+    with_tools = injected_lines(endpoint, SPEC, 1, **tools)
+    assert with_tools[0].endswith(lines[0][-40:])
+    assert of_block([*lines, *with_tools]) == (False, None)
+    assert requests.of_line(with_tools[0]).tools
+    json_mode = {"metadata": {"note": "json_object"}}
+    assert of_block([*lines, *injected_lines(endpoint, SPEC, 1, **json_mode)]) == (False, None)
+    # A line without the format at its end: the substring counts decide.
+    plain = orjson.dumps({"custom_id": "p", "method": "POST", "url": endpoint, "body": _line(endpoint)})
+    assert of_block([*lines, plain]) == (False, None)
+
+
 def test_parsed_json_is_written_into_a_record_as_it_is() -> None:
     compact = (
         '{"category":"general","urgency":"low","summary":"s","confidence":1,"tags":[],"assignee":null,'
