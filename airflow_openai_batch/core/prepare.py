@@ -302,16 +302,19 @@ class _Run:
         ends = self._ends
         return bytes(self.data[ends[index] : ends[index + 1] - 1])  # type: ignore[index]
 
-    def longest(self, start: int, stop: int) -> tuple[int, int]:
-        """``(bytes with its newline, index)`` of the longest of lines ``[start, stop)`` (the first such)."""
+    def longest(self, start: int, stop: int) -> int:
+        """The bytes (newline included) of the longest of lines ``[start, stop)``."""
         if self.lines is not None:
-            sizes = list(map(len, self.lines[start:stop]))
-            longest = max(sizes)
-            return longest + 1, start + sizes.index(longest)
+            return max(map(len, self.lines[start:stop])) + 1
         ends = self._ends
-        sizes = list(map(operator.sub, ends[start + 1 : stop + 1], ends[start:stop]))  # type: ignore[index]
-        longest = max(sizes)
-        return longest, start + sizes.index(longest)
+        return max(map(operator.sub, ends[start + 1 : stop + 1], ends[start:stop]))  # type: ignore[index]
+
+    def index_of_size(self, start: int, stop: int, size: int) -> int:
+        """The index of the first of lines ``[start, stop)`` of ``size`` bytes (newline included)."""
+        if self.lines is not None:
+            return start + list(map(len, self.lines[start:stop])).index(size - 1)
+        ends = self._ends
+        return start + list(map(operator.sub, ends[start + 1 : stop + 1], ends[start:stop])).index(size)  # type: ignore[index]
 
 
 class _OpenChunk:
@@ -356,9 +359,10 @@ class _OpenChunk:
             if room > 0:
                 numbers = run.numbers
                 self.unbounded_lines += [numbers[start + i] for i, c in enumerate(caps) if c is None][:room]
-        longest, at = run.longest(start, stop)
+        # The size alone first: which line it is matters only for a new largest (rare after the first).
+        longest = run.longest(start, stop)
         if longest > self.largest[0]:
-            self.largest = (longest, run.numbers[at])
+            self.largest = (longest, run.numbers[run.index_of_size(start, stop, longest)])
 
 
 class _Splitter:
