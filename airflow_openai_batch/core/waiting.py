@@ -39,6 +39,7 @@ from airflow_openai_batch.exceptions import (
 from airflow_openai_batch.statuses import DEFAULT_FAIL_ON_STATUSES, FINAL_STATUSES, BatchStatus, is_final
 
 __all__ = [
+    "PROGRESS_LOG_EVERY",
     "Decision",
     "Fault",
     "Finish",
@@ -50,6 +51,10 @@ __all__ = [
     "Work",
 ]
 
+#: A batch whose status has not changed gets a progress line at most this often (seconds): a job of
+#: hundreds of batches polled every few seconds near their end would otherwise flood the triggerer's log
+#: (and spend most of its CPU formatting lines).
+PROGRESS_LOG_EVERY = 60.0
 #: A line for the log: ``(level, text)``; the wiring logs it, the decision only says it.
 Note = tuple[Literal["info", "warning", "error"], str]
 
@@ -218,6 +223,8 @@ class Waiting:
         self.cancel_on_kill = bool(cancel_on_kill)
         #: Consecutive transient faults per batch (this process only).
         self.faults: dict[str, int] = {}
+        #: When each batch's progress was last logged, and its status then (this process only).
+        self._progress_logged: dict[str, tuple[float, str]] = {}
         self._worst_fault = 0
         self._retry_after: float | None = None
         self._polled = False
@@ -365,8 +372,12 @@ class Waiting:
         if polled:
             self.schedule.observe(polled, now)
             for batch_id, summary in polled.items():
-                eta = self.schedule.last_eta(batch_id)
-                notes.append(("info", progress_line(batch_id, summary, eta_seconds=eta)))
+                status = summary["status"]
+                last = self._progress_logged.get(batch_id)
+                if last is None or last[1] != status or now - last[0] >= PROGRESS_LOG_EVERY:
+                    self._progress_logged[batch_id] = (now, status)
+                    eta = self.schedule.last_eta(batch_id)
+                    notes.append(("info", progress_line(batch_id, summary, eta_seconds=eta)))
         states = self._states(job)
         if states.waiting:
             job.capacity_credits += freed

@@ -7,7 +7,16 @@ from typing import Any
 import pytest
 
 from airflow_openai_batch.core.job import Attempt, Chunk, CreateSpec, Job
-from airflow_openai_batch.core.waiting import Fault, Finish, GiveUp, Timeout, Wait, Waiting, Work
+from airflow_openai_batch.core.waiting import (
+    PROGRESS_LOG_EVERY,
+    Fault,
+    Finish,
+    GiveUp,
+    Timeout,
+    Wait,
+    Waiting,
+    Work,
+)
 from airflow_openai_batch.exceptions import (
     OpenAIBatchFailedError,
     OpenAIBatchOutcomeError,
@@ -38,6 +47,20 @@ def test_live_batches_are_polled_and_final_ones_are_not() -> None:
     assert decision.poll == ("b1",) and decision.reason == "adaptive" and 0 < decision.after <= 10
     assert ("info", "b1: in_progress 3/10 (30.0%)") in decision.notes
     assert job.find("b2")[1].final and not job.find("b1")[1].final
+
+
+def test_an_unchanged_batch_gets_a_progress_line_at_most_once_a_minute() -> None:
+    job, wait = job_of("b1"), waiting()
+
+    def progress(counts: int, status: str, at: float) -> list[str]:
+        notes = wait.step(job, {"b1": summary(status, counts)}, at).notes
+        return [text for level, text in notes if text.startswith("b1: ")]
+
+    assert progress(3, "in_progress", T0) == ["b1: in_progress 3/10 (30.0%)"]
+    assert progress(4, "in_progress", T0 + 2) == []  # same status, 2 s later
+    assert progress(5, "in_progress", T0 + PROGRESS_LOG_EVERY - 1) == []
+    assert progress(6, "in_progress", T0 + PROGRESS_LOG_EVERY)[0].startswith("b1: in_progress 6/10")
+    assert progress(10, "finalizing", T0 + PROGRESS_LOG_EVERY + 1)[0].startswith("b1: finalizing")
 
 
 def test_everything_final_finishes_with_the_outcome() -> None:
