@@ -232,6 +232,7 @@ class _Run:
     :param data: the lines each ending with a newline, when at hand (a whole block: written as it is).
     :param ends: where each line ends in ``data`` (newline included), after a leading 0, when the caller
         knows it (lines built from a table): the lines need not be split out of ``data``.
+    :param one_cap: every line has the cap ``caps[0]``.
     """
 
     def __init__(
@@ -244,6 +245,7 @@ class _Run:
         numbers: range | list[int],
         data: bytes | None = None,
         ends: list[int] | None = None,
+        one_cap: bool = False,
     ) -> None:
         self.lines = lines
         self.ids = ids
@@ -252,6 +254,7 @@ class _Run:
         self.caps = caps
         self.numbers = numbers
         self.data = data
+        self.one_cap = one_cap
         #: Running totals of bytes, inputs and tokens: entry i counts the lines before line i.
         self._sums: tuple[list[int], list[int] | None, list[int] | None] | None = None
         self._ends = ends
@@ -305,7 +308,8 @@ class _Run:
     def longest(self, start: int, stop: int) -> int:
         """The bytes (newline included) of the longest of lines ``[start, stop)``."""
         if self.lines is not None:
-            return max(map(len, self.lines[start:stop])) + 1
+            whole = start == 0 and stop == len(self.lines)
+            return max(map(len, self.lines if whole else self.lines[start:stop])) + 1
         ends = self._ends
         return max(map(operator.sub, ends[start + 1 : stop + 1], ends[start:stop]))  # type: ignore[index]
 
@@ -350,15 +354,26 @@ class _OpenChunk:
             fh.write(data)
         self.hasher.update(data)
         self.counts.add(run.counts(start, stop))
-        caps = run.caps[start:stop]
-        unbounded = caps.count(None)
-        self.output_bound += sum(filter(None, caps))  # type: ignore[arg-type]
+        if run.one_cap:
+            # One cap for every line (the usual block): one product, no pass over the lines.
+            cap = run.caps[start]
+            unbounded = stop - start if cap is None else 0
+            self.output_bound += cap * (stop - start) if cap is not None else 0
+        else:
+            caps = run.caps[start:stop]
+            unbounded = caps.count(None)
+            self.output_bound += sum(filter(None, caps))  # type: ignore[arg-type]
         if unbounded:
             self.unbounded += unbounded
             room = KEEP_LINES - len(self.unbounded_lines)
             if room > 0:
                 numbers = run.numbers
-                self.unbounded_lines += [numbers[start + i] for i, c in enumerate(caps) if c is None][:room]
+                if run.one_cap:
+                    self.unbounded_lines += numbers[start : start + min(room, unbounded)]
+                else:
+                    self.unbounded_lines += [numbers[start + i] for i, c in enumerate(caps) if c is None][
+                        :room
+                    ]
         # The size alone first: which line it is matters only for a new largest (rare after the first).
         longest = run.longest(start, stop)
         if longest > self.largest[0]:
@@ -384,7 +399,16 @@ class _Splitter:
     def place(self, valid: ValidLines, numbers: range | list[int]) -> None:
         """Place valid lines, ``numbers`` being their input line numbers."""
         if isinstance(valid.models, str):
-            run = _Run(valid.lines, valid.ids, valid.inputs, valid.tokens, valid.caps, numbers, valid.data)
+            run = _Run(
+                valid.lines,
+                valid.ids,
+                valid.inputs,
+                valid.tokens,
+                valid.caps,
+                numbers,
+                valid.data,
+                one_cap=valid.one_cap,
+            )
             self._place(valid.models, run)
         else:
             self._place_grouped(valid, numbers)

@@ -201,6 +201,7 @@ class ValidLines:
     :param positions: each line's 0-based position among the lines checked, when some of those were
         left out (blank); ``None`` when the lines are all of them.
     :param own_formats: lines that kept their own format where a response schema was to be put in.
+    :param one_cap: every line has the same cap (``caps[0]``): a chunk sums them with one product.
     """
 
     lines: list[bytes]
@@ -212,6 +213,7 @@ class ValidLines:
     caps: list[int | None]
     positions: list[int] | None = None
     own_formats: int = 0
+    one_cap: bool = False
 
 
 _custom_id_of = operator.attrgetter("custom_id")
@@ -384,7 +386,7 @@ class RequestRules:
             if len(set(models)) == 1:
                 models = models[0]
         inputs = list(map(count_inputs, map(_input_of, requests))) if self.counts_inputs else None
-        caps = [self._cap_of(bodies[0])] * len(bodies) if alike else self._caps(bodies)
+        caps, one_cap = ([self._cap_of(bodies[0])] * len(bodies), True) if alike else self._caps(bodies)
         own_formats = 0
         if self.schema is not None:
             try:
@@ -414,22 +416,24 @@ class RequestRules:
             tokens,
             caps,
             own_formats=own_formats,
+            one_cap=one_cap,
         )
 
-    def _caps(self, bodies: list[Any]) -> list[int | None]:
-        """The output cap of each decoded body. When every cap field holds one value across the block, the
-        rule is applied once (each field read in C into a list of plain values: no tuple per line)."""
+    def _caps(self, bodies: list[Any]) -> tuple[list[int | None], bool]:
+        """The output cap of each decoded body, and whether it is one cap for all. When every cap field
+        holds one value across the block, the rule is applied once (each field read in C into a list of
+        plain values: no tuple per line)."""
         if not bodies:
-            return []
+            return [], False
         first = []
         for read in self._cap_readers:
             values = list(map(read, bodies))
             head = values[0]
             # 1 == 1.0 == true: only a plain integer (or nothing) counts as the same value on every line.
             if (head is not None and type(head) is not int) or values.count(head) != len(values):
-                return list(map(self._cap_of, bodies))
+                return list(map(self._cap_of, bodies)), False
             first.append(head)
-        return [self._cap_rule(dict(zip(self._cap_fields, first, strict=True)))] * len(bodies)
+        return [self._cap_rule(dict(zip(self._cap_fields, first, strict=True)))] * len(bodies), True
 
     def _count_prompts(self, models: str | list[str], bodies: list[dict[str, Any]]) -> list[int]:
         """The prompt tokens of each body, counted per model (its encoding), one call per model."""
