@@ -586,6 +586,7 @@ class _BatchJoin:
             attempt=tally.attempt,
             raw_json=sink.takes_raw_json,
             media=media,
+            usage_counts=sink.takes_usage_counts,
         )
         #: What each request asked its answer to be: ``schema_by_id.get(cid, default_schema)``.
         self.default_schema = answer_schema if answer_schema is not None else index.default_schema

@@ -466,6 +466,8 @@ def usage_fields(usage: Any) -> UsageFields | None:
     """
     if usage is _NULL:
         return None
+    if type(usage) is _Usage:  # a typed view's (see RecordBuilder's usage_counts)
+        return _view_fields(usage)
     if type(usage) is Raw or type(usage) is bytes:
         try:
             view = _decode_usage(usage)
@@ -483,6 +485,11 @@ def usage_fields(usage: Any) -> UsageFields | None:
         view = _Usage(**counts)
     elif type(usage) is not Raw and type(usage) is not bytes:
         return None
+    return _view_fields(view)
+
+
+def _view_fields(view: _Usage) -> UsageFields:
+    """:func:`usage_fields` of a usage object read by the typed view."""
     inp = view.input_tokens
     if inp is None:
         inp = view.prompt_tokens
@@ -520,6 +527,17 @@ def as_counts(fields: UsageFields) -> tuple[int, int, int, int, int]:
 
 
 _decode_usage_lines = msgspec.json.Decoder(_Usage | None).decode_lines
+
+#: Each view with a block path (see :class:`_Kind`), its ``usage`` read by the typed view instead of kept
+#: as JSON text: for a sink that reads a block's usage as counts only (``RecordBuilder(usage_counts=)``),
+#: one decode of the block's lines instead of a second one of its usage objects.
+_USAGE_COUNTED: dict[type[_Body], type[_Body]] = {
+    spec.view: msgspec.defstruct(
+        f"{spec.view.__name__}Counted", [("usage", _Usage | None, None)], bases=(spec.view,), gc=False
+    )
+    for spec in _KINDS.values()
+    if spec.columns is not None
+}
 
 
 def _first_set(rows: Sequence[Any], first: str, second: str) -> Sequence[Any]:
@@ -579,11 +597,21 @@ def usage_columns(usages: list[Raw]) -> UsageColumns:
         views = _decode_usage_lines(b"\n".join(usages))
     except msgspec.DecodeError:
         views = []
-    if len(views) != len(usages) or not all(views):
-        fields = list(map(usage_fields, usages))
-        missing = [f is None for f in fields]
-        counts = tuple(map(list, zip(*[_NO_FIELDS if f is None else f for f in fields], strict=True)))
-        return UsageColumns(counts or ([],) * 5, missing if any(missing) else None)
+    if len(views) != len(usages):
+        return _fields_columns(list(map(usage_fields, usages)))
+    return usage_columns_of(views)
+
+
+def _fields_columns(fields: list[UsageFields | None]) -> UsageColumns:
+    missing = [f is None for f in fields]
+    counts = tuple(map(list, zip(*[_NO_FIELDS if f is None else f for f in fields], strict=True)))
+    return UsageColumns(counts or ([],) * 5, missing if any(missing) else None)
+
+
+def usage_columns_of(views: list[_Usage | None]) -> UsageColumns:
+    """:func:`usage_columns` of usage objects already read by the typed view (``None``: not an object)."""
+    if not all(views):
+        return _fields_columns([None if view is None else _view_fields(view) for view in views])
     # A C-level pass per field read.
     counts = (
         _first_set(views, "input_tokens", "prompt_tokens"),
@@ -677,6 +705,8 @@ class RecordBuilder:
     :param raw_json: give ``body``, ``usage``, ``parsed`` and ``request`` as ``msgspec.Raw`` (their JSON
         text) instead of parsed objects.
     :param media: where an images batch's base64 images are written (``None``: bodies kept as they are).
+    :param usage_counts: the sink reads a block's usage for its counts only (:attr:`SuccessColumns.usage`):
+        its ``usage`` column then holds the typed views of the usage objects, not their JSON text.
     """
 
     def __init__(
@@ -687,6 +717,7 @@ class RecordBuilder:
         attempt: int = 1,
         raw_json: bool = False,
         media: MediaSink | None = None,
+        usage_counts: bool = False,
     ) -> None:
         self.batch_id = batch_id
         self.attempt = attempt
@@ -697,7 +728,9 @@ class RecordBuilder:
         self._view_type = spec.view
         self._decode_view = msgspec.json.Decoder(spec.view).decode
         self._columns = spec.columns if raw_json and self._media is None else None
-        self._decode_view_lines = msgspec.json.Decoder(_ViewLine[spec.view]).decode_lines  # type: ignore[name-defined]
+        self._usage_counts = usage_counts and spec.view in _USAGE_COUNTED
+        block_view = _USAGE_COUNTED[spec.view] if self._usage_counts else spec.view
+        self._decode_view_lines = msgspec.json.Decoder(_ViewLine[block_view]).decode_lines  # type: ignore[valid-type]
         #: Writes the kind's convenience fields into a record, from a :meth:`view`.
         self.fields = spec.fields
 
@@ -779,7 +812,8 @@ class RecordBuilder:
             **fields,
             "attempts": [self.attempt] * count,
         }
-        return SuccessColumns(columns, usage_columns(usages), [view.model for view in views], unusable)
+        usage = usage_columns_of(usages) if self._usage_counts else usage_columns(usages)
+        return SuccessColumns(columns, usage, [view.model for view in views], unusable)
 
     def success(
         self, custom_id: str, status_code: int, body: Raw, view: Any, schema: AnswerSchema | None = None

@@ -67,6 +67,9 @@ class RecordSink(ABC):
     #: ``True`` when records may carry ``body`` and ``request`` as ``msgspec.Raw`` (their JSON text as
     #: received) instead of parsed objects: a sink that only writes them out is spared parsing them.
     takes_raw_json: ClassVar[bool] = False
+    #: ``True`` when a block of successes (:meth:`write_successes`) is read for its usage counts only
+    #: (:attr:`SuccessColumns.usage`), never for its ``usage`` column's JSON text.
+    takes_usage_counts: bool = False
 
     @abstractmethod
     def write_success(self, record: dict[str, Any]) -> None:
@@ -514,6 +517,8 @@ class ResultWriter(RecordSink):
         }
         self._successes: _PartialFile
         self._failures: _PartialFile
+        # Parquet's usage column is made of the counts.
+        self.takes_usage_counts = output_format == "parquet"
         if output_format == "parquet":
             success_schema, failure_schema = _schemas()
             limits = (row_group_rows, row_group_bytes)
