@@ -376,6 +376,8 @@ class _ParquetFile(_PartialFile):
                 arrays[name] = pa.StructArray.from_arrays(
                     counts, fields=list(usage_type), mask=None if missing is None else pa.array(missing)
                 )
+            elif name == "parsed" and values.count(None) != rows:
+                arrays[name] = values  # JSON texts: read at the flush, a row group's at once
             elif name not in _ANSWER_COLUMNS or values.count(None) != rows:
                 arrays[name] = self._array(schema.field(name), values)
         self._pieces.append((rows, arrays))
@@ -423,7 +425,9 @@ class _ParquetFile(_PartialFile):
         self._rows = self._bytes = 0
         rows = sum(count for count, _ in pieces)
         columns = [
-            pa.chunked_array(
+            self._parsed_column(pieces, f.type)
+            if f.name == "parsed"
+            else pa.chunked_array(
                 [
                     pa.nulls(count, f.type) if f.name not in arrays else arrays[f.name]
                     for count, arrays in pieces
@@ -434,6 +438,25 @@ class _ParquetFile(_PartialFile):
         ]
         # The pieces' arrays as chunks of one row group (no copy into one array per column).
         self._writer.write_table(pa.Table.from_arrays(columns, schema=self.schema), row_group_size=rows)
+
+    def _parsed_column(self, pieces: list[tuple[int, dict[str, Any]]], arrow_type: Any) -> Any:
+        """The ``parsed`` column of a row group: the JSON texts of neighbouring blocks read in one go (the
+        reader's cost per call is not small next to a block's answers)."""
+        pa = self._pa
+        chunks = []
+        texts: list[Any] = []
+        for count, arrays in pieces:
+            column = arrays.get("parsed")
+            if isinstance(column, list):
+                texts += column
+                continue
+            if texts:
+                chunks.append(_parsed_array(texts, self.parsed))
+                texts = []
+            chunks.append(pa.nulls(count, arrow_type) if column is None else column)
+        if texts:
+            chunks.append(_parsed_array(texts, self.parsed))
+        return pa.chunked_array(chunks, arrow_type)
 
     def _finish(self) -> None:
         self._flush()
