@@ -825,6 +825,22 @@ def test_estimate_is_always_made_with_caps_and_unbounded_lines(tmp_path: Path) -
     assert all(c.estimated_tokens > 0 for c in prepared.chunks)
 
 
+def test_lines_sharing_one_cap_are_tallied_per_chunk(tmp_path: Path) -> None:
+    # Every line of a block alike: the caps are summed with one product per chunk, across the cut.
+    capped = [line(f"r{i:03d}", max_tokens=30) for i in range(70)]
+    prepared = prepare_from_lines(capped, endpoint=CHAT, work_dir=tmp_path / "c", max_requests_per_batch=50)
+    assert prepared.cost is not None and prepared.cost.unbounded_requests == 0
+    assert [c.output_tokens_max for c in prepared.cost.chunks] == [50 * 30, 20 * 30]
+    # No line sets a cap: each counts as unbounded, and each chunk keeps its first line numbers.
+    capless = [line(f"r{i:03d}") for i in range(70)]
+    prepared = prepare_from_lines(capless, endpoint=CHAT, work_dir=tmp_path / "u", max_requests_per_batch=50)
+    cost = prepared.cost
+    assert cost is not None and [c.requests for c in cost.chunks] == [50, 20]
+    assert cost.unbounded_requests == 70
+    assert cost.unbounded_lines() == list(range(1, 11))
+    assert [list(c.unbounded_lines) for c in cost.chunks] == [list(range(1, 11)), list(range(51, 61))]
+
+
 def test_exact_count_counts_every_line(tmp_path: Path) -> None:
     lines = [line(f"r{i}", max_completion_tokens=10) for i in range(40)]
     exact = prepare_from_lines(lines, endpoint=CHAT, work_dir=tmp_path / "e", token_count="exact")
