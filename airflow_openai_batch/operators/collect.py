@@ -68,6 +68,7 @@ class _AnsweredIds(RecordSink):
     def __init__(self, sink: RecordSink) -> None:
         self.sink = sink
         self.takes_raw_json = sink.takes_raw_json
+        self.takes_usage_counts = sink.takes_usage_counts
         self.noting = False
         self.ids: set[str] = set()
 
