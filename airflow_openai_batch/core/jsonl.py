@@ -47,13 +47,13 @@ def iter_raw_blocks(stream: BinaryIO, chunk_size: int = DEFAULT_CHUNK_SIZE) -> I
         if not cut:
             pending.append(block)
             continue
-        if cut == len(block):
-            data, tail = block, b""
-        else:
-            data, tail = block[:cut], block[cut:]
+        tail = block[cut:] if cut < len(block) else b""
         if pending:
-            pending.append(data)
+            # The earlier pieces and this block's head, copied once (a view: no slice copied first).
+            pending.append(memoryview(block)[:cut])
             data = b"".join(pending)
+        else:
+            data = block if not tail else block[:cut]
         pending = [tail] if tail else []
         if first:
             first = False
