@@ -35,14 +35,13 @@ from __future__ import annotations
 import itertools
 import operator
 import os
-import re
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import msgspec
 import orjson
@@ -99,14 +98,6 @@ _USAGE_KEYS: tuple[str, ...] = (
     "reasoning_tokens",
 )
 
-# Input lines written by orjson / JSON.stringify start with {"custom_id":"...", those written by Python's
-# json.dumps with {"custom_id": "...". For those the custom_id is read straight from the bytes, which
-# saves a parse of every request body (often the largest part of the input). An id with a backslash (an
-# escape) is left to the parser. The pattern starts with the newline put before each line's start: a
-# literal, which the regex engine finds quickly (a "^" anchor is several times slower).
-_ID_AT_LINE_START = re.compile(rb'\n\{"custom_id": ?"([^"\\\n]+)"')
-#: The start of a line, where the custom_id is looked for.
-_line_head = operator.itemgetter(slice(0, 256))
 #: Input lines are copied and indexed in slabs of about this many bytes (and at most so many lines).
 _SLAB_BYTES = 512 * 1024
 _SLAB_MAX_LINES = 8192
@@ -329,21 +320,26 @@ def _lines_of(block: bytes) -> list[bytes]:
     return lines
 
 
-def _plain_ids(lines: list[bytes]) -> list[str] | None:
-    """The custom_ids of lines that all start with ``{"custom_id":"<id>"`` (else ``None``).
+class _RequestHead(msgspec.Struct, gc=False):
+    """A request line read for its custom_id only (decoding skips the rest)."""
 
-    Only the start of each line is searched, with a newline before each: as many matches as lines means
-    line ``i`` holds ``ids[i]``.
-    """
-    if not all(lines):
-        return None
-    found = _ID_AT_LINE_START.findall(b"\n".join(itertools.chain((b"",), map(_line_head, lines))))
-    if len(found) != len(lines):
-        return None
-    try:
-        return list(map(bytes.decode, found))
-    except UnicodeDecodeError:
-        return None
+    custom_id: str
+
+
+_B = TypeVar("_B")
+
+
+class _AskingRequestHead(msgspec.Struct, Generic[_B], gc=False):
+    """A request line read for its custom_id and what its body asks the answer to be (see
+    :class:`~airflow_openai_batch.core.schema.RequestSchemas`)."""
+
+    custom_id: str
+    body: _B
+
+
+_decode_request_heads = msgspec.json.Decoder(_RequestHead).decode_lines
+_custom_id_of = operator.attrgetter("custom_id")
+_body_of = operator.attrgetter("body")
 
 
 def _first_request(lines: list[bytes]) -> Any:
@@ -387,14 +383,15 @@ class _InputIndex:
         self.requests = 0
         self._end = 0  # bytes in the copy
         self._line_no = 0  # source lines read (blank ones included, for 1-based line numbers)
+        #: Reads a block's request lines (custom_id, and what each asks when schemas are read).
+        self._decode_heads = _decode_request_heads
 
     def copy(self, lines: Iterable[bytes]) -> None:
         """Copy and index ``lines``.
 
-        A slab whose lines all start with ``{"custom_id":"<id>"`` with new ids (what orjson,
-        ``JSON.stringify`` and ``json.dumps`` write, and what the submit operator uploads) is indexed by
-        one regex search and a few C-level calls, without parsing request bodies; any other goes line by
-        line (blank lines, another key order, escapes in an id, repeats, broken lines).
+        A slab whose lines are all JSON objects with a new, non-empty string custom_id is indexed by one
+        typed decode (which skips the request bodies) and a few C-level calls; any other goes line by
+        line (blank lines, broken lines, repeats, a custom_id that is not a string).
         """
         offsets = self.offsets
         with open(self.path, "wb") as out:
@@ -405,21 +402,31 @@ class _InputIndex:
                 if self.first_request is None:
                     self.first_request = _first_request(slab)
                     self._start_schemas()
-                ids = _plain_ids(slab)
-                if ids is not None:
+                heads = self._heads(data, len(slab))
+                if heads is not None:
+                    ids = list(map(_custom_id_of, heads))
                     # Line i starts after the lines before it and their newlines (zip stops at the last id).
                     starts = itertools.accumulate(map((1).__add__, map(len, slab)), initial=self._end)
                     found = dict(zip(ids, starts, strict=False))
-                    if len(found) == len(slab) and offsets.keys().isdisjoint(found):  # no id repeated
+                    # No id empty, none repeated (in the slab, or from an earlier one).
+                    if len(found) == len(slab) and "" not in found and offsets.keys().isdisjoint(found):
                         offsets.update(found)
                         if self._schemas is not None:
-                            self._note_block(data, ids, slab)
+                            self._note_block(ids, list(map(_body_of, heads)))
                         out.write(data)
                         self._end += len(data)
                         self.requests += len(slab)
                         self._line_no += len(slab)
                         continue
                 self._add_lines(slab, out)
+
+    def _heads(self, data: bytes, count: int) -> list[Any] | None:
+        """The ``count`` lines of ``data`` read by :attr:`_decode_heads`; ``None`` unless every one fits."""
+        try:
+            heads = self._decode_heads(data)
+        except msgspec.DecodeError:
+            return None
+        return heads if len(heads) == count else None  # fewer: blank lines, which decoding skips
 
     def _start_schemas(self) -> None:
         """Read what each request asks its answer to be, for the chat and responses endpoints."""
@@ -428,17 +435,19 @@ class _InputIndex:
         kind = endpoint_kind(self._endpoint or (url if isinstance(url, str) else None))
         if self._read_schemas and kind in ("chat", "responses"):
             self._schemas = RequestSchemas(kind)
+            head: type[msgspec.Struct] = _AskingRequestHead[self._schemas.asks_type]  # type: ignore[name-defined]
+            self._decode_heads = msgspec.json.Decoder(head).decode_lines
 
-    def _note_block(self, data: bytes, ids: list[str], slab: list[bytes]) -> None:
-        """The schemas of a slab's requests: one substring test for a slab that all asks the same."""
+    def _note_block(self, ids: list[str], asks: list[Any]) -> None:
+        """The schemas of a slab's requests: at once for a slab whose requests all ask the same."""
         schemas = self._schemas
         assert schemas is not None
-        same, schema = schemas.of_block(data, len(slab), slab)
+        same, schema = schemas.of_block(asks)
         if same:
             self._note(ids, schema)
         else:
-            for cid, line in zip(ids, slab, strict=True):
-                self._note([cid], schemas.of_line(line))
+            for cid, asked in zip(ids, asks, strict=True):
+                self._note([cid], schemas.of_asks(asked))
 
     def _note(self, ids: list[str], schema: AnswerSchema | None) -> None:
         if not self._schema_known:
@@ -476,7 +485,7 @@ class _InputIndex:
             elif self.offsets.setdefault(cid, self._end) != self._end:
                 self.repeated.append((cid, self._end, self._line_no))
             elif self._schemas is not None:
-                self._note([cid], self._schemas.of_line(line))
+                self._note([cid], self._schemas.of_body(request.get("body")))
             out.write(line)
             out.write(b"\n")
             self._end += len(line) + 1

@@ -33,7 +33,7 @@ import typing
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from operator import itemgetter, methodcaller
+from operator import attrgetter
 from typing import Any, Literal, Union
 
 import msgspec
@@ -1213,83 +1213,102 @@ def _answer_schema(fmt_key: bytes, tools_key: bytes) -> AnswerSchema | None:
     return result if result.structured else None
 
 
-class RequestSchemas:
-    """Learns each request's :class:`AnswerSchema` from its raw request line, cheaply.
+#: What a request's body has not said (a field of :class:`_ChatAsks` / :class:`_ResponsesAsks` left out).
+_UNSAID = msgspec.Raw(b"")
 
-    A line without ``"json_schema"``, ``"json_object"`` or ``"tools"`` is answered without parsing. A
-    line holding a format already seen, byte for byte as the submit operator writes it, is answered by a
-    substring test; any other line is parsed once and its format remembered (cached by its bytes).
+
+class _ChatAsks(msgspec.Struct, gc=False):
+    """What a chat request body asks its answer to be, as JSON text (decoding skips the rest)."""
+
+    response_format: msgspec.Raw = _UNSAID
+    tools: msgspec.Raw = _UNSAID
+
+
+class _ResponsesAsks(msgspec.Struct, gc=False):
+    """What a responses request body asks its answer to be, as JSON text (``text`` holds the format)."""
+
+    text: msgspec.Raw = _UNSAID
+    tools: msgspec.Raw = _UNSAID
+
+
+_A = typing.TypeVar("_A")
+
+
+class _RequestAsking(msgspec.Struct, typing.Generic[_A], gc=False):
+    body: _A
+
+
+#: Distinct requests remembered per :class:`RequestSchemas` (the formats of one batch are few).
+_MAX_REMEMBERED = 1024
+
+
+class RequestSchemas:
+    """Learns each request's :class:`AnswerSchema` from what its body asks, cheaply.
+
+    A request line is decoded into ``{"custom_id", "body": asks}`` with :attr:`asks_type` (a typed view
+    that keeps the format and tools as JSON text and skips the rest of the body). A block whose
+    requests all ask the same, byte for byte, is answered at once (:meth:`of_block`); any request by its
+    JSON text, parsed once per distinct text (:meth:`of_asks`).
 
     :param kind: ``"chat"`` or ``"responses"``.
     """
 
-    _MARKERS = (b'"json_schema"', b'"json_object"', b'"tools"')
-
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        # (encoded format, how many "json_schema" tokens it holds, how a line the submit operator gave
-        # it ends, its schema)
-        self._known: list[tuple[bytes, int, bytes, AnswerSchema | None]] = []
+        #: The body view to decode request lines with.
+        self.asks_type: type[_ChatAsks | _ResponsesAsks] = _ChatAsks if kind == _CHAT else _ResponsesAsks
+        self._field = "response_format" if kind == _CHAT else "text"
+        self._format_of = attrgetter(self._field)
+        self._remembered: dict[tuple[bytes, bytes], AnswerSchema | None] = {}
+        self._decode_line = msgspec.json.Decoder(_RequestAsking[self.asks_type]).decode  # type: ignore[name-defined]
 
-    def of_block(
-        self, data: bytes, count: int, lines: Sequence[bytes] | None = None
-    ) -> tuple[bool, AnswerSchema | None]:
-        """Whether all ``count`` request lines in ``data`` ask for the same thing, and what.
+    def of_asks(self, asks: _ChatAsks | _ResponsesAsks) -> AnswerSchema | None:
+        """The answer schema one request asks for (``None``: plain text).
 
-        ``(True, schema)`` when every line holds one format already seen (or none asks for any: ``(True,
-        None)``), found by a few substring searches over the whole block; ``(False, None)`` when that
-        cannot be told at once: ask :meth:`of_line` line by line.
-
-        :param lines: the lines of ``data``, when the caller has them split: lines ending the way the
-            submit operator writes a format are told by a search of what is before it only.
+        :param asks: the request body, decoded with :attr:`asks_type`.
         """
-        # "json_" without its quote: searched several times faster in JSON text, where quotes abound.
-        if b"json_" not in data and b'"tools"' not in data:
-            return True, None
-        if lines is not None:
-            for _, _, ending, schema in self._known:
-                # Lines as the submit operator writes them end with the format (see SchemaInjector): what
-                # is before it, a fraction of the block, must ask for nothing else.
-                if all(map(methodcaller("endswith", ending), lines)):
-                    rest = b"".join(map(itemgetter(slice(0, -len(ending))), lines))
-                    same = b"json_" not in rest and b'"tools"' not in rest
-                    return same, schema if same else None
-        if b'"tools"' in data:
+        fmt, tools = self._format_of(asks), asks.tools
+        if fmt is _UNSAID and tools is _UNSAID:
+            return None
+        key = (bytes(fmt), bytes(tools))
+        if key in self._remembered:
+            return self._remembered[key]
+        said = zip((self._field, "tools"), key, strict=True)
+        body = {name: orjson.loads(text) for name, text in said if text}
+        schema = answer_schema_of_request(self.kind, body)
+        if len(self._remembered) < _MAX_REMEMBERED:
+            self._remembered[key] = schema
+        return schema
+
+    def of_block(self, asks: Sequence[_ChatAsks | _ResponsesAsks]) -> tuple[bool, AnswerSchema | None]:
+        """Whether a block of requests all ask the same thing, and what: ``(True, schema)``, or
+        ``(False, None)`` when they differ (ask :meth:`of_asks` one by one).
+
+        :param asks: the requests' bodies, decoded with :attr:`asks_type` (at least one).
+        """
+        count = len(asks)
+        # Identity first: a body that says nothing of either holds the one _UNSAID object.
+        formats = list(map(self._format_of, asks))
+        if formats.count(formats[0]) != count:
             return False, None
-        # Every "json_" in the block is in one of the formats (which leaves no json_object format, and
-        # no other json_schema one), and there are as many formats as lines.
-        tokens = data.count(b"json_")
-        for fragment, _, _, schema in self._known:
-            if tokens == count * fragment.count(b"json_") and data.count(fragment) == count:
-                return True, schema
-        return False, None
+        tools = list(map(_tools_of, asks))
+        if tools.count(tools[0]) != count:
+            return False, None
+        return True, self.of_asks(asks[0])
+
+    def of_body(self, body: Any) -> AnswerSchema | None:
+        """The answer schema of a request body already parsed."""
+        return answer_schema_of_request(self.kind, body)
 
     def of_line(self, raw: bytes) -> AnswerSchema | None:
-        """The answer schema the request line ``raw`` asks for (``None``: plain text)."""
-        if b'"json_' not in raw and b'"tools"' not in raw:
-            return None
-        if b'"tools"' not in raw:
-            tokens = raw.count(b'"json_schema"')
-            for fragment, count, _, schema in self._known:
-                if count == tokens and fragment in raw:
-                    return schema
+        """The answer schema of one request line (``None`` also for a line that is not a request)."""
         try:
-            line = orjson.loads(raw)
-            body = line["body"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return self.of_asks(self._decode_line(raw).body)
+        except msgspec.DecodeError:  # the body is not an object, or the line not JSON
             return None
-        if not isinstance(body, dict):
-            return None
-        schema = answer_schema_of_request(self.kind, body)
-        fmt = _format_of(self.kind, body)
-        if fmt is not None and not body.get("tools") and len(self._known) < 64:
-            fragment = orjson.dumps(fmt)
-            if all(fragment != known for known, _, _, _ in self._known):
-                # The format as the body's last key, the body as the line's (SchemaInjector's splice).
-                key = b'"response_format":' if self.kind == _CHAT else b'"text":{"format":'
-                ending = key + fragment + (b"}}" if self.kind == _CHAT else b"}}}")
-                self._known.append((fragment, fragment.count(b'"json_schema"'), ending, schema))
-        return schema
+
+
+_tools_of = attrgetter("tools")
 
 
 # ------------------------------------------------------------------------------------------------- Arrow

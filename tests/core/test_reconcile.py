@@ -395,7 +395,7 @@ def test_reconciling_the_same_batch_twice_is_refused(tmp_path: Path) -> None:
 # -- input shapes -------------------------------------------------------------------------------------
 
 
-def test_input_forms_that_skip_the_fast_path(tmp_path: Path) -> None:
+def test_every_input_form_is_indexed(tmp_path: Path) -> None:
     """Other key orders, spaced JSON, escaped and non-ASCII ids, newlines kept, a BOM, blank lines."""
     lines = [
         b"\xef\xbb\xbf" + request("bom") + b"\n",

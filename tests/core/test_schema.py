@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import duckdb
 import jsonschema
+import msgspec
 import openai
 import orjson
 import pyarrow as pa
@@ -659,60 +660,45 @@ def test_typed_decode_errors_name_the_path() -> None:
     assert compiled.check(json.dumps({**good, "priority": 1.0})) is not None
 
 
-def test_request_schemas_cache_and_fast_path() -> None:
+def test_request_schemas_remember_each_distinct_request() -> None:
     requests = RequestSchemas("chat")
     lines = injected_lines(CHAT, SPEC, 3)
     first = requests.of_line(lines[0])
     assert first is not None and first.output is not None
-    assert requests.of_line(lines[1]) is first  # the substring path: same object, no parse
+    assert requests.of_line(lines[1]) is first
     spaced = json.dumps(json.loads(lines[2])).encode()
-    assert requests.of_line(spaced) is first  # parsed, then found in the cache by its bytes
+    assert requests.of_line(spaced) is first  # other bytes, the same format: the same schema
     assert requests.of_line(orjson.dumps(_line(CHAT))) is None
+    text_only = {**_line(CHAT), "body": {**_line(CHAT)["body"], "response_format": {"type": "text"}}}
+    assert requests.of_line(orjson.dumps(text_only)) is None
     other = injected_lines(CHAT, response_schema(Person), 1)[0]
     assert requests.of_line(other).name == "Person"
     tools = RequestSchemas("responses").of_line(tool_lines(RESPONSES, 1)[0])
     assert tools is not None and set(tools.tools) == {"classify_intent"} and tools.output is None
     assert requests.of_line(b"{broken") is None
-
-
-def test_request_schemas_of_a_whole_block() -> None:
-    requests = RequestSchemas("chat")
-    plain = [orjson.dumps(_line(CHAT)) for _ in range(3)]
-    assert requests.of_block(b"\n".join(plain), 3) == (True, None)
-    lines = injected_lines(CHAT, SPEC, 4)
-    block = b"\n".join(lines)
-    assert requests.of_block(block, 4) == (False, None)  # no format seen yet: line by line
-    schema = requests.of_line(lines[0])
-    assert requests.of_block(block, 4) == (True, schema)
-    mixed = b"\n".join([*lines[:2], plain[0]])
-    assert requests.of_block(mixed, 3) == (False, None)
-    assert requests.of_block(b"\n".join(tool_lines(CHAT, 2)), 2) == (False, None)
+    assert requests.of_line(b'{"custom_id": "x", "body": "not an object"}') is None
 
 
 @pytest.mark.parametrize("endpoint", [CHAT, RESPONSES])
-def test_request_schemas_of_a_block_of_lines_ending_with_the_format(endpoint: str) -> None:
+def test_request_schemas_of_a_whole_block(endpoint: str) -> None:
     requests = RequestSchemas(KIND[endpoint])
+
+    def asks(lines: list[bytes]) -> list[Any]:
+        bodies = [orjson.loads(line)["body"] for line in lines]
+        return msgspec.json.Decoder(list[requests.asks_type]).decode(orjson.dumps(bodies))
+
+    plain = [orjson.dumps(_line(endpoint)) for _ in range(3)]
+    assert requests.of_block(asks(plain)) == (True, None)
     lines = injected_lines(endpoint, SPEC, 4)
-    schema = requests.of_line(lines[0])
-    assert schema is not None
-
-    def of_block(block_lines: list[bytes]) -> tuple[bool, Any]:
-        return requests.of_block(
-            b"".join(line + b"\n" for line in block_lines), len(block_lines), block_lines
-        )
-
-    assert of_block(lines) == (True, schema)
-    # The same format at the end, and something else asked before it: line by line.
-    tools = {"tools": [{"type": "function", "function": TOOL}]}
-    with_tools = injected_lines(endpoint, SPEC, 1, **tools)
-    assert with_tools[0].endswith(lines[0][-40:])
-    assert of_block([*lines, *with_tools]) == (False, None)
-    assert requests.of_line(with_tools[0]).tools
-    json_mode = {"metadata": {"note": "json_object"}}
-    assert of_block([*lines, *injected_lines(endpoint, SPEC, 1, **json_mode)]) == (False, None)
-    # A line without the format at its end: the substring counts decide.
-    plain = orjson.dumps({"custom_id": "p", "method": "POST", "url": endpoint, "body": _line(endpoint)})
-    assert of_block([*lines, plain]) == (False, None)
+    same, schema = requests.of_block(asks(lines))
+    assert same and schema is requests.of_line(lines[0]) and schema.output is not None
+    mixed = asks([*lines[:2], plain[0]])
+    assert requests.of_block(mixed) == (False, None)
+    assert [requests.of_asks(one) for one in mixed] == [schema, schema, None]
+    with_tools = asks([*tool_lines(endpoint, 1), *lines[:1]])
+    assert requests.of_block(with_tools) == (False, None)
+    assert requests.of_asks(with_tools[0]).tools and requests.of_asks(with_tools[1]) is schema
+    assert requests.of_block(asks(tool_lines(endpoint, 2)))[0]  # the same tools, twice
 
 
 def test_parsed_json_is_written_into_a_record_as_it_is() -> None:
