@@ -195,14 +195,25 @@ def bench_prep(run: Runner, sizes: list[tuple[str, int]], large: int | None) -> 
     return rows
 
 
-def _prep_pair(run: Runner, name: str, path: Path, out: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Ours and the bare parse loop on one input, run in turn (a slow spell hits both alike)."""
+def _prep_pair(
+    run: Runner, name: str, path: Path, out: str, ablate: bool = False
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Ours and the bare parse loop on one input, run in turn (a slow spell hits both alike).
+
+    :param ablate: also ours with the chunk files written in the caller's thread, in the same rounds
+        (its figures under ours' ``"inline"``).
+    """
     specs = {
         f"prep-ours-{name}": _case("prep_ours", path=str(path), work_dir=out),
         f"prep-bare-{name}": _case("prep_bare", path=str(path), work_dir=out),
     }
+    if ablate:
+        specs[f"prep-inline-{name}"] = _case("prep_ours_writing_in_caller", path=str(path), work_dir=out)
     timed = run.best_interleaved(specs, rounds=run.repeat)
-    return timed[f"prep-ours-{name}"], timed[f"prep-bare-{name}"]
+    ours = timed[f"prep-ours-{name}"]
+    if ablate:
+        ours["inline"] = timed[f"prep-inline-{name}"]
+    return ours, timed[f"prep-bare-{name}"]
 
 
 def _prep_vs_parse_limit(case: str, ours: float, bare: float, note: str = "") -> Row:
@@ -219,7 +230,7 @@ def _prep_variants(
     """
     rows: list[Row] = []
     with _busy_neighbour():
-        ours, bare = _prep_pair(run, f"{lines}-busy", path, out)
+        ours, bare = _prep_pair(run, f"{lines}-busy", path, out, ablate=True)
     rows.append(
         _prep_vs_parse_limit(
             "  same, one core busy (a spinning neighbour process)",
@@ -228,6 +239,19 @@ def _prep_variants(
             note=f"peak RSS {ours['peak_rss_mb']:.0f} MB",
         )
     )
+    idle, _ = _prep_pair(run, f"{lines}-idle", path, out, ablate=True)
+    for label, times in (("idle", idle), ("one core busy", ours)):
+        rows.append(
+            Row(
+                f"  ablation, {label}: chunk files written and hashed behind (a thread) vs in the caller",
+                "MB/s",
+                mb / times["seconds"],
+                "ours, chunk files written in the caller's thread",
+                mb / times["inline"]["seconds"],
+                target=">= 1.00x (keep)",
+                goal=lambda r: r >= 1.0,
+            )
+        )
     # Ids in random order: the duplicate check hashes them (8 bytes an id, spilled to disk).
     rnd = data / f"requests-{lines}-random-ids.jsonl"
     gen.write_requests(rnd, lines, random_ids=True)
@@ -314,6 +338,10 @@ def bench_collect(run: Runner, results: int) -> list[Row]:
         specs = {"bare": _case("collect_bare", folder=str(folder), work_dir=out)}
         for fmt in COLLECT_TARGETS:
             specs[fmt] = _case("collect_ours", folder=str(folder), work_dir=out, output_format=fmt)
+        # Ablation: Parquet row groups encoded and written in the caller's thread, not behind it.
+        specs["parquet-inline"] = _case(
+            "collect_ours", folder=str(folder), work_dir=out, output_format="parquet", background_writes=False
+        )
         timed = run.best_interleaved(
             {f"collect-{k}{suffix}": v for k, v in specs.items()}, max(run.repeat, 5)
         )
@@ -346,6 +374,18 @@ def bench_collect(run: Runner, results: int) -> list[Row]:
         naive_name = f"naive (guide: split + json.loads) -> {fmt}"
         rows.append(_vs_naive(case, "rows/s", rate, naive_name, results / naive["seconds"]))
         rows.append(_peak_rss(case, ours["peak_rss_mb"], f"naive -> {fmt}", naive["peak_rss_mb"], 250))
+    for label, times in (("idle", idle), ("one core busy", busy)):
+        rows.append(
+            Row(
+                f"  ablation -> parquet, {label}: row groups written behind (a thread) vs in the caller",
+                "rows/s",
+                results / times["parquet"]["seconds"],
+                "ours, row groups written in the caller's thread",
+                results / times["parquet-inline"]["seconds"],
+                target=">= 1.00x (keep)",
+                goal=lambda r: r >= 1.0,
+            )
+        )
     # Ablation: every result line decoded on its own, as if there were no block decode.
     one_by_one = run.best(
         "collect-jsonl-line-by-line",

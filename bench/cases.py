@@ -56,6 +56,14 @@ def prep_ours_line_by_line(path: str, work_dir: str) -> dict[str, Any]:
     return prep_ours(path, work_dir)
 
 
+def prep_ours_writing_in_caller(path: str, work_dir: str) -> dict[str, Any]:
+    """:func:`prep_ours` with the chunk files written and hashed in the caller's thread (an ablation)."""
+    from airflow_openai_batch.core import prepare
+
+    prepare._WRITE_BEHIND = False
+    return prep_ours(path, work_dir)
+
+
 def prep_bare(path: str, work_dir: str) -> dict[str, Any]:
     """The parse limit: a loop that only parses each line with orjson (no checks, no output)."""
     loads = orjson.loads
@@ -99,15 +107,18 @@ def _streamed(stream: Any) -> Any:
     return lines_from_raw_blocks(blocks())
 
 
-def collect_ours(folder: str, work_dir: str, output_format: str) -> dict[str, Any]:
-    """What the collect operator does once the files stream in: reconcile by custom_id, write results."""
+def collect_ours(
+    folder: str, work_dir: str, output_format: str, background_writes: bool = True
+) -> dict[str, Any]:
+    """What the collect operator does once the files stream in: reconcile by custom_id, write results
+    (``background_writes=False``: Parquet row groups written in the caller's thread, an ablation)."""
     from airflow_openai_batch.core.reconcile import BatchResultFiles, Reconciler
     from airflow_openai_batch.core.writers import ResultWriter
 
     src = Path(folder)
     out = Path(work_dir)
     with (
-        ResultWriter(out / "results", output_format) as writer,
+        ResultWriter(out / "results", output_format, background_writes=background_writes) as writer,
         open(src / "input.jsonl", "rb") as inp,
         open(src / "output.jsonl", "rb") as outp,
         open(src / "error.jsonl", "rb") as err,
@@ -221,6 +232,7 @@ CASES = {
     "prep_ours": prep_ours,
     "prep_ours_line_by_line": prep_ours_line_by_line,
     "prep_ours_exact": prep_ours_exact,
+    "prep_ours_writing_in_caller": prep_ours_writing_in_caller,
     "prep_bare": prep_bare,
     "prep_naive": prep_naive,
     "collect_ours": collect_ours,
