@@ -195,25 +195,14 @@ def bench_prep(run: Runner, sizes: list[tuple[str, int]], large: int | None) -> 
     return rows
 
 
-def _prep_pair(
-    run: Runner, name: str, path: Path, out: str, ablate: bool = False
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Ours and the bare parse loop on one input, run in turn (a slow spell hits both alike).
-
-    :param ablate: also ours with the chunk files written in the caller's thread, in the same rounds
-        (its figures under ours' ``"inline"``).
-    """
+def _prep_pair(run: Runner, name: str, path: Path, out: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Ours and the bare parse loop on one input, run in turn (a slow spell hits both alike)."""
     specs = {
         f"prep-ours-{name}": _case("prep_ours", path=str(path), work_dir=out),
         f"prep-bare-{name}": _case("prep_bare", path=str(path), work_dir=out),
     }
-    if ablate:
-        specs[f"prep-inline-{name}"] = _case("prep_ours_writing_in_caller", path=str(path), work_dir=out)
     timed = run.best_interleaved(specs, rounds=run.repeat)
-    ours = timed[f"prep-ours-{name}"]
-    if ablate:
-        ours["inline"] = timed[f"prep-inline-{name}"]
-    return ours, timed[f"prep-bare-{name}"]
+    return timed[f"prep-ours-{name}"], timed[f"prep-bare-{name}"]
 
 
 def _prep_vs_parse_limit(case: str, ours: float, bare: float, note: str = "") -> Row:
@@ -230,7 +219,7 @@ def _prep_variants(
     """
     rows: list[Row] = []
     with _busy_neighbour():
-        ours, bare = _prep_pair(run, f"{lines}-busy", path, out, ablate=True)
+        ours, bare = _prep_pair(run, f"{lines}-busy", path, out)
     rows.append(
         _prep_vs_parse_limit(
             "  same, one core busy (a spinning neighbour process)",
@@ -239,19 +228,6 @@ def _prep_variants(
             note=f"peak RSS {ours['peak_rss_mb']:.0f} MB",
         )
     )
-    idle, _ = _prep_pair(run, f"{lines}-idle", path, out, ablate=True)
-    for label, times in (("idle", idle), ("one core busy", ours)):
-        rows.append(
-            Row(
-                f"  ablation, {label}: chunk files written and hashed behind (a thread) vs in the caller",
-                "MB/s",
-                mb / times["seconds"],
-                "ours, chunk files written in the caller's thread",
-                mb / times["inline"]["seconds"],
-                target=">= 1.00x (keep)",
-                goal=lambda r: r >= 1.0,
-            )
-        )
     # Ids in random order: the duplicate check hashes them (8 bytes an id, spilled to disk).
     rnd = data / f"requests-{lines}-random-ids.jsonl"
     gen.write_requests(rnd, lines, random_ids=True)

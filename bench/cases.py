@@ -56,14 +56,6 @@ def prep_ours_line_by_line(path: str, work_dir: str) -> dict[str, Any]:
     return prep_ours(path, work_dir)
 
 
-def prep_ours_writing_in_caller(path: str, work_dir: str) -> dict[str, Any]:
-    """:func:`prep_ours` with the chunk files written and hashed in the caller's thread (an ablation)."""
-    from airflow_openai_batch.core import prepare
-
-    prepare._WRITE_BEHIND = False
-    return prep_ours(path, work_dir)
-
-
 def prep_bare(path: str, work_dir: str) -> dict[str, Any]:
     """The parse limit: a loop that only parses each line with orjson (no checks, no output)."""
     loads = orjson.loads
@@ -232,7 +224,6 @@ CASES = {
     "prep_ours": prep_ours,
     "prep_ours_line_by_line": prep_ours_line_by_line,
     "prep_ours_exact": prep_ours_exact,
-    "prep_ours_writing_in_caller": prep_ours_writing_in_caller,
     "prep_bare": prep_bare,
     "prep_naive": prep_naive,
     "collect_ours": collect_ours,

@@ -192,14 +192,6 @@ def lines_prepared(path: str, work_dir: str) -> dict[str, Any]:
     return result
 
 
-def lines_prepared_writing_in_caller(path: str, work_dir: str) -> dict[str, Any]:
-    """:func:`lines_prepared` with the chunk files written and hashed in the caller's thread (an ablation)."""
-    from airflow_openai_batch.core import prepare
-
-    prepare._WRITE_BEHIND = False
-    return lines_prepared(path, work_dir)
-
-
 def join_ours(folder: str, results: str, work_dir: str) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
@@ -281,7 +273,6 @@ CASES = {
     "lines_ours": lines_ours,
     "lines_hashed": lines_hashed,
     "lines_prepared": lines_prepared,
-    "lines_prepared_writing_in_caller": lines_prepared_writing_in_caller,
     "join_ours": join_ours,
     "join_duckdb": join_duckdb,
     "collect_plain": collect_plain,
@@ -355,12 +346,8 @@ def bench(run: Any, rows: int, join_rows: int) -> list[Row]:
             "tables-lines-prepared": _case(
                 "lines_prepared", path=str(path), work_dir=str(run.tmp / "tables-prep")
             ),
-            "tables-lines-prepared-inline": _case(
-                "lines_prepared_writing_in_caller", path=str(path), work_dir=str(run.tmp / "tables-prep")
-            ),
         },
-        # The scan's time swings with the kernel's (page faults) from run to run: more rounds, best kept.
-        rounds=max(run.repeat, 5),
+        rounds=max(run.repeat, 3),
     )
     bare, ours = timed["tables-scan-bare"], timed["tables-lines"]
     if ours["rows"] != rows:
@@ -384,18 +371,6 @@ def bench(run: Any, rows: int, join_rows: int) -> list[Row]:
         raise RuntimeError(f"tables: {prepared['requests']} requests prepared, expected {rows}")
     prep = f"Submit prep of a table, {rows:,} rows (prepare_from_table: lines, checks, chunk files)"
     result += _scan_target_rows(prep, prepared, bare, rows, f"{prepared['chunks']} chunk files")
-    inline = timed["tables-lines-prepared-inline"]
-    result.append(
-        Row(
-            "  ablation: chunk files written and hashed behind (a thread) vs in the caller",
-            "rows/s",
-            rows / prepared["seconds"],
-            "ours, chunk files written in the caller's thread",
-            rows / inline["seconds"],
-            target=">= 1.00x (keep)",
-            goal=lambda r: r >= 1.0,
-        )
-    )
     path.unlink()
 
     folder = data / f"join-{join_rows}"

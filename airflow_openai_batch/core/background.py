@@ -1,8 +1,9 @@
 """Write-behind: writes that release the GIL, done in order on one background thread (no Airflow import).
 
 Used where ``make bench`` shows it pays beside a busy neighbour as well as on an idle machine: the
-Parquet row groups of a collect (encoding and zstd) and the chunk files of a submit prep (file writes and
-their sha256).
+Parquet row groups of a collect (encoding and zstd compression). Measured and not used: a submit prep's
+chunk files (writes and sha256), JSONL result files (writes), where it paid idle and lost beside a busy
+neighbour, or did not pay at all.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ class WriteBehind:
 
     Only for work that spends its time with the GIL released (a file write, hashing a large buffer,
     encoding and compressing a Parquet row group): Python-level work would only take turns with the
-    caller. At most ``depth`` writes are waiting, which bounds the memory they hold. A write's error is
+    caller. At most ``depth`` writes are waiting, which bounds the memory they hold (one, by default:
+    two measured slower, from more memory touched and more hand-overs of the GIL). A write's error is
     raised by the next :meth:`run` or by :meth:`wait`.
 
     :param background: ``False``: each write runs at once, in the caller's thread (what ``make bench``
@@ -29,7 +31,7 @@ class WriteBehind:
     :param depth: writes queued and not done, at most.
     """
 
-    def __init__(self, background: bool = True, depth: int = 2) -> None:
+    def __init__(self, background: bool = True, depth: int = 1) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="openai-batch-write") if background else None
         self._depth = depth
         self._pending: deque[Future[Any]] = deque()

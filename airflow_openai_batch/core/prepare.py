@@ -41,7 +41,6 @@ from typing import Any, Protocol
 
 import orjson
 
-from airflow_openai_batch.core.background import WriteBehind
 from airflow_openai_batch.core.cost import (
     KEEP_LINES,
     CostEstimate,
@@ -322,11 +321,6 @@ class _Run:
         return start + list(map(operator.sub, ends[start + 1 : stop + 1], ends[start:stop])).index(size)  # type: ignore[index]
 
 
-#: Chunk files are written and hashed on a background thread (``make bench`` compares it with writing them
-#: in the caller's thread, idle and beside a busy neighbour).
-_WRITE_BEHIND = True
-
-
 class _OpenChunk:
     """A chunk file being filled for one model.
 
@@ -335,20 +329,15 @@ class _OpenChunk:
     :param seq: the chunk's rank among the model's chunks.
     :param path: its file while being filled.
     :param first_custom_id: the custom_id of its first line.
-    :param writes: where its lines are written and hashed.
     """
 
-    def __init__(
-        self, model: str, order: int, seq: int, path: Path, first_custom_id: str, writes: WriteBehind
-    ) -> None:
+    def __init__(self, model: str, order: int, seq: int, path: Path, first_custom_id: str) -> None:
         self.model = model
         self.order = order
         self.seq = seq
         self.path = path
         self.first_custom_id = first_custom_id
         self.counts = _Counts()
-        self._writes = writes
-        #: The content's sha256, complete once the splitter's writes are done (:meth:`_Splitter.finish`).
         self.hasher = hashlib.sha256()
         #: For the cost estimate: the sum of the caps set, the lines setting none (and the first of their
         #: numbers), and (bytes with newline, line number) of the largest line.
@@ -357,16 +346,13 @@ class _OpenChunk:
         self.unbounded_lines: list[int] = []
         self.largest = (0, 0)
 
-    def _append(self, data: bytes | memoryview, mode: str) -> None:
-        # Opened per write (once per block at most) so that any number of models holds no descriptors.
-        with open(self.path, mode) as fh:
-            fh.write(data)
-        self.hasher.update(data)
-
     def write(self, run: _Run, start: int, stop: int) -> None:
         """Lines ``[start, stop)`` of ``run``."""
-        # Written and hashed behind the caller: ``data`` (bytes, or a view of an Arrow buffer) never changes.
-        self._writes.run(self._append, run.piece(start, stop), "ab" if self.counts.requests else "wb")
+        data = run.piece(start, stop)
+        # Opened per write (once per block at most) so that any number of models holds no descriptors.
+        with open(self.path, "ab" if self.counts.requests else "wb") as fh:
+            fh.write(data)
+        self.hasher.update(data)
         self.counts.add(run.counts(start, stop))
         if run.one_cap:
             # One cap for every line (the usual block): one product, no pass over the lines.
@@ -400,15 +386,11 @@ class _Splitter:
 
     :param work_dir: where the chunk files are written.
     :param limits: what one chunk may hold.
-    :param background_writes: chunk files written and hashed on a background thread, beside the
-        validation of the next lines (see :class:`~airflow_openai_batch.core.background.WriteBehind`);
-        ``False``: in the caller's thread.
     """
 
-    def __init__(self, work_dir: Path, limits: _Counts, background_writes: bool = True) -> None:
+    def __init__(self, work_dir: Path, limits: _Counts) -> None:
         self.work_dir = work_dir
         self.limits = limits
-        self.writes = WriteBehind(background_writes)
         self.open: dict[str, _OpenChunk] = {}
         self.closed: list[_OpenChunk] = []
         #: Each model's rank by first appearance, and how many chunks it has had.
@@ -470,7 +452,7 @@ class _Splitter:
         order, seq = self.models.setdefault(model, [len(self.models), 0])
         self.models[model][1] += 1
         path = self.work_dir / f"m{order:04d}-s{seq:06d}.jsonl.part"
-        chunk = self.open[model] = _OpenChunk(model, order, seq, path, first_custom_id, self.writes)
+        chunk = self.open[model] = _OpenChunk(model, order, seq, path, first_custom_id)
         return chunk
 
     def chunks(self) -> list[_OpenChunk]:
@@ -695,7 +677,7 @@ def _prepare(
         max_embedding_inputs if rules.counts_inputs else _UNLIMITED,
         max_enqueued_tokens if max_enqueued_tokens is not None else _UNLIMITED,
     )
-    splitter = _Splitter(work_dir, limits, _WRITE_BEHIND)
+    splitter = _Splitter(work_dir, limits)
     preparer = _Preparer(rules, splitter, work_dir, max_problems, estimator)
     try:
         for block in builder.built_blocks(rules) if builder is not None else _blocks(lines):
@@ -706,7 +688,6 @@ def _prepare(
             else:
                 preparer.take_lines(block)
         preparer.problems_at_end()
-        splitter.writes.close()  # every chunk file whole, every sha256 complete
         opened = splitter.chunks()
         for index, oc in enumerate(opened):
             estimator.chunk(index, oc.model).add_summary(
@@ -740,7 +721,6 @@ def _prepare(
             )
     except BaseException:
         # Nothing half-written may be mistaken for an upload-ready chunk.
-        splitter.writes.close(failed=True)
         for oc in splitter.chunks():
             with contextlib.suppress(OSError):
                 oc.path.unlink(missing_ok=True)

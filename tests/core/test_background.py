@@ -11,7 +11,7 @@ from airflow_openai_batch.core.background import WriteBehind
 
 def test_writes_run_in_order_on_another_thread() -> None:
     done: list[tuple[int, str]] = []
-    writes = WriteBehind(depth=3)
+    writes = WriteBehind(depth=3)  # deeper than the default: order must hold with several waiting
     for i in range(200):
         writes.run(lambda i=i: done.append((i, threading.current_thread().name)))
     writes.close()
@@ -71,7 +71,7 @@ def test_closing_a_failed_run_drops_the_writes_errors() -> None:
     def broken() -> None:
         raise OSError("disk full")
 
-    writes = WriteBehind()
+    writes = WriteBehind(depth=2)  # room for both: the broken one is not waited for by the second
     writes.run(broken)
     writes.run(done.append, 1)
     writes.close(failed=True)  # no error raised: the caller is failing already
