@@ -314,10 +314,6 @@ def bench_collect(run: Runner, results: int) -> list[Row]:
         specs = {"bare": _case("collect_bare", folder=str(folder), work_dir=out)}
         for fmt in COLLECT_TARGETS:
             specs[fmt] = _case("collect_ours", folder=str(folder), work_dir=out, output_format=fmt)
-        # Ablation: Parquet row groups encoded and written in the caller's thread, not behind it.
-        specs["parquet-inline"] = _case(
-            "collect_ours", folder=str(folder), work_dir=out, output_format="parquet", background_writes=False
-        )
         timed = run.best_interleaved(
             {f"collect-{k}{suffix}": v for k, v in specs.items()}, max(run.repeat, 5)
         )
@@ -350,18 +346,6 @@ def bench_collect(run: Runner, results: int) -> list[Row]:
         naive_name = f"naive (guide: split + json.loads) -> {fmt}"
         rows.append(_vs_naive(case, "rows/s", rate, naive_name, results / naive["seconds"]))
         rows.append(_peak_rss(case, ours["peak_rss_mb"], f"naive -> {fmt}", naive["peak_rss_mb"], 250))
-    for label, times in (("idle", idle), ("one core busy", busy)):
-        rows.append(
-            Row(
-                f"  ablation -> parquet, {label}: row groups written behind (a thread) vs in the caller",
-                "rows/s",
-                results / times["parquet"]["seconds"],
-                "ours, row groups written in the caller's thread",
-                results / times["parquet-inline"]["seconds"],
-                target=">= 1.00x (keep)",
-                goal=lambda r: r >= 1.0,
-            )
-        )
     # Ablation: every result line decoded on its own, as if there were no block decode.
     one_by_one = run.best(
         "collect-jsonl-line-by-line",

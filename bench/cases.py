@@ -99,18 +99,15 @@ def _streamed(stream: Any) -> Any:
     return lines_from_raw_blocks(blocks())
 
 
-def collect_ours(
-    folder: str, work_dir: str, output_format: str, background_writes: bool = True
-) -> dict[str, Any]:
-    """What the collect operator does once the files stream in: reconcile by custom_id, write results
-    (``background_writes=False``: Parquet row groups written in the caller's thread, an ablation)."""
+def collect_ours(folder: str, work_dir: str, output_format: str) -> dict[str, Any]:
+    """What the collect operator does once the files stream in: reconcile by custom_id, write results."""
     from airflow_openai_batch.core.reconcile import BatchResultFiles, Reconciler
     from airflow_openai_batch.core.writers import ResultWriter
 
     src = Path(folder)
     out = Path(work_dir)
     with (
-        ResultWriter(out / "results", output_format, background_writes=background_writes) as writer,
+        ResultWriter(out / "results", output_format) as writer,
         open(src / "input.jsonl", "rb") as inp,
         open(src / "output.jsonl", "rb") as outp,
         open(src / "error.jsonl", "rb") as err,

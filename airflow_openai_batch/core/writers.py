@@ -25,7 +25,6 @@ from typing import Any, ClassVar, Literal
 import msgspec
 import orjson
 
-from airflow_openai_batch.core.background import WriteBehind
 from airflow_openai_batch.core.records import SuccessColumns, usage_fields
 from airflow_openai_batch.core.schema import ParsedColumn, arrow_type, tool_calls_array, tool_calls_arrow_type
 
@@ -189,7 +188,7 @@ def _json_text(value: Any) -> bytes:
 
 
 class _PartialFile(ABC):
-    """One output, written as ``<path>.partial`` and given its final name by :meth:`publish`."""
+    """One output, written as ``<path>.partial`` and given its final name by :meth:`close`."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -206,19 +205,18 @@ class _PartialFile(ABC):
         """Append a block of success records."""
 
     @abstractmethod
-    def finish(self) -> None:
-        """Write what is buffered and close the file (or queue both, see :class:`_ParquetFile`)."""
+    def _finish(self) -> None:
+        """Write what is buffered and close the file."""
 
     @abstractmethod
     def _discard(self) -> None:
-        """Close the file without writing what is buffered (once no write is queued)."""
+        """Close the file without writing what is buffered."""
 
-    def publish(self) -> None:
-        """Give the file its final name (once :meth:`finish`'s writes are done)."""
+    def close(self) -> None:
+        self._finish()
         os.replace(self.partial, self.path)
 
     def abort(self) -> None:
-        """Close and delete the file (once no write is queued)."""
         self._discard()
         self.partial.unlink(missing_ok=True)
 
@@ -231,7 +229,7 @@ class _JsonlFile(_PartialFile):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        self._file = open(self.partial, "wb")  # noqa: SIM115  (closed by finish / _discard)
+        self._file = open(self.partial, "wb")  # noqa: SIM115  (closed in _finish / _discard)
         self._buffer = bytearray()
 
     def add(self, record: dict[str, Any], request_line: bytes = b"") -> None:
@@ -261,7 +259,7 @@ class _JsonlFile(_PartialFile):
         self._file.write(self._buffer)
         self._buffer = bytearray()
 
-    def finish(self) -> None:
+    def _finish(self) -> None:
         self._flush()
         self._file.close()
 
@@ -295,19 +293,15 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
 
 
 class _ParquetFile(_PartialFile):
-    """Records as Parquet, in row groups of at most ``rows_limit`` rows or about ``bytes_limit`` bytes,
-    each encoded and written by ``writes`` (the row group's Arrow table, no longer touched here).
+    """Records as Parquet, in row groups of at most ``rows_limit`` rows or about ``bytes_limit`` bytes.
 
     Records are buffered as they come and turned into the schema's columns (a field a record lacks is
     null): one C-level pass per column rather than Python per value. A block of records given as columns
     (:meth:`add_block`) is buffered as it is.
     """
 
-    def __init__(
-        self, path: Path, writes: WriteBehind, schema: Any, rows_limit: int, bytes_limit: int
-    ) -> None:
+    def __init__(self, path: Path, schema: Any, rows_limit: int, bytes_limit: int) -> None:
         super().__init__(path)
-        self._writes = writes
         self._pa = _pyarrow()
         self.schema = schema
         self._rows_limit = rows_limit
@@ -443,8 +437,7 @@ class _ParquetFile(_PartialFile):
             for f in self.schema
         ]
         # The pieces' arrays as chunks of one row group (no copy into one array per column).
-        table = pa.Table.from_arrays(columns, schema=self.schema)
-        self._writes.run(self._writer.write_table, table, row_group_size=rows)
+        self._writer.write_table(pa.Table.from_arrays(columns, schema=self.schema), row_group_size=rows)
 
     def _parsed_column(self, pieces: list[tuple[int, dict[str, Any]]], arrow_type: Any) -> Any:
         """The ``parsed`` column of a row group: the JSON texts of neighbouring blocks read in one go (the
@@ -465,9 +458,9 @@ class _ParquetFile(_PartialFile):
             chunks.append(_parsed_array(texts, self.parsed))
         return pa.chunked_array(chunks, arrow_type)
 
-    def finish(self) -> None:
+    def _finish(self) -> None:
         self._flush()
-        self._writes.run(self._writer.close)
+        self._writer.close()
 
     def _discard(self) -> None:
         self._records = []
@@ -521,10 +514,6 @@ class ResultWriter(RecordSink):
     :param output_format: ``"jsonl"`` or ``"parquet"``.
     :param row_group_rows: Parquet rows buffered per row group.
     :param row_group_bytes: Parquet estimated bytes buffered per row group.
-    :param background_writes: encode and write Parquet row groups on a background thread, beside the
-        caller making the next records (:class:`~airflow_openai_batch.core.background.WriteBehind`);
-        ``False``: in the caller's thread. JSONL is always written in the caller's thread: its writes are
-        too light for a thread to pay (``make bench``).
     """
 
     takes_raw_json = True
@@ -535,7 +524,6 @@ class ResultWriter(RecordSink):
         output_format: Literal["jsonl", "parquet"] | str = "jsonl",
         row_group_rows: int = PARQUET_ROW_GROUP_ROWS,
         row_group_bytes: int = PARQUET_ROW_GROUP_BYTES,
-        background_writes: bool = True,
     ) -> None:
         if output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, not {output_format!r}")
@@ -550,7 +538,6 @@ class ResultWriter(RecordSink):
             "failures": self.staging_dir / f"failures.{output_format}",
             "retry_requests": self.staging_dir / RETRY_NAME,
         }
-        self._writes = WriteBehind(background_writes and output_format == "parquet")
         self._successes: _PartialFile
         self._failures: _PartialFile
         # Parquet's usage column is made of the counts.
@@ -558,8 +545,8 @@ class ResultWriter(RecordSink):
         if output_format == "parquet":
             success_schema, failure_schema = _schemas()
             limits = (row_group_rows, row_group_bytes)
-            self._successes = _ParquetFile(self._paths["successes"], self._writes, success_schema, *limits)
-            self._failures = _ParquetFile(self._paths["failures"], self._writes, failure_schema, *limits)
+            self._successes = _ParquetFile(self._paths["successes"], success_schema, *limits)
+            self._failures = _ParquetFile(self._paths["failures"], failure_schema, *limits)
             self._failures.open()  # its schema is final; the successes' opens at its first row group
         else:
             self._successes = _JsonlFile(self._paths["successes"])
@@ -629,22 +616,14 @@ class ResultWriter(RecordSink):
         """Flush everything and give each file its final name (idempotent)."""
         if self.closed:
             return
-        try:
-            for handle in self._files():
-                handle.finish()
-            self._writes.close()
-        except BaseException:
-            self.abort()
-            raise
         for handle in self._files():
-            handle.publish()
+            handle.close()
         self.closed = True
 
     def abort(self) -> None:
         """Close the files and delete the ``.partial`` ones: nothing is published."""
         if self.closed:
             return
-        self._writes.close(failed=True)
         for handle in self._files():
             handle.abort()
         self.closed = True

@@ -533,16 +533,3 @@ def test_failure_records_carry_the_request_into_every_sink(tmp_path: Path) -> No
         reconciled(writer, tmp_path / f"work-{fmt}", [line, broken], [], [], status="expired")
         assert [f["request"] for f in read_records(writer.paths()["failures"])] == [request, None]
         assert writer.paths()["retry_requests"].read_bytes() == line + b"\n" + broken + b"\n"
-
-
-def test_parquet_written_behind_or_in_the_callers_thread_is_the_same(tmp_path: Path) -> None:
-    tables = []
-    for background in (True, False):
-        writer = write_all(
-            tmp_path / str(background), "parquet", background_writes=background, row_group_rows=1
-        )
-        writer.close()
-        paths = writer.paths()
-        tables.append([pq.read_table(paths[key]) for key in ("successes", "failures")])
-        assert pq.ParquetFile(paths["successes"]).metadata.num_row_groups == len(successes())
-    assert tables[0][0].equals(tables[1][0]) and tables[0][1].equals(tables[1][1])
