@@ -409,7 +409,7 @@ class _Splitter:
                 valid.data,
                 one_cap=valid.one_cap,
             )
-            self._place(valid.models, run)
+            self.place_run(valid.models, run)
         else:
             self._place_grouped(valid, numbers)
 
@@ -423,7 +423,7 @@ class _Splitter:
             def pick(values: Any) -> list[Any]:
                 return [values[i] for i in picked]  # noqa: B023 - used at once
 
-            self._place(
+            self.place_run(
                 model,
                 _Run(
                     pick(valid.lines),
@@ -435,7 +435,8 @@ class _Splitter:
                 ),
             )
 
-    def _place(self, model: str, run: _Run) -> None:
+    def place_run(self, model: str, run: _Run) -> None:
+        """Place one model's lines in order, closing its chunk where the next line would break a limit."""
         start = 0
         while start < len(run):
             chunk = self.open.get(model) or self._open(model, run.ids[start])
@@ -557,7 +558,7 @@ class _Preparer:
             return
         numbers = range(first, first + count)
         run = _Run(None, built.ids, built.inputs, built.tokens, built.caps, numbers, built.data, built.ends)
-        self.splitter._place(built.model, run)
+        self.splitter.place_run(built.model, run)
         self.own_formats += built.own_formats
         if built.tokens is None:
             self._sample(built.model, run.line, count, numbers)
