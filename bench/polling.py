@@ -2,8 +2,8 @@
 
 The emulator runs in its own process with a frozen clock (``--time-scale 0``); every wait of every
 waiter goes through a simulated-time scheduler
-(:class:`~airflow_openai_batch.emulator.simulated_time.SimulatedTime`, plugged into the trigger's
-``_clock`` / ``_sleep`` seams) that, once every waiter is asleep, moves the emulator's clock to the
+(:class:`~airflow_openai_batch.emulator.simulated_time.SimulatedTime`, given to each trigger as its
+``clock``) that, once every waiter is asleep, moves the emulator's clock to the
 earliest wake-up and wakes those waiters. A simulated day runs in seconds, and this process's CPU time is
 the waiters' own cost (HTTP client, parsing, scheduling, logging), the emulator's work being elsewhere.
 
@@ -288,9 +288,8 @@ async def _simulate(
                 max_poll_interval=max_poll_interval,
                 deadline=start + 3 * 86_400,
                 started_at=start,
+                clock=clock,
             )
-            trigger._clock = clock.time
-            trigger._sleep = clock.sleep
 
             async def wait(trigger: OpenAIBatchTrigger = trigger, start: float = start) -> None:
                 if start > clock.now:

@@ -3,7 +3,8 @@
 For tests and benchmarks of waits (this project's, or a DAG's own deferrable tasks): many triggers run
 in one event loop, as they would in one triggerer, with the emulator's clock frozen (``time_scale=0``).
 
-Each trigger's ``_clock`` / ``_sleep`` seams point at the clock. Once every trigger is asleep (none is
+Each trigger is given the clock (its ``time()`` and ``sleep()``; the project's trigger takes it as
+``clock=``). Once every trigger is asleep (none is
 computing or waiting on an API call), the clock jumps to the earliest wake-up, moves the emulator's
 frozen clock by the same amount, and wakes every trigger due at that instant in one loop pass. No real
 time passes in sleeps, and nothing waits on wall-clock timing to synchronise.
@@ -46,12 +47,6 @@ class SimulatedTime:
         heapq.heappush(self._heap, (self.now + max(0.0, float(seconds)), next(self._seq), future))
         self._park()
         await future
-
-    def attach(self, trigger: Any) -> Any:
-        """Point a trigger's clock and sleep seams at this clock; returns the trigger."""
-        trigger._clock = self.time
-        trigger._sleep = self.sleep
-        return trigger
 
     def _park(self) -> None:
         self._running -= 1

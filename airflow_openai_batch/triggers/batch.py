@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from functools import cached_property
-from typing import Any
+from typing import Any, Protocol
 
 from airflow_openai_batch.compat import BaseTrigger, TriggerEvent
 from airflow_openai_batch.core.job import Job, read_job
@@ -25,7 +25,7 @@ from airflow_openai_batch.hooks.batch import OpenAIBatchHook
 from airflow_openai_batch.statuses import DEFAULT_FAIL_ON_STATUSES
 from airflow_openai_batch.triggers import _poll_board
 
-__all__ = ["EVENT_STATUSES", "OpenAIBatchTrigger"]
+__all__ = ["EVENT_STATUSES", "Clock", "OpenAIBatchTrigger"]
 
 #: Event statuses the trigger emits (exactly one event per run). ``resubmit`` hands the job back to the
 #: worker for work that does not belong on the triggerer's event loop: re-creating chunks held back by
@@ -33,6 +33,28 @@ __all__ = ["EVENT_STATUSES", "OpenAIBatchTrigger"]
 EVENT_STATUSES: tuple[str, ...] = ("success", "error", "timeout", "resubmit")
 
 _LOG_LEVELS = {"info": 20, "warning": 30, "error": 40}
+
+
+class Clock(Protocol):
+    """Where a trigger reads the time and waits between polls: the system's in a triggerer; a simulated
+    one in tests and benchmarks (e.g. the emulator's ``SimulatedTime``), which runs a day of polling in
+    milliseconds."""
+
+    def time(self) -> float:
+        """Now, in epoch seconds."""
+        ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Return after ``seconds``."""
+        ...
+
+
+class _SystemClock:
+    def time(self) -> float:
+        return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
 
 
 def _iso(epoch: float) -> str:
@@ -67,6 +89,8 @@ class OpenAIBatchTrigger(BaseTrigger):
     :param max_resubmits: create calls per chunk after the enqueued-token limit.
     :param retry_failed_requests: retry rounds per request.
     :param job: the job (its dict form), as the sensor hands it over; it holds the deadline.
+    :param clock: where the time is read and the waits are spent (default: the system's). Not
+        serialized: a triggerer always runs on the system's clock.
     """
 
     def __init__(
@@ -83,6 +107,7 @@ class OpenAIBatchTrigger(BaseTrigger):
         max_resubmits: int = 10,
         retry_failed_requests: int = 2,
         job: Mapping[str, Any] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         super().__init__()
         if job is not None:
@@ -105,10 +130,7 @@ class OpenAIBatchTrigger(BaseTrigger):
             fault_budget=fault_budget,
             cancel_on_kill=cancel_on_kill,
         )
-        # Test seams, never serialized: a clock (epoch seconds) and a sleep, so a test can run a
-        # simulated day of polling in milliseconds against the emulator's virtual clock.
-        self._clock: Callable[[], float] = time.time
-        self._sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep
+        self.clock: Clock = clock if clock is not None else _SystemClock()
         #: Every wait between polls as ``(seconds, reason)``, for the log and for tests.
         self._waits: list[tuple[float, str]] = []
         #: The poll board while the wait runs (shared with the other triggers of this event loop).
@@ -198,7 +220,7 @@ class OpenAIBatchTrigger(BaseTrigger):
         poll: Sequence[str] = self.job.live_batch_ids()
         while True:
             results: dict[str, Mapping[str, Any] | Fault] = {}
-            polled_at = self._clock()
+            polled_at = self.clock.time()
             if poll:
                 self.polls += 1
                 # The board answers every batch: its state, or the exception of the call that asked for it.
@@ -207,14 +229,14 @@ class OpenAIBatchTrigger(BaseTrigger):
                     results[batch_id] = (
                         Fault.of(result) if isinstance(result, BaseException) else batch_summary(result)
                     )
-            decision = waiting.step(self.job, results, self._clock(), polled_at)
+            decision = waiting.step(self.job, results, self.clock.time(), polled_at)
             for level, text in decision.notes:
                 log.log(_LOG_LEVELS[level], "%s", text)
             if isinstance(decision, Wait):
                 self._waits.append((decision.after, decision.reason))
                 # Debug: the progress lines above say what matters on every poll; this is for diagnosis.
                 log.debug("%s", decision)
-                await self._sleep(decision.after)
+                await self.clock.sleep(decision.after)
                 poll = decision.poll
                 continue
             if isinstance(decision, Work):

@@ -23,15 +23,3 @@ def test_the_clock_jumps_to_each_wake_up_and_moves_the_emulator_by_as_much() -> 
     # a and c are due at the same instant: one jump wakes both.
     assert woke == [("a", 1600.0), ("c", 1600.0), ("b", 1900.0), ("a", 2200.0)]
     assert advanced == [600.0, 300.0, 300.0] and clock.steps == 3
-
-
-def test_attach_points_a_triggers_seams_at_the_clock() -> None:
-    class Waiter:
-        _clock = None
-        _sleep = None
-
-    clock = SimulatedTime(5.0)
-    waiter = clock.attach(Waiter())
-    assert waiter._clock() == 5.0
-    asyncio.run(clock.run(waiter._sleep(10)))
-    assert clock.time() == 15.0

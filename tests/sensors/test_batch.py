@@ -298,13 +298,17 @@ def test_deferred_round_trip(emulator, make_context):
     assert kwargs["conn_id"] == "openai_default"
     assert TEST_API_KEY not in json.dumps(kwargs)
 
-    trigger = import_string(classpath)(**json.loads(json.dumps(kwargs)))
+    class AdvancingClock:
+        """Real time, but each wait moves the emulator's clock on by 10 s instead of sleeping."""
 
-    async def advancing_sleep(seconds: float) -> None:
-        emulator.advance(10.0)  # validation ends after the third wait
-        await asyncio.sleep(0)
+        def time(self) -> float:
+            return time.time()
 
-    trigger._sleep = advancing_sleep
+        async def sleep(self, seconds: float) -> None:
+            emulator.advance(10.0)  # validation ends after the third wait
+            await asyncio.sleep(0)
+
+    trigger = import_string(classpath)(**json.loads(json.dumps(kwargs)), clock=AdvancingClock())
     payload = run_trigger(trigger)
     assert payload["status"] == "success"
     result = getattr(op, deferred.value.method_name)(context, event=payload)

@@ -218,8 +218,7 @@ def run_trigger(deferred: TaskDeferred, clock: SimClock) -> dict[str, Any]:
     from airflow.providers.common.compat.module_loading import import_string
 
     classpath, kwargs = deferred.trigger.serialize()
-    trigger = import_string(classpath)(**json.loads(json.dumps(kwargs)))
-    trigger._clock, trigger._sleep = clock.time, clock.sleep
+    trigger = import_string(classpath)(**json.loads(json.dumps(kwargs)), clock=clock)
 
     async def first_event() -> dict[str, Any]:
         async for event in trigger.run():

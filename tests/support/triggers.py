@@ -14,7 +14,7 @@ import openai
 import pytest
 from openai.types import Batch
 
-from airflow_openai_batch.triggers.batch import OpenAIBatchTrigger
+from airflow_openai_batch.triggers.batch import Clock, OpenAIBatchTrigger
 
 T0 = 1_750_000_000.0
 
@@ -96,15 +96,40 @@ class FakeTime:
         await asyncio.sleep(0)
 
 
-def make_trigger(fake: FakeTime | None = None, hook: Any = None, **kwargs: Any) -> OpenAIBatchTrigger:
+class StopsAtFirstWait:
+    """A clock on real time whose first wait between polls never ends: ``waiting`` is set when it starts,
+    so a test can cancel the trigger there, as a triggerer does on a user action or a shutdown."""
+
+    def __init__(self) -> None:
+        self.waiting = asyncio.Event()
+
+    def time(self) -> float:
+        return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        self.waiting.set()
+        await asyncio.Event().wait()  # never set: only a cancel ends this wait
+
+
+async def cancel_at_first_wait(trigger: OpenAIBatchTrigger) -> None:
+    """Run ``trigger`` (made with a :class:`StopsAtFirstWait` clock) until it first waits, then cancel it."""
+    clock = trigger.clock
+    assert isinstance(clock, StopsAtFirstWait)
+    task = asyncio.ensure_future(first_event_async(trigger))
+    await clock.waiting.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+def make_trigger(clock: Clock | None = None, hook: Any = None, **kwargs: Any) -> OpenAIBatchTrigger:
+    """A trigger on ``clock`` (a :class:`FakeTime`, a :class:`StopsAtFirstWait`, the emulator's
+    ``SimulatedTime``; ``None``: the system's), polling through ``hook`` when one is given."""
     kwargs.setdefault("batch_ids", ["batch_a"])
     kwargs.setdefault("poll_interval", 0.01)
     kwargs.setdefault("max_poll_interval", 0.05)
     kwargs.setdefault("retry_failed_requests", 0)  # retry rounds have tests of their own
-    trigger = OpenAIBatchTrigger(**kwargs)
-    if fake is not None:
-        trigger._clock = fake.time
-        trigger._sleep = fake.sleep
+    trigger = OpenAIBatchTrigger(**kwargs, clock=clock)
     if hook is not None:
         trigger.__dict__["hook"] = hook  # replaces the cached_property
         trigger._make_poll_hook = lambda: hook  # the poll board's hook too (one board per test loop)

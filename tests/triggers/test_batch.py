@@ -37,7 +37,9 @@ from tests.support.triggers import (
     T0,
     FakeTime,
     ScriptedHook,
+    StopsAtFirstWait,
     api_error,
+    cancel_at_first_wait,
     create_sized_batches,
     first_event,
     first_event_async,
@@ -372,25 +374,14 @@ def test_on_kill_cancels_only_non_final_batches_and_respects_the_flag():
             }
         )
         trigger = make_trigger(
-            None,
+            StopsAtFirstWait(),
             hook,
             batch_ids=["b1", "b2"],
             poll_interval=30,
             max_poll_interval=30,
             cancel_on_kill=cancel_on_kill,
         )
-        polled = asyncio.Event()
-
-        async def sleep(seconds: float) -> None:
-            polled.set()
-            await asyncio.sleep(3600)
-
-        trigger._sleep = sleep
-        task = asyncio.ensure_future(first_event_async(trigger))
-        await polled.wait()
-        task.cancel()  # what the triggerer does on a user action, before calling on_kill()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_at_first_wait(trigger)  # what the triggerer does on a user action, then on_kill()
         await trigger.on_kill()
         await trigger.cleanup()
         assert hook.closed
@@ -595,15 +586,13 @@ def test_survives_a_thirty_percent_fault_storm(emulator, monkeypatch):
     # storm must not need a special setting.
     monkeypatch.setenv("AIRFLOW_CONN_OPENAI_OTHER", connection_uri_json(emulator.base_url))
     triggers = [
-        clock.attach(
-            make_trigger(
-                None,
-                batch_ids=ids,
-                conn_id=conn_id,
-                poll_interval=0.05,
-                max_poll_interval=0.5,
-                deadline=clock.now + 3600,
-            )
+        make_trigger(
+            clock,
+            batch_ids=ids,
+            conn_id=conn_id,
+            poll_interval=0.05,
+            max_poll_interval=0.5,
+            deadline=clock.now + 3600,
         )
         for ids, conn_id in ((many, "openai_default"), (few, "openai_other"))
     ]
@@ -671,21 +660,12 @@ def test_triggerer_restart_resumes_against_the_same_deadline_without_cancelling(
     deadline = time.time() + 3600
 
     async def until_first_wait(trigger: OpenAIBatchTrigger) -> None:
-        waiting = asyncio.Event()
-
-        async def sleep(seconds: float) -> None:
-            waiting.set()
-            await asyncio.sleep(3600)
-
-        trigger._sleep = sleep
-        task = asyncio.ensure_future(first_event_async(trigger))
-        await waiting.wait()
-        task.cancel()  # a triggerer shutting down: no on_kill(), only cleanup()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_at_first_wait(trigger)  # a triggerer shutting down: no on_kill(), only cleanup()
         await trigger.cleanup()
 
-    first = make_trigger(None, batch_ids=ids, poll_interval=1, max_poll_interval=10, deadline=deadline)
+    first = make_trigger(
+        StopsAtFirstWait(), batch_ids=ids, poll_interval=1, max_poll_interval=10, deadline=deadline
+    )
     asyncio.run(until_first_wait(first))
     emulator.advance(200)  # the batches finish while no triggerer runs
 
@@ -705,19 +685,8 @@ def test_on_kill_cancels_live_batches_in_the_emulator(emulator):
     ids = create_batches(emulator, 3)
 
     async def scenario() -> None:
-        trigger = make_trigger(None, batch_ids=ids, poll_interval=60, max_poll_interval=60)
-        polled = asyncio.Event()
-
-        async def sleep(seconds: float) -> None:
-            polled.set()
-            await asyncio.sleep(3600)
-
-        trigger._sleep = sleep
-        task = asyncio.ensure_future(first_event_async(trigger))
-        await polled.wait()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        trigger = make_trigger(StopsAtFirstWait(), batch_ids=ids, poll_interval=60, max_poll_interval=60)
+        await cancel_at_first_wait(trigger)
         await trigger.on_kill()
         await trigger.cleanup()
 

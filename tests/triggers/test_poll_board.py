@@ -37,7 +37,7 @@ def per_batch_triggers(clock: SimulatedTime, ids: list[str], **kwargs: Any) -> l
     kwargs.setdefault("poll_interval", 10.0)
     kwargs.setdefault("max_poll_interval", 60.0)
     kwargs.setdefault("deadline", clock.now + 86_400)
-    return [clock.attach(make_trigger(None, batch_ids=[b], **kwargs)) for b in ids]
+    return [make_trigger(clock, batch_ids=[b], **kwargs) for b in ids]
 
 
 @pytest.fixture
@@ -268,7 +268,7 @@ def test_the_boards_client_is_closed_once_the_last_trigger_leaves(emulator, boar
     async def scenario() -> None:
         await clock.run(first(triggers[0]), *(first_event_async(t) for t in triggers[1:]))
         # A trigger joining after the board closed gets a fresh board (and client), never the closed one.
-        late = clock.attach(make_trigger(None, batch_ids=[ids[0]], poll_interval=10.0, max_poll_interval=60))
+        late = make_trigger(clock, batch_ids=[ids[0]], poll_interval=10.0, max_poll_interval=60)
         assert (await first_event_async(late))["status"] == "success"
 
     asyncio.run(scenario())
@@ -358,9 +358,7 @@ def test_alignment_never_makes_a_wait_longer_than_the_schedules(monkeypatch):
     ]
     hook = ScriptedHook({"b": list(states)})
     clock = SimulatedTime(T0 + 123.4)  # an odd phase: every first wait needs shortening
-    trigger = clock.attach(
-        make_trigger(None, hook, batch_ids=["b"], poll_interval=60.0, max_poll_interval=600)
-    )
+    trigger = make_trigger(clock, hook, batch_ids=["b"], poll_interval=60.0, max_poll_interval=600)
     poll_times: list[float] = []
     real_fetch = _poll_board.PollBoard.fetch
 
