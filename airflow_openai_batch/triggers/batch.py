@@ -89,8 +89,11 @@ class OpenAIBatchTrigger(BaseTrigger):
     :param max_resubmits: create calls per chunk after the enqueued-token limit.
     :param retry_failed_requests: retry rounds per request.
     :param job: the job (its dict form), as the sensor hands it over; it holds the deadline.
-    :param clock: where the time is read and the waits are spent (default: the system's). Not
-        serialized: a triggerer always runs on the system's clock.
+    :param clock: where the time is read and the waits are spent (default: the system's).
+    :param hook: the hook for this trigger's calls, and its poll board's when it is the first trigger on
+        its connection (default: one made from ``conn_id``, with the SDK's retries off).
+        ``clock`` and ``hook`` are never serialized: a triggerer always runs on the system's clock and
+        makes its own hooks.
     """
 
     def __init__(
@@ -108,6 +111,7 @@ class OpenAIBatchTrigger(BaseTrigger):
         retry_failed_requests: int = 2,
         job: Mapping[str, Any] | None = None,
         clock: Clock | None = None,
+        hook: OpenAIBatchHook | None = None,
     ) -> None:
         super().__init__()
         if job is not None:
@@ -131,6 +135,7 @@ class OpenAIBatchTrigger(BaseTrigger):
             cancel_on_kill=cancel_on_kill,
         )
         self.clock: Clock = clock if clock is not None else _SystemClock()
+        self._given_hook = hook
         #: Every wait between polls as ``(seconds, reason)``, for the log and for tests.
         self._waits: list[tuple[float, str]] = []
         #: The poll board while the wait runs (shared with the other triggers of this event loop).
@@ -167,15 +172,15 @@ class OpenAIBatchTrigger(BaseTrigger):
     @cached_property
     def hook(self) -> OpenAIBatchHook:
         """This trigger's own hook, for cancel calls (polls go through the shared poll board)."""
+        return self._make_hook()
+
+    def _make_hook(self) -> OpenAIBatchHook:
+        """The given hook, or a new one: for :attr:`hook`, and for a new poll board when this trigger is
+        the first on its connection."""
+        if self._given_hook is not None:
+            return self._given_hook
         # max_retries=0: the SDK's hidden retries would hide faults from the fault budget and ignore
         # Retry-After values above 120 s; this trigger retries by itself.
-        return OpenAIBatchHook(conn_id=self.conn_id, client_overrides={"max_retries": 0})
-
-    def _make_poll_hook(self) -> OpenAIBatchHook:
-        """The hook of a new poll board, when this trigger is the first on its connection (a test seam).
-
-        Retries off for the same reason as :attr:`hook`: every fault must reach the fault budgets.
-        """
         return OpenAIBatchHook(conn_id=self.conn_id, client_overrides={"max_retries": 0})
 
     # -- the wait --------------------------------------------------------------------------------
@@ -192,7 +197,7 @@ class OpenAIBatchTrigger(BaseTrigger):
         yield TriggerEvent(payload)
 
     async def _wait(self) -> dict[str, Any]:
-        board = self._board = _poll_board.join(self.conn_id, self._make_poll_hook)
+        board = self._board = _poll_board.join(self.conn_id, self._make_hook)
         try:
             # The shared client before the first poll, so a bad connection ends the wait at once.
             await board.ready()

@@ -14,6 +14,7 @@ import openai
 import pytest
 from openai.types import Batch
 
+from airflow_openai_batch.hooks.batch import OpenAIBatchHook
 from airflow_openai_batch.triggers.batch import Clock, OpenAIBatchTrigger
 
 T0 = 1_750_000_000.0
@@ -122,18 +123,20 @@ async def cancel_at_first_wait(trigger: OpenAIBatchTrigger) -> None:
         await task
 
 
+def hook_without_retries(conn_id: str = "openai_default") -> OpenAIBatchHook:
+    """A hook as a trigger makes its own: the SDK's retries off, so every fault reaches the budgets."""
+    return OpenAIBatchHook(conn_id=conn_id, client_overrides={"max_retries": 0})
+
+
 def make_trigger(clock: Clock | None = None, hook: Any = None, **kwargs: Any) -> OpenAIBatchTrigger:
     """A trigger on ``clock`` (a :class:`FakeTime`, a :class:`StopsAtFirstWait`, the emulator's
-    ``SimulatedTime``; ``None``: the system's), polling through ``hook`` when one is given."""
+    ``SimulatedTime``; ``None``: the system's), calling through ``hook`` when one is given (its own calls
+    and its poll board's: one board per test loop)."""
     kwargs.setdefault("batch_ids", ["batch_a"])
     kwargs.setdefault("poll_interval", 0.01)
     kwargs.setdefault("max_poll_interval", 0.05)
     kwargs.setdefault("retry_failed_requests", 0)  # retry rounds have tests of their own
-    trigger = OpenAIBatchTrigger(**kwargs, clock=clock)
-    if hook is not None:
-        trigger.__dict__["hook"] = hook  # replaces the cached_property
-        trigger._make_poll_hook = lambda: hook  # the poll board's hook too (one board per test loop)
-    return trigger
+    return OpenAIBatchTrigger(**kwargs, clock=clock, hook=hook)
 
 
 async def first_event_async(trigger: OpenAIBatchTrigger) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from tests.support.triggers import (
     create_sized_batches,
     first_event,
     first_event_async,
+    hook_without_retries,
     make_batch,
     make_trigger,
     virtual_time,
@@ -626,11 +627,8 @@ def test_retry_after_from_the_emulator_is_honoured(emulator):
     call_times: list[float] = []
 
     async def scenario() -> dict[str, Any]:
-        trigger = make_trigger(
-            None, batch_ids=ids, poll_interval=0.01, max_poll_interval=0.02, fault_budget=2
-        )
         # The polls go through the poll board's hook: time the calls there.
-        poll_hook = trigger._make_poll_hook()
+        poll_hook = hook_without_retries()
         real_get = poll_hook.aget_batch
 
         async def timed_get(batch_id: str) -> Any:
@@ -640,7 +638,9 @@ def test_retry_after_from_the_emulator_is_honoured(emulator):
             return await real_get(batch_id)
 
         poll_hook.aget_batch = timed_get  # type: ignore[method-assign]
-        trigger._make_poll_hook = lambda: poll_hook
+        trigger = make_trigger(
+            None, poll_hook, batch_ids=ids, poll_interval=0.01, max_poll_interval=0.02, fault_budget=2
+        )
         payload = await first_event_async(trigger)
         waits.extend(w for w, _ in trigger._waits)
         return payload

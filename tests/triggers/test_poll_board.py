@@ -21,6 +21,7 @@ from tests.support.triggers import (
     T0,
     ScriptedHook,
     first_event_async,
+    hook_without_retries,
     make_batch,
     make_trigger,
 )
@@ -195,7 +196,7 @@ def test_a_walk_that_stops_short_of_the_wanted_batches_retrieves_them(emulator, 
     triggers = per_batch_triggers(clock, wanted, deadline=clock.now + 5, cancel_on_kill=False)
 
     async def scenario() -> list[dict[str, Any]]:
-        board = _poll_board.join("openai_default", triggers[0]._make_poll_hook)
+        board = _poll_board.join("openai_default", hook_without_retries)
         board._page_hint.update(dict.fromkeys(wanted, 4))
         try:
             return await clock.run(*(first_event_async(t) for t in triggers))
@@ -231,7 +232,7 @@ def test_a_walk_reads_its_pages_at_once_and_reads_on_past_new_batches(emulator, 
     monkeypatch.setattr(_poll_board.PollBoard, "_list_page", counted)
 
     async def scenario() -> list[tuple[int, int, int]]:
-        board = _poll_board.join("openai_default", make_trigger(None)._make_poll_hook)
+        board = _poll_board.join("openai_default", hook_without_retries)
         rounds = []
         try:
             for new in (0, 0, 5):
