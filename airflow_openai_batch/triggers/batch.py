@@ -25,7 +25,7 @@ from airflow_openai_batch.hooks.batch import OpenAIBatchHook
 from airflow_openai_batch.statuses import DEFAULT_FAIL_ON_STATUSES
 from airflow_openai_batch.triggers import _poll_board
 
-__all__ = ["EVENT_STATUSES", "Clock", "OpenAIBatchTrigger"]
+__all__ = ["EVENT_STATUSES", "Clock", "OpenAIBatchTrigger", "polling_hook"]
 
 #: Event statuses the trigger emits (exactly one event per run). ``resubmit`` hands the job back to the
 #: worker for work that does not belong on the triggerer's event loop: re-creating chunks held back by
@@ -55,6 +55,13 @@ class _SystemClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+
+def polling_hook(conn_id: str) -> OpenAIBatchHook:
+    """The hook a trigger makes for its calls and its poll board's, unless it is given one."""
+    # max_retries=0: the SDK's hidden retries would hide faults from the fault budget and ignore
+    # Retry-After values above 120 s; the trigger retries by itself.
+    return OpenAIBatchHook(conn_id=conn_id, client_overrides={"max_retries": 0})
 
 
 def _iso(epoch: float) -> str:
@@ -177,11 +184,7 @@ class OpenAIBatchTrigger(BaseTrigger):
     def _make_hook(self) -> OpenAIBatchHook:
         """The given hook, or a new one: for :attr:`hook`, and for a new poll board when this trigger is
         the first on its connection."""
-        if self._given_hook is not None:
-            return self._given_hook
-        # max_retries=0: the SDK's hidden retries would hide faults from the fault budget and ignore
-        # Retry-After values above 120 s; this trigger retries by itself.
-        return OpenAIBatchHook(conn_id=self.conn_id, client_overrides={"max_retries": 0})
+        return self._given_hook if self._given_hook is not None else polling_hook(self.conn_id)
 
     # -- the wait --------------------------------------------------------------------------------
 

@@ -14,7 +14,6 @@ import openai
 import pytest
 from openai.types import Batch
 
-from airflow_openai_batch.hooks.batch import OpenAIBatchHook
 from airflow_openai_batch.triggers.batch import Clock, OpenAIBatchTrigger
 
 T0 = 1_750_000_000.0
@@ -121,11 +120,6 @@ async def cancel_at_first_wait(trigger: OpenAIBatchTrigger) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-
-
-def hook_without_retries(conn_id: str = "openai_default") -> OpenAIBatchHook:
-    """A hook as a trigger makes its own: the SDK's retries off, so every fault reaches the budgets."""
-    return OpenAIBatchHook(conn_id=conn_id, client_overrides={"max_retries": 0})
 
 
 def make_trigger(clock: Clock | None = None, hook: Any = None, **kwargs: Any) -> OpenAIBatchTrigger:

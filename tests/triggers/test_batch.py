@@ -31,7 +31,7 @@ from airflow_openai_batch.exceptions import (
     OpenAIBatchFailedError,
     OpenAIBatchOutcomeError,
 )
-from airflow_openai_batch.triggers.batch import OpenAIBatchTrigger
+from airflow_openai_batch.triggers.batch import OpenAIBatchTrigger, polling_hook
 from tests.conftest import TEST_API_KEY, connection_uri_json
 from tests.support.triggers import (
     T0,
@@ -43,7 +43,6 @@ from tests.support.triggers import (
     create_sized_batches,
     first_event,
     first_event_async,
-    hook_without_retries,
     make_batch,
     make_trigger,
     virtual_time,
@@ -628,7 +627,7 @@ def test_retry_after_from_the_emulator_is_honoured(emulator):
 
     async def scenario() -> dict[str, Any]:
         # The polls go through the poll board's hook: time the calls there.
-        poll_hook = hook_without_retries()
+        poll_hook = polling_hook("openai_default")
         real_get = poll_hook.aget_batch
 
         async def timed_get(batch_id: str) -> Any:

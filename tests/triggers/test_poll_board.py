@@ -16,12 +16,11 @@ import pytest
 from airflow_openai_batch.core.progress import GRID_KEEPS, AdaptivePollSchedule, align_to_grid, batch_summary
 from airflow_openai_batch.emulator.simulated_time import SimulatedTime
 from airflow_openai_batch.triggers import _poll_board
-from airflow_openai_batch.triggers.batch import OpenAIBatchTrigger
+from airflow_openai_batch.triggers.batch import OpenAIBatchTrigger, polling_hook
 from tests.support.triggers import (
     T0,
     ScriptedHook,
     first_event_async,
-    hook_without_retries,
     make_batch,
     make_trigger,
 )
@@ -196,7 +195,7 @@ def test_a_walk_that_stops_short_of_the_wanted_batches_retrieves_them(emulator, 
     triggers = per_batch_triggers(clock, wanted, deadline=clock.now + 5, cancel_on_kill=False)
 
     async def scenario() -> list[dict[str, Any]]:
-        board = _poll_board.join("openai_default", hook_without_retries)
+        board = _poll_board.join("openai_default", lambda: polling_hook("openai_default"))
         board._page_hint.update(dict.fromkeys(wanted, 4))
         try:
             return await clock.run(*(first_event_async(t) for t in triggers))
@@ -232,7 +231,7 @@ def test_a_walk_reads_its_pages_at_once_and_reads_on_past_new_batches(emulator, 
     monkeypatch.setattr(_poll_board.PollBoard, "_list_page", counted)
 
     async def scenario() -> list[tuple[int, int, int]]:
-        board = _poll_board.join("openai_default", hook_without_retries)
+        board = _poll_board.join("openai_default", lambda: polling_hook("openai_default"))
         rounds = []
         try:
             for new in (0, 0, 5):
