@@ -1238,6 +1238,8 @@ class _RequestAsking(msgspec.Struct, typing.Generic[_A], gc=False):
     body: _A
 
 
+_tools_of = attrgetter("tools")
+
 #: Distinct requests remembered per :class:`RequestSchemas` (the formats of one batch are few).
 _MAX_REMEMBERED = 1024
 
@@ -1306,9 +1308,6 @@ class RequestSchemas:
             return self.of_asks(self._decode_line(raw).body)
         except msgspec.DecodeError:  # the body is not an object, or the line not JSON
             return None
-
-
-_tools_of = attrgetter("tools")
 
 
 # ------------------------------------------------------------------------------------------------- Arrow
