@@ -78,13 +78,17 @@ class Runner:
         """Best of ``repeat`` runs: the fastest run's figures, with the highest peak RSS of all runs."""
         return self._keep_best(name, [self.child(name, spec, env) for _ in range(self.repeat)])
 
-    def best_interleaved(self, specs: dict[str, dict[str, Any]], rounds: int) -> dict[str, dict[str, Any]]:
+    def best_interleaved(
+        self, specs: dict[str, dict[str, Any]], rounds: int, env: dict[str, str] | None = None
+    ) -> dict[str, dict[str, Any]]:
         """:meth:`best` of several cases whose ratios are reported, run in turn (one of each per round):
-        on a shared host, slow spells then hit ours and its baseline alike rather than one of them."""
+        on a shared host, slow spells then hit ours and its baseline alike rather than one of them.
+
+        :param env: environment variables set for every case alike."""
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in specs}
         for _ in range(rounds):
             for name, spec in specs.items():
-                runs[name].append(self.child(name, spec))
+                runs[name].append(self.child(name, spec, env))
         return {name: self._keep_best(name, name_runs) for name, name_runs in runs.items()}
 
     def _keep_best(self, name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
