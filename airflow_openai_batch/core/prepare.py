@@ -432,6 +432,7 @@ class _Splitter:
                     pick(valid.tokens) if valid.tokens is not None else None,
                     pick(valid.caps),
                     pick(numbers),
+                    one_cap=valid.one_cap,
                 ),
             )
 
