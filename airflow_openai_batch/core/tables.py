@@ -357,25 +357,24 @@ def _value_bytes(array: Any) -> bytes:
     return bytes(memoryview(data)[offsets[array.offset] : offsets[array.offset + len(array)]])
 
 
-def _escaped(array: Any) -> Any:
-    """A string column made JSON-string-safe, doing only the work its values need."""
+def _escaped(array: Any) -> tuple[Any, bool]:
+    """A string column made JSON-string-safe, doing only the work its values need, and whether its
+    values are all printable ASCII (then they are valid UTF-8 without a check of their own)."""
     data = _value_bytes(array)
     if not data:
-        return array
-    if pc.all(pc.ascii_is_printable(array)).as_py() is not False:
-        # Printable ASCII (the common case, checked by a fast kernel): only quotes and backslashes.
-        present = {c for c in b'"\\' if c in data}
-    else:
-        present = set(data.translate(None, _PLAIN_BYTES))
+        return array, True
+    # Printable ASCII (the common case, checked by a fast kernel) can only hold quotes and backslashes.
+    printable = pc.all(pc.ascii_is_printable(array)).as_py() is not False
+    present = {c for c in b'"\\' if c in data} if printable else set(data.translate(None, _PLAIN_BYTES))
     if not present:
-        return array
+        return array, printable
     if present <= _SIMPLE_SPECIALS:
         for special, escaped in _SIMPLE_ESCAPES:
             if special[0] in present:
                 array = pc.replace_substring(array, special.decode(), escaped)
-        return array
+        return array, printable
     # Other control characters (rare): orjson writes them as \u00XX, one value at a time.
-    return pa.array([None if v is None else _json_text(v) for v in array.to_pylist()], pa.string())
+    return pa.array([None if v is None else _json_text(v) for v in array.to_pylist()], pa.string()), False
 
 
 def _is_text(type_: Any) -> bool:
@@ -615,7 +614,7 @@ class TableRequests:
         if self.request_builder is not None:
             yield from self._builder_blocks()
             return
-        for escaped, _ in self._escaped_batches():
+        for escaped, _, _ in self._escaped_batches():
             yield from _cut_array(_joined(self._layout, escaped))
 
     def built_blocks(self, rules: RequestRules) -> Iterator[BuiltLines | bytes]:
@@ -639,14 +638,16 @@ class TableRequests:
         # The schema's format goes into the template's body once; a body with its own keeps it.
         own_format = rules.schema is not None and not rules.schema.inject_body(base)
         layout = self._compile(*self._templates, base)  # type: ignore[arg-type]
-        for escaped, ids in self._escaped_batches():
-            built = self._built(rules, _joined(layout, escaped), ids, own_format)
+        for escaped, ids, ascii_values in self._escaped_batches():
+            built = self._built(rules, _joined(layout, escaped), ids, own_format, ascii_values)
             if built is not None:
                 yield from _cut_built(built)
             else:
                 yield from _cut_array(_joined(self._layout, escaped))
 
-    def _built(self, rules: RequestRules, lines: Any, ids: Any, own_format: bool) -> BuiltLines | None:
+    def _built(
+        self, rules: RequestRules, lines: Any, ids: Any, own_format: bool, ascii_values: bool
+    ) -> BuiltLines | None:
         """A batch's lines as :class:`BuiltLines`, or ``None`` when the line validator must see them.
 
         The lines differ only in their id and the template's values, which are JSON strings by
@@ -669,10 +670,13 @@ class TableRequests:
         longest = pc.max(pc.binary_length(lines)).as_py()
         if rules.limit_problem(longest, checked.inputs, checked.tokens) is not None:
             return None
-        try:
-            lines.validate(full=True)  # UTF-8, as the validator checks every line's
-        except pa.ArrowInvalid:
-            return None
+        if not ascii_values:
+            # UTF-8, as the validator checks every line's (values all printable ASCII need no check: the
+            # rest of a line is the template's text, valid by construction).
+            try:
+                lines.validate(full=True)
+            except pa.ArrowInvalid:
+                return None
         return BuiltLines(
             data,
             ends,
@@ -683,9 +687,9 @@ class TableRequests:
             own_formats=count if own_format else 0,
         )
 
-    def _escaped_batches(self) -> Iterator[tuple[dict[str, Any], Any]]:
+    def _escaped_batches(self) -> Iterator[tuple[dict[str, Any], Any, bool]]:
         """Each batch's template values and ids, escaped for a JSON string, by field text (the id's
-        under ``_ID.text``), and its ids as they are.
+        under ``_ID.text``); its ids as they are; and whether all those values are printable ASCII.
 
         :raises OpenAIBatchInputError: at the end of the input, if any row had a problem.
         """
@@ -694,9 +698,13 @@ class TableRequests:
             texts = self._field_texts(batch, first_row, problems)
             if problems.count:
                 continue  # only checking from here on: nothing more is handed on
-            escaped = {key: _escaped(text) for key, text in texts.items()}
-            escaped[_ID.text] = _escaped(ids)
-            yield escaped, ids
+            texts[_ID.text] = ids
+            escaped: dict[str, Any] = {}
+            ascii_values = True
+            for key, text in texts.items():
+                escaped[key], printable = _escaped(text)
+                ascii_values = ascii_values and printable
+            yield escaped, ids, ascii_values
 
     def _builder_blocks(self) -> Iterator[bytes]:
         """The lines of a ``request_builder``, a batch of rows at a time."""

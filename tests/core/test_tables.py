@@ -949,3 +949,21 @@ def test_a_duplicate_id_is_named_by_row_on_the_tables_path(tmp_path) -> None:
     [problem] = err.value.problems
     assert (problem.line, problem.field, problem.unit) == (4, "custom_id", "row")
     assert problem.reason.endswith("row 2")
+
+
+@pytest.mark.parametrize("column", ["id", "text"])
+def test_bytes_that_are_not_utf8_are_named_by_row(tmp_path, column) -> None:
+    """Parquet does not check that its text is UTF-8. Printable ASCII needs no check, so a batch of it is
+    built at once; any other batch is checked, and a row that is not UTF-8 is named."""
+    values = {"id": [b"a", b"b", b"c", b"d"], "text": [b"x", b"y", "caf\u00e9".encode(), b"z"]}
+    values[column][3] = b"bad \xff"
+    columns = {name: pa.array(v, pa.binary()).view(pa.string()) for name, v in values.items()}
+    path = write_parquet(tmp_path / "t.parquet", columns)
+    requests = TableRequests(
+        TableInput(path), endpoint=CHAT, id_column="id", prompt="{text}", model="m", batch_rows=2
+    )
+    with pytest.raises(OpenAIBatchInputError) as err:
+        prepare_from_table(requests, endpoint=CHAT, work_dir=tmp_path / "w")
+    [problem] = err.value.problems
+    assert (problem.line, problem.unit) == (4, "row")
+    assert "UTF-8" in problem.reason
