@@ -157,7 +157,8 @@ class BuiltLines:
         than there are lines).
     :param ids: each line's custom_id (a non-empty string).
     :param model: the model of every line.
-    :param caps: each line's output-token cap (``None``: none).
+    :param cap: the output-token cap of every line (``None``: none): the lines share their body but for
+        what the rows fill in.
     :param inputs: each line's embedding inputs (embeddings endpoint only, else ``None``).
     :param tokens: each line's prompt tokens when every line is counted, else ``None`` (then sampled).
     :param own_formats: lines that kept their own format where a response schema was to be put in.
@@ -167,7 +168,7 @@ class BuiltLines:
     ends: list[int]
     ids: list[str]
     model: str
-    caps: list[int | None]
+    cap: int | None
     inputs: list[int] | None = None
     tokens: list[int] | None = None
     own_formats: int = 0
@@ -558,7 +559,17 @@ class _Preparer:
         if not count or self.problems.total:
             return
         numbers = range(first, first + count)
-        run = _Run(None, built.ids, built.inputs, built.tokens, built.caps, numbers, built.data, built.ends)
+        run = _Run(
+            None,
+            built.ids,
+            built.inputs,
+            built.tokens,
+            [built.cap] * count,
+            numbers,
+            built.data,
+            built.ends,
+            one_cap=True,
+        )
         self.splitter.place_run(built.model, run)
         self.own_formats += built.own_formats
         if built.tokens is None:

@@ -680,7 +680,7 @@ class TableRequests:
             ends,
             ids.to_pylist(),
             checked.model,
-            [checked.cap] * count,
+            checked.cap,
             [checked.inputs] * count if rules.counts_inputs else None,
             own_formats=count if own_format else 0,
         )
@@ -855,7 +855,7 @@ def _cut_built(built: BuiltLines, size: int = DEFAULT_CHUNK_SIZE) -> Iterator[Bu
             [end - start for end in ends[row : stop + 1]] if start else ends[: stop + 1],
             built.ids[row:stop],
             built.model,
-            built.caps[row:stop],
+            built.cap,
             built.inputs[row:stop] if built.inputs is not None else None,
             None,
             built.own_formats and stop - row,
