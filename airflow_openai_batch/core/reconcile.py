@@ -32,6 +32,7 @@ from the last attempt to the first, each earlier one is given the ids a later on
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import operator
 import os
@@ -98,6 +99,8 @@ _USAGE_KEYS: tuple[str, ...] = (
     "reasoning_tokens",
 )
 
+#: Failed requests' lines are read back from the input copy in spans of at most about this many bytes.
+_SPAN_BYTES = 1 << 20
 #: Input lines are copied and indexed in slabs of about this many bytes (and at most so many lines).
 _SLAB_BYTES = 512 * 1024
 _SLAB_MAX_LINES = 8192
@@ -523,6 +526,25 @@ class _RequestFetcher:
                 return data  # the end of the copy (every line in it ends with a newline, though)
             size *= 4
 
+    def spans(self, offsets: Sequence[int], span_bytes: int = _SPAN_BYTES) -> Iterator[list[bytes]]:
+        """The lines at ``offsets`` (ascending), a span of the copy at a time: one read for each run of
+        them within ``span_bytes`` (many failures close together, as an expired batch leaves them, cost a
+        read per span instead of one per line). Yields each span's lines, in order.
+        """
+        count = len(offsets)
+        start = 0
+        while start < count:
+            first = offsets[start]
+            stop = bisect.bisect_left(offsets, first + span_bytes, start + 1, count)
+            data = os.pread(self._fd, offsets[stop - 1] - first + self._first_read, first)
+            lines = []
+            for offset in offsets[start:stop]:
+                begin = offset - first
+                end = data.find(b"\n", begin)
+                lines.append(data[begin:end] if end >= 0 else self(offset))  # a long last line: read alone
+            yield lines
+            start = stop
+
 
 # -- the results ----------------------------------------------------------------------------------------
 
@@ -827,9 +849,22 @@ class _BatchJoin:
         tally, index = self.tally, self.index
         code = _ABSENT_CODE_BY_STATUS.get(tally.status, "missing")
         message = _ABSENT_MESSAGES[code].format(status=tally.status)
-        # In file order, so the reads walk the copy forwards.
-        for cid in sorted(self.unanswered, key=index.offsets.__getitem__):
-            self.fail(cid, None, code, message)
+        unanswered = self.unanswered
+        # In file order (offsets keeps it), so the reads walk the copy forwards.
+        ids = [cid for cid in index.offsets if cid in unanswered]
+        offsets = list(map(index.offsets.__getitem__, ids))
+        done = 0
+        for lines in self.fetch.spans(offsets):
+            span_ids = ids[done : done + len(lines)]
+            done += len(lines)
+            failures = self.build.failures(span_ids, code, message, lines)
+            if failures is None:
+                for cid, line in zip(span_ids, lines, strict=True):
+                    self.fail(cid, None, code, message, request_line=line)
+                continue
+            self.sink.write_failures(failures)
+            tally.failed += len(failures)
+            tally.failed_by_code[code] = tally.failed_by_code.get(code, 0) + len(failures)
         for cid, offset, line_no in index.repeated:
             if cid in self.skip_ids:
                 continue
@@ -849,10 +884,12 @@ class _BatchJoin:
         message: str,
         offset: int | None = None,
         output: str | None = None,
+        request_line: bytes | None = None,
     ) -> None:
         """Write a failure record (``offset``: of its request line, when not the custom_id's first;
-        ``output``: an unusable answer's text)."""
-        request_line = self.fetch(self.index.offsets[custom_id] if offset is None else offset)  # type: ignore[index]
+        ``output``: an unusable answer's text; ``request_line``: when already read)."""
+        if request_line is None:
+            request_line = self.fetch(self.index.offsets[custom_id] if offset is None else offset)  # type: ignore[index]
         self.sink.write_failure(
             self.build.failure(custom_id, status_code, code, message, request_line, output), request_line
         )

@@ -42,6 +42,7 @@ from airflow_openai_batch.core.schema import (
 )
 
 __all__ = [
+    "FailureColumns",
     "RecordBuilder",
     "SuccessColumns",
     "UsageColumns",
@@ -679,8 +680,48 @@ class SuccessColumns:
 
     def records(self) -> list[dict[str, Any]]:
         """The records as dicts, as :meth:`RecordBuilder.success` makes them one by one."""
-        names = tuple(self.columns)
-        return [dict(zip(names, row, strict=True)) for row in zip(*self.columns.values(), strict=True)]
+        return _rows(self.columns)
+
+
+@dataclass
+class FailureColumns:
+    """The failure records of many requests that failed alike (e.g. those an expired batch left
+    unanswered), a column per record field (see :meth:`RecordBuilder.failures`).
+
+    :param columns: record field -> its values, one per record, in the records' field order.
+    :param request_lines: each record's request line, as in the input file (no newline).
+    """
+
+    columns: dict[str, list[Any]]
+    request_lines: list[bytes] = field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self.request_lines)
+
+    def records(self) -> list[dict[str, Any]]:
+        """The records as dicts, as :meth:`RecordBuilder.failure` makes them one by one."""
+        return _rows(self.columns)
+
+
+def _rows(columns: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    names = tuple(columns)
+    return [dict(zip(names, row, strict=True)) for row in zip(*columns.values(), strict=True)]
+
+
+#: Each line's JSON text, its syntax checked (all of it, though nothing is decoded), in one call per block.
+_decode_json_lines = msgspec.json.Decoder(Raw).decode_lines
+
+
+def _json_texts(lines: list[bytes]) -> bool:
+    """Whether every line is one JSON value in valid UTF-8: what a reader can load back. (msgspec checks
+    the syntax of what it skips, but not the UTF-8 of the strings in it.)"""
+    joined = b"\n".join(lines)
+    try:
+        if not joined.isascii():
+            joined.decode()
+        return len(_decode_json_lines(joined)) == len(lines)  # fewer: a blank line
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return False
 
 
 class RecordBuilder:
@@ -869,15 +910,14 @@ class RecordBuilder:
     ) -> dict[str, Any]:
         """:param request_line: the request as in the input file (no newline).
         :param output: the answer's text, for an answer that came back unusable."""
-        try:
-            # orjson checks what msgspec.Raw would not (UTF-8, lone surrogates): a Raw request must be
-            # JSON a reader can load back.
-            request = orjson.loads(request_line)
-        except orjson.JSONDecodeError:
-            request = None
+        request: Any
+        if self.raw_json:
+            request = Raw(request_line) if _json_texts([request_line]) else None
         else:
-            if self.raw_json:
-                request = Raw(request_line)
+            try:
+                request = orjson.loads(request_line)
+            except orjson.JSONDecodeError:
+                request = None
         return {
             "custom_id": custom_id,
             "batch_id": self.batch_id,
@@ -888,3 +928,31 @@ class RecordBuilder:
             "output": output,
             "attempts": self.attempt,
         }
+
+    def failures(
+        self, custom_ids: list[str], error_code: str, error_message: str, request_lines: list[bytes]
+    ) -> FailureColumns | None:
+        """The failure records of requests that failed alike, without a response (e.g. left unanswered by
+        an expired batch), made a column at a time: what :meth:`failure` makes of each. ``None`` when
+        some request line is not JSON a reader can load back (or the records are not raw JSON): then
+        :meth:`failure` tells which, one by one.
+
+        :param custom_ids: the requests' custom_ids; :param request_lines: their lines, in the same order.
+        :param error_code: their code; :param error_message: their message.
+        """
+        if not self.raw_json or not _json_texts(request_lines):
+            return None
+        count = len(request_lines)
+        return FailureColumns(
+            {
+                "custom_id": custom_ids,
+                "batch_id": [self.batch_id] * count,
+                "status_code": [None] * count,
+                "error_code": [error_code] * count,
+                "error_message": [error_message] * count,
+                "request": list(map(Raw, request_lines)),
+                "output": [None] * count,
+                "attempts": [self.attempt] * count,
+            },
+            request_lines,
+        )

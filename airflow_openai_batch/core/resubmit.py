@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_openai_batch.core.job import Attempt, Chunk, Job, Reason
+from airflow_openai_batch.core.records import FailureColumns
 from airflow_openai_batch.core.writers import RecordSink
 from airflow_openai_batch.limits import MAX_METADATA_PAIRS
 
@@ -186,6 +187,20 @@ class RetryLines(RecordSink):
             self.retried_by_code[code] += 1
         else:
             self.kept_by_code[code] += 1
+
+    def write_failures(self, failures: FailureColumns) -> None:
+        columns = failures.columns
+        retried = []
+        for code, status_code, line in zip(
+            map(str, columns["error_code"]), columns["status_code"], failures.request_lines, strict=True
+        ):
+            if self.policy.retryable(status_code, code):
+                retried.append(line)
+                self.retried_by_code[code] += 1
+            else:
+                self.kept_by_code[code] += 1
+        if retried:
+            self._file.write(b"\n".join([*retried, b""]))
 
     def close(self) -> None:
         self._file.close()

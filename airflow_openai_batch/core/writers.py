@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Literal
 import msgspec
 import orjson
 
-from airflow_openai_batch.core.records import SuccessColumns, usage_fields
+from airflow_openai_batch.core.records import FailureColumns, SuccessColumns, usage_fields
 from airflow_openai_batch.core.schema import ParsedColumn, arrow_type, tool_calls_array, tool_calls_arrow_type
 
 __all__ = [
@@ -87,6 +87,12 @@ class RecordSink(ABC):
 
         :param request_line: the request exactly as in the input file (no newline), for a retry.
         """
+
+    def write_failures(self, failures: FailureColumns) -> None:
+        """Take many failure records, given as columns with their request lines; by default one
+        :meth:`write_failure` per record."""
+        for record, request_line in zip(failures.records(), failures.request_lines, strict=True):
+            self.write_failure(record, request_line)
 
     @abstractmethod
     def close(self) -> None:
@@ -201,8 +207,8 @@ class _PartialFile(ABC):
         """Append one record (``request_line``: a failure's request, as in the input file)."""
 
     @abstractmethod
-    def add_block(self, successes: SuccessColumns) -> None:
-        """Append a block of success records."""
+    def add_block(self, records: SuccessColumns | FailureColumns) -> None:
+        """Append a block of records, given as columns."""
 
     @abstractmethod
     def _finish(self) -> None:
@@ -240,17 +246,24 @@ class _JsonlFile(_PartialFile):
         if len(buffer) >= _WRITE_BYTES:
             self._flush()
 
-    def add_block(self, successes: SuccessColumns) -> None:
+    def add_block(self, records: SuccessColumns | FailureColumns) -> None:
         # One msgspec call for the block: each record a Struct whose fields are the record's keys, in order.
-        record_type = _record_struct(tuple(successes.columns))
-        self._buffer += self._encode_lines(list(map(record_type, *successes.columns.values())))
-        self.count += len(successes)
+        record_type = _record_struct(tuple(records.columns))
+        self._buffer += self._encode_lines(list(map(record_type, *records.columns.values())))
+        self.count += len(records)
         if len(self._buffer) >= _WRITE_BYTES:
             self._flush()
 
     def add_line(self, line: bytes) -> None:
         """Append one line as it is (plus a newline)."""
         self._buffer += line
+        self._buffer += b"\n"
+        if len(self._buffer) >= _WRITE_BYTES:
+            self._flush()
+
+    def add_lines(self, lines: list[bytes]) -> None:
+        """Append lines as they are (each plus a newline)."""
+        self._buffer += b"\n".join(lines)
         self._buffer += b"\n"
         if len(self._buffer) >= _WRITE_BYTES:
             self._flush()
@@ -352,27 +365,29 @@ class _ParquetFile(_PartialFile):
         # Body and request line are most of a row (content and vectors are in the body too).
         self._added(1, _ROW_OVERHEAD + len(request_line) + (len(body) if type(body) is _Raw else 0))
 
-    def add_block(self, successes: SuccessColumns) -> None:
+    def add_block(self, records: SuccessColumns | FailureColumns) -> None:
         """Buffered as Arrow arrays at once (its columns need no conversion per value)."""
         self._take_records()
         pa = self._pa
         schema = self.schema
-        rows = len(successes)
+        rows = len(records)
         arrays = {}
-        for name, values in successes.columns.items():
-            if name == "body":
-                # The bodies' JSON text end to end (one copy), cut by offsets: no bytes object per body. A
-                # block's lines were checked to be UTF-8 when it was decoded.
+        data = b""
+        for name, values in records.columns.items():
+            if name in ("body", "request"):
+                # The JSON texts end to end (one copy), cut by offsets: no bytes object per value. They were
+                # checked to be UTF-8 (a block's result lines when decoded, request lines by the builder).
                 data = b"".join(values)
                 offsets = pa.array(itertools.accumulate(map(len, values), initial=0), pa.int32())
                 arrays[name] = pa.StringArray.from_buffers(rows, offsets.buffers()[1], pa.py_buffer(data))
             elif name == "usage":
+                assert isinstance(records, SuccessColumns)
                 usage_type = schema.field(name).type
                 counts = [
                     pa.array(column, usage_type.field(i).type)
-                    for i, column in enumerate(successes.usage.counts[:3])
+                    for i, column in enumerate(records.usage.counts[:3])
                 ]
-                missing = successes.usage.missing
+                missing = records.usage.missing
                 arrays[name] = pa.StructArray.from_arrays(
                     counts, fields=list(usage_type), mask=None if missing is None else pa.array(missing)
                 )
@@ -611,6 +626,12 @@ class ResultWriter(RecordSink):
         elif isinstance(request, dict | _Raw):
             self._retry.add_line(_json_text(request))
         self.failed += 1
+
+    def write_failures(self, failures: FailureColumns) -> None:
+        """Append many failure records, and their request lines to the retry file."""
+        self._failures.add_block(failures)
+        self._retry.add_lines(failures.request_lines)
+        self.failed += len(failures)
 
     def close(self) -> None:
         """Flush everything and give each file its final name (idempotent)."""

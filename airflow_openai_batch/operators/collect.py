@@ -14,7 +14,7 @@ from airflow_openai_batch.core.cost import PriceTable, usage_mismatch
 from airflow_openai_batch.core.job import Attempt, Chunk, Job, read_job
 from airflow_openai_batch.core.media import LocalMediaSink, MediaSink, ObjectStoreMediaSink
 from airflow_openai_batch.core.reconcile import BatchResultFiles, Reconciler, present_file_id
-from airflow_openai_batch.core.records import SuccessColumns
+from airflow_openai_batch.core.records import FailureColumns, SuccessColumns
 from airflow_openai_batch.core.writers import OUTPUT_FORMATS, RecordSink, ResultWriter, write_manifest
 from airflow_openai_batch.exceptions import (
     OpenAIBatchFailureRatioError,
@@ -86,6 +86,11 @@ class _AnsweredIds(RecordSink):
         if self.noting and record["custom_id"] is not None:
             self.ids.add(record["custom_id"])
         self.sink.write_failure(record, request_line)
+
+    def write_failures(self, failures: FailureColumns) -> None:
+        if self.noting:
+            self.ids.update(failures.columns["custom_id"])
+        self.sink.write_failures(failures)
 
     def close(self) -> None:
         self.sink.close()

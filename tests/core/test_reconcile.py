@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 import random
 import struct
@@ -24,9 +25,16 @@ from airflow_openai_batch.core.reconcile import (
     MAX_ANOMALY_EXAMPLES,
     BatchResultFiles,
     Reconciler,
+    _RequestFetcher,
     present_file_id,
 )
-from airflow_openai_batch.core.records import endpoint_kind, extract_content, usage_counts
+from airflow_openai_batch.core.records import (
+    FailureColumns,
+    RecordBuilder,
+    endpoint_kind,
+    extract_content,
+    usage_counts,
+)
 from airflow_openai_batch.core.writers import RecordSink
 from airflow_openai_batch.statuses import BatchStatus
 
@@ -1033,3 +1041,66 @@ def test_a_block_of_structured_answers_gives_the_records_of_the_line_by_line_joi
                 for c in calls
             ]
         )
+
+
+class RawMemorySink(MemorySink):
+    """A MemorySink given raw JSON (as the result writer is): failures alike may come as columns, each
+    recorded as the default ``write_failures`` passes them on, one by one."""
+
+    takes_raw_json = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed_as_columns = 0
+
+    def write_failures(self, failures: FailureColumns) -> None:
+        self.failed_as_columns += len(failures)
+        super().write_failures(failures)
+
+
+def test_requests_an_expired_batch_left_unanswered_fail_as_the_record_builder_fails_each(tmp_path) -> None:
+    """Failed many at a time (spans of the input copy read at once), each record is what the one record
+    builder makes of its line: lines in other spans than odd ones keep the fast path, and an odd line
+    (not UTF-8; a number only some readers load) gets the same record either way."""
+    inputs = [request(f"r{i:05d}", temperature=0.5, note="x" * (i % 300)) for i in range(9000)]
+    inputs[4001] = request("r04001", note="y" * 50_000)  # longer than a span's read past its last offset
+    inputs[7001] = request("r07001").replace(b'"gpt-4o-mini"', b'"gpt-4o-mini","t":"\xff"')
+    inputs[8002] = request("r08002", max_tokens=0).replace(b'"max_tokens":0', b'"max_tokens":1e999')
+    output = [ok_line(f"r{i:05d}") for i in range(0, 9000, 7)]
+    sink = RawMemorySink()
+    rec = Reconciler(sink, tmp_path / "work")
+    rec.add_batch(BatchResultFiles("b1", "expired", inputs, output, None))
+    summary = rec.summary()
+
+    answered = {f"r{i:05d}" for i in range(0, 9000, 7)}
+    left = [(line, f"r{i:05d}") for i, line in enumerate(inputs) if f"r{i:05d}" not in answered]
+    builder = RecordBuilder("b1", endpoint_kind(CHAT), raw_json=True)
+    message = sink.failures[0]["error_message"]
+    assert sink.failures == [builder.failure(cid, None, "batch_expired", message, line) for line, cid in left]
+    assert sink.request_lines == [line for line, _ in left]
+    assert summary.failed_by_code == {"batch_expired": len(left)}
+    # The spans without an odd line were failed as columns; the odd lines' spans one by one.
+    assert 0 < sink.failed_as_columns < len(left)
+    by_id = {r["custom_id"]: r for r in sink.failures}
+    assert by_id["r07001"]["request"] is None  # not UTF-8: not JSON a reader can load back
+    assert bytes(by_id["r08002"]["request"]) == inputs[8002]  # valid JSON, kept as it is
+    assert bytes(by_id["r04001"]["request"]) == inputs[4001]
+
+
+@given(
+    sizes=st.lists(st.integers(1, 3000), min_size=1, max_size=60),
+    picks=st.data(),
+    span_bytes=st.sampled_from([64, 1000, 1 << 20]),
+)
+@settings(max_examples=60, deadline=None)
+def test_lines_read_back_by_spans_are_the_lines_at_their_offsets(sizes, picks, span_bytes) -> None:
+    lines = [(b"%d:" % i).ljust(size, b"x") for i, size in enumerate(sizes)]
+    offsets = list(itertools.accumulate((len(line) + 1 for line in lines[:-1]), initial=0))
+    chosen = sorted(picks.draw(st.sets(st.integers(0, len(lines) - 1), min_size=1)))
+    with tempfile.TemporaryFile() as copy:
+        copy.write(b"".join(line + b"\n" for line in lines))
+        copy.flush()
+        fetch = _RequestFetcher(copy.fileno(), line_bytes=100)
+        spans = list(fetch.spans([offsets[i] for i in chosen], span_bytes))
+    assert [line for span in spans for line in span] == [lines[i] for i in chosen]
+    assert all(spans)

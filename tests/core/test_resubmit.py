@@ -11,6 +11,7 @@ import pytest
 
 from airflow_openai_batch.core.job import Attempt, Chunk, Job
 from airflow_openai_batch.core.reconcile import BatchResultFiles, Reconciler
+from airflow_openai_batch.core.records import FailureColumns
 from airflow_openai_batch.core.resubmit import (
     METADATA_ATTEMPT,
     METADATA_FOLLOWS,
@@ -142,3 +143,22 @@ def test_follow_ups_an_earlier_try_made_are_adopted_once() -> None:
     assert (retry.batch_id, retry.number, retry.reason, retry.retry_of) == ("b1x", 2, "retry", "b1r")
     assert job.find("b1r")[1].retried == 3
     assert job.chunks[2].attempts == [job.find("b3")[1]]
+
+
+def test_failures_given_as_columns_are_sorted_as_one_by_one(tmp_path: Path) -> None:
+    codes = ["server_error", "invalid_value", "batch_expired", "rate_limit_exceeded"]
+    statuses = [500, 400, None, 429]
+    lines = [_request(f"c{i}") for i in range(4)]
+    failures = FailureColumns(
+        {"custom_id": [f"c{i}" for i in range(4)], "status_code": statuses, "error_code": codes}, lines
+    )
+    one = RetryLines(tmp_path / "one.jsonl", RetryPolicy.of(None))
+    for record, line in zip(failures.records(), lines, strict=True):
+        one.write_failure(record, line)
+    one.close()
+    many = RetryLines(tmp_path / "many.jsonl", RetryPolicy.of(None))
+    many.write_failures(failures)
+    many.close()
+    assert (tmp_path / "many.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    assert (tmp_path / "many.jsonl").read_bytes() == b"".join(lines[i] + b"\n" for i in (0, 2, 3))
+    assert many.retried_by_code == one.retried_by_code and many.kept_by_code == one.kept_by_code

@@ -12,6 +12,7 @@ import pytest
 
 from airflow_openai_batch.core.jsonl import iter_lines
 from airflow_openai_batch.core.reconcile import BatchResultFiles, Reconciler
+from airflow_openai_batch.core.records import RecordBuilder
 from airflow_openai_batch.core.writers import RecordSink, ResultWriter, read_records, write_manifest
 
 CHAT = "/v1/chat/completions"
@@ -533,3 +534,26 @@ def test_failure_records_carry_the_request_into_every_sink(tmp_path: Path) -> No
         reconciled(writer, tmp_path / f"work-{fmt}", [line, broken], [], [], status="expired")
         assert [f["request"] for f in read_records(writer.paths()["failures"])] == [request, None]
         assert writer.paths()["retry_requests"].read_bytes() == line + b"\n" + broken + b"\n"
+
+
+@pytest.mark.parametrize("output_format", FORMATS)
+def test_failures_given_as_columns_are_written_as_one_by_one(tmp_path: Path, output_format: str) -> None:
+    ids = [f"f{i}" for i in range(50)]
+    lines = [request_line(cid) for cid in ids]
+    failures = RecordBuilder("b1", "chat", raw_json=True).failures(ids, "batch_expired", "Expired.", lines)
+    assert failures is not None
+    one = ResultWriter(tmp_path / "one", output_format)
+    for record, line in zip(failures.records(), lines, strict=True):
+        one.write_failure(record, line)
+    one.close()
+    many = ResultWriter(tmp_path / "many", output_format)
+    many.write_failures(failures)
+    many.close()
+    assert many.failed == one.failed == 50
+    for name in (f"failures.{output_format}", "retry_requests.jsonl"):
+        if name.endswith(".parquet"):
+            assert pq.read_table(tmp_path / "many" / name).equals(pq.read_table(tmp_path / "one" / name))
+        else:
+            assert (tmp_path / "many" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+    records = read_records(tmp_path / "many" / f"failures.{output_format}")
+    assert [r["request"] for r in records] == [orjson.loads(line) for line in lines]
