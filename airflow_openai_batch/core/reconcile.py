@@ -37,6 +37,7 @@ import itertools
 import operator
 import os
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -101,6 +102,8 @@ _USAGE_KEYS: tuple[str, ...] = (
 
 #: Failed requests' lines are read back from the input copy in spans of at most about this many bytes.
 _SPAN_BYTES = 1 << 20
+#: Failed requests whose records are made and written at once.
+_FAILURES_AT_ONCE = 4096
 #: Input lines are copied and indexed in slabs of about this many bytes (and at most so many lines).
 _SLAB_BYTES = 512 * 1024
 _SLAB_MAX_LINES = 8192
@@ -590,6 +593,45 @@ def _decode_block(block: bytes, lines: int) -> list[_ResultLine] | None:
     return results if len(results) == lines else None
 
 
+class _Failed:
+    """Failed requests whose records are not written yet, a column per field."""
+
+    def __init__(self) -> None:
+        self.ids: list[str | None] = []
+        self.status_codes: list[int | None] = []
+        self.codes: list[str] = []
+        self.messages: list[str] = []
+        self.outputs: list[str | None] = []
+        #: Where each one's request line is in the input copy.
+        self.offsets: list[int] = []
+
+    def add(
+        self,
+        custom_id: str | None,
+        status_code: int | None,
+        code: str,
+        message: str,
+        output: str | None,
+        offset: int,
+    ) -> None:
+        self.ids.append(custom_id)
+        self.status_codes.append(status_code)
+        self.codes.append(code)
+        self.messages.append(message)
+        self.outputs.append(output)
+        self.offsets.append(offset)
+
+    def add_alike(self, ids: list[str], offsets: list[int], code: str, message: str) -> None:
+        """Requests that failed alike, without a response (e.g. left unanswered by an expired batch)."""
+        count = len(ids)
+        self.ids += ids
+        self.status_codes += [None] * count
+        self.codes += [code] * count
+        self.messages += [message] * count
+        self.outputs += [None] * count
+        self.offsets += offsets
+
+
 class _BatchJoin:
     """One batch being reconciled: what its result lines are joined with, and where records go.
 
@@ -636,6 +678,8 @@ class _BatchJoin:
             self.unanswered -= skip_ids
         #: ``[input, output, total, cached_input, reasoning]`` token sums per model.
         self.usage: dict[str, list[int]] = {}
+        #: Failed requests whose records are not written yet.
+        self._failed = _Failed()
         self._batch_model = tally.model or "unknown"
 
     def join(self, lines: Iterable[bytes], source: str) -> None:
@@ -850,21 +894,12 @@ class _BatchJoin:
         code = _ABSENT_CODE_BY_STATUS.get(tally.status, "missing")
         message = _ABSENT_MESSAGES[code].format(status=tally.status)
         unanswered = self.unanswered
-        # In file order (offsets keeps it), so the reads walk the copy forwards.
-        ids = [cid for cid in index.offsets if cid in unanswered]
+        ids = [cid for cid in index.offsets if cid in unanswered]  # in file order
         offsets = list(map(index.offsets.__getitem__, ids))
-        done = 0
-        for lines in self.fetch.spans(offsets):
-            span_ids = ids[done : done + len(lines)]
-            done += len(lines)
-            failures = self.build.failures(span_ids, code, message, lines)
-            if failures is None:
-                for cid, line in zip(span_ids, lines, strict=True):
-                    self.fail(cid, None, code, message, request_line=line)
-                continue
-            self.sink.write_failures(failures)
-            tally.failed += len(failures)
-            tally.failed_by_code[code] = tally.failed_by_code.get(code, 0) + len(failures)
+        for start in range(0, len(ids), _FAILURES_AT_ONCE):
+            stop = start + _FAILURES_AT_ONCE
+            self._failed.add_alike(ids[start:stop], offsets[start:stop], code, message)
+            self.write_failures()
         for cid, offset, line_no in index.repeated:
             if cid in self.skip_ids:
                 continue
@@ -875,6 +910,7 @@ class _BatchJoin:
             self.anomalies.add(tally, "invalid_input_line", None, "input", line_no, "no usable custom_id")
             message = f"Input line {line_no} is not a JSON object with a non-empty string custom_id."
             self.fail(None, None, "invalid_input_line", message, offset)
+        self.write_failures()
 
     def fail(
         self,
@@ -884,18 +920,46 @@ class _BatchJoin:
         message: str,
         offset: int | None = None,
         output: str | None = None,
-        request_line: bytes | None = None,
     ) -> None:
-        """Write a failure record (``offset``: of its request line, when not the custom_id's first;
-        ``output``: an unusable answer's text; ``request_line``: when already read)."""
-        if request_line is None:
-            request_line = self.fetch(self.index.offsets[custom_id] if offset is None else offset)  # type: ignore[index]
-        self.sink.write_failure(
-            self.build.failure(custom_id, status_code, code, message, request_line, output), request_line
+        """Fail a request (``offset``: of its request line, when not the custom_id's first; ``output``: an
+        unusable answer's text). Its record is written, in turn, with the next :data:`_FAILURES_AT_ONCE`
+        (see :meth:`write_failures`)."""
+        if offset is None:
+            offset = self.index.offsets[custom_id]  # type: ignore[index]
+        failed = self._failed
+        failed.add(custom_id, status_code, code, message, output, offset)
+        if len(failed.ids) >= _FAILURES_AT_ONCE:
+            self.write_failures()
+
+    def write_failures(self) -> None:
+        """Write the records of the requests failed so far, in the order they failed: their lines read
+        back from the input copy a span at a time, their records made and written as columns."""
+        failed = self._failed
+        if not failed.ids:
+            return
+        self._failed = _Failed()
+        offsets = failed.offsets
+        ascending = sorted(offsets)
+        if ascending == offsets:
+            lines = list(itertools.chain.from_iterable(self.fetch.spans(offsets)))
+        else:
+            # Read in file order all the same (an error file need not follow the input's order).
+            order = sorted(range(len(offsets)), key=offsets.__getitem__)
+            lines = [b""] * len(offsets)
+            positions = iter(order)
+            for span in self.fetch.spans(ascending):
+                for line in span:
+                    lines[next(positions)] = line
+        self.sink.write_failures(
+            self.build.failures(
+                failed.ids, failed.status_codes, failed.codes, failed.messages, failed.outputs, lines
+            )
         )
         tally = self.tally
-        tally.failed += 1
-        tally.failed_by_code[code] = tally.failed_by_code.get(code, 0) + 1
+        tally.failed += len(lines)
+        by_code = tally.failed_by_code
+        for code, count in Counter(failed.codes).items():
+            by_code[code] = by_code.get(code, 0) + count
 
 
 class Reconciler:

@@ -910,49 +910,53 @@ class RecordBuilder:
     ) -> dict[str, Any]:
         """:param request_line: the request as in the input file (no newline).
         :param output: the answer's text, for an answer that came back unusable."""
-        request: Any
-        if self.raw_json:
-            request = Raw(request_line) if _json_texts([request_line]) else None
-        else:
-            try:
-                request = orjson.loads(request_line)
-            except orjson.JSONDecodeError:
-                request = None
         return {
             "custom_id": custom_id,
             "batch_id": self.batch_id,
             "status_code": status_code,
             "error_code": error_code,
             "error_message": error_message,
-            "request": request,
+            "request": self._request(request_line),
             "output": output,
             "attempts": self.attempt,
         }
 
     def failures(
-        self, custom_ids: list[str], error_code: str, error_message: str, request_lines: list[bytes]
-    ) -> FailureColumns | None:
-        """The failure records of requests that failed alike, without a response (e.g. left unanswered by
-        an expired batch), made a column at a time: what :meth:`failure` makes of each. ``None`` when
-        some request line is not JSON a reader can load back (or the records are not raw JSON): then
-        :meth:`failure` tells which, one by one.
-
-        :param custom_ids: the requests' custom_ids; :param request_lines: their lines, in the same order.
-        :param error_code: their code; :param error_message: their message.
-        """
-        if not self.raw_json or not _json_texts(request_lines):
-            return None
+        self,
+        custom_ids: list[str | None],
+        status_codes: list[int | None],
+        error_codes: list[str],
+        error_messages: list[str],
+        outputs: list[str | None],
+        request_lines: list[bytes],
+    ) -> FailureColumns:
+        """The failure records of many requests, made a column at a time: what :meth:`failure` makes of
+        each (the lists hold its arguments, a value per request)."""
+        if self.raw_json and _json_texts(request_lines):
+            requests = list(map(Raw, request_lines))  # all of them JSON: checked at once
+        else:
+            requests = list(map(self._request, request_lines))
         count = len(request_lines)
         return FailureColumns(
             {
                 "custom_id": custom_ids,
                 "batch_id": [self.batch_id] * count,
-                "status_code": [None] * count,
-                "error_code": [error_code] * count,
-                "error_message": [error_message] * count,
-                "request": list(map(Raw, request_lines)),
-                "output": [None] * count,
+                "status_code": status_codes,
+                "error_code": error_codes,
+                "error_message": error_messages,
+                "request": requests,
+                "output": outputs,
                 "attempts": [self.attempt] * count,
             },
             request_lines,
         )
+
+    def _request(self, request_line: bytes) -> Any:
+        """A failure record's ``request``: the line as JSON text (raw) or parsed, ``None`` when it is not
+        JSON a reader can load back."""
+        if self.raw_json:
+            return Raw(request_line) if _json_texts([request_line]) else None
+        try:
+            return orjson.loads(request_line)
+        except orjson.JSONDecodeError:
+            return None

@@ -372,14 +372,17 @@ class _ParquetFile(_PartialFile):
         schema = self.schema
         rows = len(records)
         arrays = {}
-        data = b""
+        size = 0
         for name, values in records.columns.items():
-            if name in ("body", "request"):
-                # The JSON texts end to end (one copy), cut by offsets: no bytes object per value. They were
-                # checked to be UTF-8 (a block's result lines when decoded, request lines by the builder).
-                data = b"".join(values)
-                offsets = pa.array(itertools.accumulate(map(len, values), initial=0), pa.int32())
-                arrays[name] = pa.StringArray.from_buffers(rows, offsets.buffers()[1], pa.py_buffer(data))
+            if name == "body":
+                # A block's result lines were checked to be UTF-8 when it was decoded.
+                arrays[name] = _joined_text(pa, values)
+                size += arrays[name].nbytes
+            elif name == "request":
+                # The request lines as submitted (also where the record says None: not JSON).
+                assert isinstance(records, FailureColumns)
+                arrays[name] = _request_array(pa, records.request_lines)
+                size += arrays[name].nbytes
             elif name == "usage":
                 assert isinstance(records, SuccessColumns)
                 usage_type = schema.field(name).type
@@ -396,7 +399,7 @@ class _ParquetFile(_PartialFile):
             elif name not in _ANSWER_COLUMNS or values.count(None) != rows:
                 arrays[name] = self._array(schema.field(name), values)
         self._pieces.append((rows, arrays))
-        self._added(rows, _ROW_OVERHEAD * rows + len(data))
+        self._added(rows, _ROW_OVERHEAD * rows + size)
 
     def _added(self, rows: int, size: int) -> None:
         self.count += rows
@@ -496,6 +499,24 @@ def _parsed_array(values: list[Any], schema: Mapping[str, Any] | None) -> Any:
         [value if value is None or type(value) is _Raw else orjson.dumps(value) for value in values]
     )
     return column.finish()
+
+
+def _joined_text(pa: Any, values: list[Any]) -> Any:
+    """A string array of UTF-8 texts (bytes or raw JSON) laid end to end in one copy and cut by offsets:
+    no Python object per value."""
+    offsets = pa.array(itertools.accumulate(map(len, values), initial=0), pa.int32())
+    return pa.StringArray.from_buffers(len(values), offsets.buffers()[1], pa.py_buffer(b"".join(values)))
+
+
+def _request_array(pa: Any, lines: list[bytes]) -> Any:
+    """Failed requests' lines as a string array (see :func:`_arrow_array` for lines that are not UTF-8)."""
+    try:
+        for line in lines:
+            if not line.isascii():
+                line.decode()
+    except UnicodeDecodeError:
+        return _arrow_array(pa, lines, pa.string())
+    return _joined_text(pa, lines)
 
 
 def _arrow_array(pa: Any, values: list[Any], arrow_type: Any) -> Any:

@@ -540,8 +540,12 @@ def test_failure_records_carry_the_request_into_every_sink(tmp_path: Path) -> No
 def test_failures_given_as_columns_are_written_as_one_by_one(tmp_path: Path, output_format: str) -> None:
     ids = [f"f{i}" for i in range(50)]
     lines = [request_line(cid) for cid in ids]
-    failures = RecordBuilder("b1", "chat", raw_json=True).failures(ids, "batch_expired", "Expired.", lines)
-    assert failures is not None
+    lines[3] = lines[3].replace(b'"n": 1', b'"n": "\xff"')  # not UTF-8: request None, the line kept
+    lines[4] = b"not json"
+    count = len(ids)
+    failures = RecordBuilder("b1", "chat", raw_json=True).failures(
+        ids, [500] * count, ["server_error"] * count, ["Oops."] * count, [None] * count, lines
+    )
     one = ResultWriter(tmp_path / "one", output_format)
     for record, line in zip(failures.records(), lines, strict=True):
         one.write_failure(record, line)
@@ -555,5 +559,6 @@ def test_failures_given_as_columns_are_written_as_one_by_one(tmp_path: Path, out
             assert pq.read_table(tmp_path / "many" / name).equals(pq.read_table(tmp_path / "one" / name))
         else:
             assert (tmp_path / "many" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
-    records = read_records(tmp_path / "many" / f"failures.{output_format}")
-    assert [r["request"] for r in records] == [orjson.loads(line) for line in lines]
+    records = list(read_records(tmp_path / "many" / f"failures.{output_format}"))
+    assert [r["request"] for r in records[5:]] == [orjson.loads(line) for line in lines[5:]]
+    assert records[4]["request"] is None
