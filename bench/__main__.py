@@ -350,6 +350,31 @@ def bench_collect(run: Runner, results: int) -> list[Row]:
         naive_name = f"naive (guide: split + json.loads) -> {fmt}"
         rows.append(_vs_naive(case, "rows/s", rate, naive_name, results / naive["seconds"]))
         rows.append(_peak_rss(case, ours["peak_rss_mb"], f"naive -> {fmt}", naive["peak_rss_mb"], 250))
+    # A batch that expired before answering anything: every request a failure, read back for the retry file.
+    expired = run.best_interleaved(
+        {
+            "collect-expired-bare": _case("collect_bare", folder=str(folder), work_dir=out, input_only=True),
+            **{
+                f"collect-expired-{fmt}": _case(
+                    "collect_ours", folder=str(folder), work_dir=out, output_format=fmt, expired=True
+                )
+                for fmt in COLLECT_TARGETS
+            },
+        },
+        run.repeat,
+    )
+    for fmt in COLLECT_TARGETS:
+        rows.append(
+            Row(
+                f"Collect a batch that expired unanswered, {results:,} requests -> {fmt} (all failures)",
+                "rows/s",
+                results / expired[f"collect-expired-{fmt}"]["seconds"],
+                "bare orjson parse of the input file",
+                results / expired["collect-expired-bare"]["seconds"],
+                target="(info)",
+                note=f"peak RSS {expired[f'collect-expired-{fmt}']['peak_rss_mb']:.0f} MB",
+            )
+        )
     # Ablation: every result line decoded on its own, as if there were no block decode.
     one_by_one = run.best(
         "collect-jsonl-line-by-line",

@@ -99,8 +99,12 @@ def _streamed(stream: Any) -> Any:
     return lines_from_raw_blocks(blocks())
 
 
-def collect_ours(folder: str, work_dir: str, output_format: str) -> dict[str, Any]:
-    """What the collect operator does once the files stream in: reconcile by custom_id, write results."""
+def collect_ours(folder: str, work_dir: str, output_format: str, expired: bool = False) -> dict[str, Any]:
+    """What the collect operator does once the files stream in: reconcile by custom_id, write results.
+
+    :param expired: the batch expired before answering anything: no output or error file, every request
+        a failure.
+    """
     from airflow_openai_batch.core.reconcile import BatchResultFiles, Reconciler
     from airflow_openai_batch.core.writers import ResultWriter
 
@@ -116,10 +120,10 @@ def collect_ours(folder: str, work_dir: str, output_format: str) -> dict[str, An
         reconciler.add_batch(
             BatchResultFiles(
                 "batch_bench",
-                "completed",
+                "expired" if expired else "completed",
                 _streamed(inp),
-                _streamed(outp),
-                _streamed(err),
+                None if expired else _streamed(outp),
+                None if expired else _streamed(err),
             )
         )
     summary = reconciler.summary()
@@ -135,11 +139,14 @@ def collect_ours_line_by_line(folder: str, work_dir: str, output_format: str) ->
     return collect_ours(folder, work_dir, output_format)
 
 
-def collect_bare(folder: str, work_dir: str, output_format: str = "") -> dict[str, Any]:
-    """The parse limit: parse every line of the input, output and error files with orjson."""
+def collect_bare(
+    folder: str, work_dir: str, output_format: str = "", input_only: bool = False
+) -> dict[str, Any]:
+    """The parse limit: parse every line of the input, output and error files with orjson (``input_only``:
+    of the input file, all an expired batch has)."""
     loads = orjson.loads
     rows = 0
-    for name in ("input", "output", "error"):
+    for name in ("input",) if input_only else ("input", "output", "error"):
         with open(Path(folder) / f"{name}.jsonl", "rb") as stream:
             for line in stream:
                 loads(line)
