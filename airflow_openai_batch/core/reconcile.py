@@ -43,7 +43,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import msgspec
 import orjson
@@ -332,17 +332,6 @@ class _RequestHead(msgspec.Struct, gc=False):
     custom_id: str
 
 
-_B = TypeVar("_B")
-
-
-class _AskingRequestHead(msgspec.Struct, Generic[_B], gc=False):
-    """A request line read for its custom_id and what its body asks the answer to be (see
-    :class:`~airflow_openai_batch.core.schema.RequestSchemas`)."""
-
-    custom_id: str
-    body: _B
-
-
 _decode_request_heads = msgspec.json.Decoder(_RequestHead).decode_lines
 _custom_id_of = operator.attrgetter("custom_id")
 _body_of = operator.attrgetter("body")
@@ -446,8 +435,7 @@ class _InputIndex:
         kind = endpoint_kind(self._endpoint or (url if isinstance(url, str) else None))
         if self._read_schemas and kind in ("chat", "responses"):
             self._schemas = RequestSchemas(kind)
-            head: type[msgspec.Struct] = _AskingRequestHead[self._schemas.asks_type]  # type: ignore[name-defined]
-            self._decode_heads = msgspec.json.Decoder(head).decode_lines
+            self._decode_heads = self._schemas.decode_lines
 
     def _note_block(self, ids: list[str], asks: list[Any]) -> None:
         """The schemas of a slab's requests: at once for a slab whose requests all ask the same."""

@@ -1235,6 +1235,9 @@ _A = typing.TypeVar("_A")
 
 
 class _RequestAsking(msgspec.Struct, typing.Generic[_A], gc=False):
+    """A request line read for its custom_id and what its body asks its answer to be."""
+
+    custom_id: str
     body: _A
 
 
@@ -1247,8 +1250,8 @@ _MAX_REMEMBERED = 1024
 class RequestSchemas:
     """Learns each request's :class:`AnswerSchema` from what its body asks, cheaply.
 
-    A request line is decoded into ``{"custom_id", "body": asks}`` with :attr:`asks_type` (a typed view
-    that keeps the format and tools as JSON text and skips the rest of the body). A block whose
+    Request lines are decoded by :attr:`decode_lines` into ``custom_id`` and ``body``, a typed view (of
+    :attr:`asks_type`) that keeps the format and tools as JSON text and skips the rest. A block whose
     requests all ask the same, byte for byte, is answered at once (:meth:`of_block`); any request by its
     JSON text, parsed once per distinct text (:meth:`of_asks`).
 
@@ -1262,7 +1265,9 @@ class RequestSchemas:
         self._field = "response_format" if kind == _CHAT else "text"
         self._format_of = attrgetter(self._field)
         self._remembered: dict[tuple[bytes, bytes], AnswerSchema | None] = {}
-        self._decode_line = msgspec.json.Decoder(_RequestAsking[self.asks_type]).decode  # type: ignore[name-defined]
+        #: Reads newline-separated request lines into ``custom_id`` and ``body`` (what it asks), skipping the
+        #: rest; raises ``msgspec.DecodeError`` for a line that does not fit.
+        self.decode_lines = msgspec.json.Decoder(_RequestAsking[self.asks_type]).decode_lines  # type: ignore[name-defined]
 
     def of_asks(self, asks: _ChatAsks | _ResponsesAsks) -> AnswerSchema | None:
         """The answer schema one request asks for (``None``: plain text).
@@ -1301,13 +1306,6 @@ class RequestSchemas:
     def of_body(self, body: Any) -> AnswerSchema | None:
         """The answer schema of a request body already parsed."""
         return answer_schema_of_request(self.kind, body)
-
-    def of_line(self, raw: bytes) -> AnswerSchema | None:
-        """The answer schema of one request line (``None`` also for a line that is not a request)."""
-        try:
-            return self.of_asks(self._decode_line(raw).body)
-        except msgspec.DecodeError:  # the body is not an object, or the line not JSON
-            return None
 
 
 # ------------------------------------------------------------------------------------------------- Arrow
