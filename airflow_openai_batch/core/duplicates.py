@@ -82,11 +82,13 @@ class DuplicateFinder:
         #: Per spill: the (offset, count) of each partition in the spill file.
         self._spills: list[list[tuple[int, int]]] = []
 
-    def add(self, first_line: int, ids: list[str | None]) -> None:
+    def add(self, first_line: int, ids: list[str | None], *, ascending: bool | None = None) -> None:
         """Register the custom_ids of consecutive lines.
 
         :param first_line: the 1-based line number of the first id.
         :param ids: one entry per line, ``None`` where a line has no usable custom_id.
+        :param ascending: the caller knows whether the ids ascend in :func:`_id_key` order (all of them
+            present); ``None``: they are checked here.
         """
         log = self._log
         log += b"%d\t" % first_line
@@ -97,7 +99,11 @@ class DuplicateFinder:
         present = ids if all(ids) else [cid for cid in ids if cid is not None]  # ids are never ""
         if not self.ordered:
             self._hash(present)
-        elif present and _ascending(present) and (self._last is None or _id_key(present[0]) > self._last):
+        elif (
+            present
+            and (_ascending(present) if ascending is None else ascending)
+            and (self._last is None or _id_key(present[0]) > self._last)
+        ):
             self._last = _id_key(present[-1])
         elif present:
             # Out of order: from now on every id is hashed, those logged so far (these too) first.

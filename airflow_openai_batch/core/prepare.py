@@ -162,6 +162,9 @@ class BuiltLines:
     :param inputs: each line's embedding inputs (embeddings endpoint only, else ``None``).
     :param tokens: each line's prompt tokens when every line is counted, else ``None`` (then sampled).
     :param own_formats: lines that kept their own format where a response schema was to be put in.
+    :param longest: the bytes of the longest line, newline included (``None``: not known).
+    :param ascending_ids: the ids ascend as :class:`~airflow_openai_batch.core.duplicates.DuplicateFinder`
+        orders them, so they hold no repeat among themselves (``None``: not known).
     """
 
     data: bytes | memoryview
@@ -172,6 +175,8 @@ class BuiltLines:
     inputs: list[int] | None = None
     tokens: list[int] | None = None
     own_formats: int = 0
+    longest: int | None = None
+    ascending_ids: bool | None = None
 
 
 class LineBuilder(Protocol):
@@ -234,6 +239,7 @@ class _Run:
     :param ends: where each line ends in ``data`` (newline included), after a leading 0, when the caller
         knows it (lines built from a table): the lines need not be split out of ``data``.
     :param one_cap: every line has the cap ``caps[0]``.
+    :param longest: the bytes of the longest line, newline included, when the caller knows it.
     """
 
     def __init__(
@@ -247,6 +253,7 @@ class _Run:
         data: bytes | None = None,
         ends: list[int] | None = None,
         one_cap: bool = False,
+        longest: int | None = None,
     ) -> None:
         self.lines = lines
         self.ids = ids
@@ -256,6 +263,7 @@ class _Run:
         self.numbers = numbers
         self.data = data
         self.one_cap = one_cap
+        self._longest = longest
         #: Running totals of bytes, inputs and tokens: entry i counts the lines before line i.
         self._sums: tuple[list[int], list[int] | None, list[int] | None] | None = None
         self._ends = ends
@@ -308,6 +316,8 @@ class _Run:
 
     def longest(self, start: int, stop: int) -> int:
         """The bytes (newline included) of the longest of lines ``[start, stop)``."""
+        if self._longest is not None and start == 0 and stop == len(self):
+            return self._longest
         if self.lines is not None:
             whole = start == 0 and stop == len(self.lines)
             return max(map(len, self.lines if whole else self.lines[start:stop])) + 1
@@ -553,7 +563,7 @@ class _Preparer:
         as it is."""
         first = self.lines_read + 1
         count = len(built.ids)
-        self.ids.add(first, built.ids)  # type: ignore[arg-type]
+        self.ids.add(first, built.ids, ascending=built.ascending_ids)  # type: ignore[arg-type]
         self.lines_read += count
         self.requests_read += count
         if not count or self.problems.total:
@@ -569,6 +579,7 @@ class _Preparer:
             built.data,
             built.ends,
             one_cap=True,
+            longest=built.longest,
         )
         self.splitter.place_run(built.model, run)
         self.own_formats += built.own_formats

@@ -639,14 +639,15 @@ class TableRequests:
         for escaped, ids, ascii_values in self._escaped_batches():
             built = self._built(rules, _joined(layout, escaped), ids, own_format, ascii_values)
             if built is not None:
-                yield from _cut_built(built)
+                yield from _cut_built(*built)
             else:
                 yield from _cut_array(_joined(self._layout, escaped))
 
     def _built(
         self, rules: RequestRules, lines: Any, ids: Any, own_format: bool, ascii_values: bool
-    ) -> BuiltLines | None:
-        """A batch's lines as :class:`BuiltLines`, or ``None`` when the line validator must see them.
+    ) -> tuple[BuiltLines, Any] | None:
+        """A batch's lines as :class:`BuiltLines` with each line's size (an Arrow array), or ``None`` when
+        the line validator must see them.
 
         The lines differ only in their id and the template's values, which are JSON strings by
         construction; the rest of a line (method, url, the body's fields, model, caps) is the template's,
@@ -665,7 +666,8 @@ class TableRequests:
         checked = rules.check_line(first)
         if checked is None or checked.problems or checked.line != first:
             return None
-        longest = pc.max(pc.binary_length(lines)).as_py()
+        sizes = pc.binary_length(lines)
+        longest = pc.max(sizes).as_py()
         if rules.limit_problem(longest, checked.inputs, checked.tokens) is not None:
             return None
         if not ascii_values:
@@ -683,7 +685,9 @@ class TableRequests:
             checked.cap,
             [checked.inputs] * count if rules.counts_inputs else None,
             own_formats=count if own_format else 0,
-        )
+            longest=longest,
+            ascending_ids=_ascending_ids(ids),
+        ), sizes
 
     def _escaped_batches(self) -> Iterator[tuple[dict[str, Any], Any, bool]]:
         """Each batch's template values and ids, escaped for a JSON string, by field text (the id's
@@ -731,8 +735,9 @@ class TableRequests:
 
     def _ids(self, batch: Any, first_row: int, problems: _Problems) -> Any:
         ids = _as_text(batch.column(self.id_column))
-        empty = pc.equal(pc.binary_length(pc.fill_null(ids, "")), 0)
-        if pc.any(empty).as_py():
+        # The usual batch at a glance: no null, and the shortest id is not empty.
+        if ids.null_count or pc.min(pc.binary_length(ids)).as_py() == 0:
+            empty = pc.equal(pc.binary_length(pc.fill_null(ids, "")), 0)
             for index in pc.indices_nonzero(empty).to_pylist():
                 value = ids[index].as_py()
                 what = "null" if value is None else "an empty string"
@@ -839,9 +844,21 @@ class TableRequests:
         )
 
 
-def _cut_built(built: BuiltLines, size: int = DEFAULT_CHUNK_SIZE) -> Iterator[BuiltLines]:
+def _ascending_ids(ids: Any) -> bool | None:
+    """Whether ids of one length strictly ascend (then they hold no repeat), told by two Arrow kernels;
+    ``None`` for ids of several lengths (the duplicate finder orders those by length first)."""
+    if len(ids) < 2:
+        return True
+    lengths = pc.min_max(pc.binary_length(ids))
+    if lengths["min"].as_py() != lengths["max"].as_py():
+        return None
+    return pc.all(pc.less(ids.slice(0, len(ids) - 1), ids.slice(1))).as_py() is True
+
+
+def _cut_built(built: BuiltLines, sizes: Any, size: int = DEFAULT_CHUNK_SIZE) -> Iterator[BuiltLines]:
     """A batch's lines in pieces of about ``size`` bytes (whole lines), as :func:`_cut_array` cuts raw
-    blocks: chunk files written a few megabytes at a time were measured several times slower here."""
+    blocks: chunk files written a few megabytes at a time were measured several times slower here.
+    (``sizes``: each line's bytes, an Arrow array: a piece's longest line is one kernel call away.)"""
     ends, count = built.ends, len(built.ids)
     row = 0
     while row < count:
@@ -859,6 +876,8 @@ def _cut_built(built: BuiltLines, size: int = DEFAULT_CHUNK_SIZE) -> Iterator[Bu
             built.inputs[row:stop] if built.inputs is not None else None,
             None,
             built.own_formats and stop - row,
+            built.longest if row == 0 and stop == count else pc.max(sizes.slice(row, stop - row)).as_py(),
+            built.ascending_ids,
         )
         row = stop
 

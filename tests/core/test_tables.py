@@ -967,3 +967,27 @@ def test_bytes_that_are_not_utf8_are_named_by_row(tmp_path, column) -> None:
     [problem] = err.value.problems
     assert (problem.line, problem.unit) == (4, "row")
     assert "UTF-8" in problem.reason
+
+
+def test_a_batch_cut_into_pieces_is_prepared_as_its_lines_are(tmp_path) -> None:
+    """A batch of rows larger than a piece is handed over in pieces: the chunks, the estimate and its
+    largest line (in the second piece here) are those of the JSONL path, and the ids' order check holds
+    for ids of one length and of several."""
+    rows = 3000
+    texts = [f"text {i} " + "w" * 1000 for i in range(rows)]
+    texts[1500] += "z" * 900  # the largest line: in the second piece of the first batch (2 MB)
+    ids = [f"T{i:05d}" for i in range(rows)]
+    ids[1:3] = ["T9", "T10"]  # several lengths in the first batch: the finder orders them itself
+    path = write_parquet(tmp_path / "t.parquet", {"id": ids, "text": texts})
+    limits = {"endpoint": CHAT, "model": "gpt-4o-mini", "max_requests_per_batch": 1000}
+
+    def requests() -> TableRequests:
+        return TableRequests(
+            TableInput(path), endpoint=CHAT, id_column="id", prompt="{text}", batch_rows=2048
+        )
+
+    fast, _ = prepare_from_table(requests(), work_dir=tmp_path / "fast", **limits)
+    slow = prepare_from_lines(requests().lines(), work_dir=tmp_path / "slow", **limits)
+    assert chunk_contents(fast) == chunk_contents(slow)
+    assert fast.cost.to_dict() == slow.cost.to_dict()
+    assert fast.cost.largest_lines(1)[0]["line"] == 1501
