@@ -685,8 +685,8 @@ class SuccessColumns:
 
 @dataclass
 class FailureColumns:
-    """The failure records of many requests that failed alike (e.g. those an expired batch left
-    unanswered), a column per record field (see :meth:`RecordBuilder.failures`).
+    """The failure records of many requests, a column per record field (see
+    :meth:`RecordBuilder.failures`).
 
     :param columns: record field -> its values, one per record, in the records' field order.
     :param request_lines: each record's request line, as in the input file (no newline).
