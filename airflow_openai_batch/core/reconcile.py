@@ -882,7 +882,8 @@ class _BatchJoin:
         code = _ABSENT_CODE_BY_STATUS.get(tally.status, "missing")
         message = _ABSENT_MESSAGES[code].format(status=tally.status)
         unanswered = self.unanswered
-        ids = [cid for cid in index.offsets if cid in unanswered]  # in file order
+        # In file order; none at all in a completed batch, where a pass over the input is not needed.
+        ids = [cid for cid in index.offsets if cid in unanswered] if unanswered else []
         offsets = list(map(index.offsets.__getitem__, ids))
         for start in range(0, len(ids), _FAILURES_AT_ONCE):
             stop = start + _FAILURES_AT_ONCE
