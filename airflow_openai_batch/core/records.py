@@ -699,7 +699,7 @@ class FailureColumns:
         return len(self.request_lines)
 
     def records(self) -> list[dict[str, Any]]:
-        """The records as dicts, as :meth:`RecordBuilder.failure` makes them one by one."""
+        """The records as dicts, one per request."""
         return _rows(self.columns)
 
 
@@ -899,28 +899,6 @@ class RecordBuilder:
         record["attempts"] = self.attempt
         return record
 
-    def failure(
-        self,
-        custom_id: str | None,
-        status_code: int | None,
-        error_code: str,
-        error_message: str,
-        request_line: bytes,
-        output: str | None = None,
-    ) -> dict[str, Any]:
-        """:param request_line: the request as in the input file (no newline).
-        :param output: the answer's text, for an answer that came back unusable."""
-        return {
-            "custom_id": custom_id,
-            "batch_id": self.batch_id,
-            "status_code": status_code,
-            "error_code": error_code,
-            "error_message": error_message,
-            "request": self._request(request_line),
-            "output": output,
-            "attempts": self.attempt,
-        }
-
     def failures(
         self,
         custom_ids: list[str | None],
@@ -930,8 +908,15 @@ class RecordBuilder:
         outputs: list[str | None],
         request_lines: list[bytes],
     ) -> FailureColumns:
-        """The failure records of many requests, made a column at a time: what :meth:`failure` makes of
-        each (the lists hold its arguments, a value per request)."""
+        """The failure records of requests, made a column at a time (the only way they are made: a
+        request fails with a few thousand others, or alone). The lists hold a value per request.
+
+        :param custom_ids: their custom_ids (``None`` for an input line without a usable one).
+        :param status_codes: their HTTP status (``None``: not an HTTP failure).
+        :param error_codes: their codes; :param error_messages: their messages.
+        :param outputs: an unusable answer's text, else ``None``.
+        :param request_lines: the requests as in the input file (no newline).
+        """
         if self.raw_json and _json_texts(request_lines):
             requests = list(map(Raw, request_lines))  # all of them JSON: checked at once
         else:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -30,7 +31,6 @@ from airflow_openai_batch.core.reconcile import (
 )
 from airflow_openai_batch.core.records import (
     FailureColumns,
-    RecordBuilder,
     endpoint_kind,
     extract_content,
     usage_counts,
@@ -1058,10 +1058,10 @@ class RawMemorySink(MemorySink):
         super().write_failures(failures)
 
 
-def test_requests_an_expired_batch_left_unanswered_fail_as_the_record_builder_fails_each(tmp_path) -> None:
+def test_requests_an_expired_batch_left_unanswered_each_get_their_failure_record(tmp_path) -> None:
     """Failed many at a time (their lines read back in spans of the input copy, their records made as
-    columns), each record is what the one record builder makes of its line, odd lines too (not UTF-8; a
-    number only some readers load; a line longer than a span's read)."""
+    columns), each request gets its own record, odd lines too (not UTF-8; a number only some readers
+    load; a line longer than a span's read)."""
     inputs = [request(f"r{i:05d}", temperature=0.5, note="x" * (i % 300)) for i in range(9000)]
     inputs[4001] = request("r04001", note="y" * 50_000)  # longer than a span's read past its last offset
     inputs[7001] = request("r07001").replace(b'"gpt-4o-mini"', b'"gpt-4o-mini","t":"\xff"')
@@ -1074,14 +1074,25 @@ def test_requests_an_expired_batch_left_unanswered_fail_as_the_record_builder_fa
 
     answered = {f"r{i:05d}" for i in range(0, 9000, 7)}
     left = [(line, f"r{i:05d}") for i, line in enumerate(inputs) if f"r{i:05d}" not in answered]
-    builder = RecordBuilder("b1", endpoint_kind(CHAT), raw_json=True)
     message = sink.failures[0]["error_message"]
-    assert sink.failures == [builder.failure(cid, None, "batch_expired", message, line) for line, cid in left]
+    assert "expired" in message
+    assert sink.failures == [
+        {
+            "custom_id": cid,
+            "batch_id": "b1",
+            "status_code": None,
+            "error_code": "batch_expired",
+            "error_message": message,
+            "request": None if cid == "r07001" else msgspec.Raw(line),  # not UTF-8: not JSON to load back
+            "output": None,
+            "attempts": 1,
+        }
+        for line, cid in left
+    ]
     assert sink.request_lines == [line for line, _ in left]
     assert summary.failed_by_code == {"batch_expired": len(left)}
     assert sink.failed_as_columns == len(left)
     by_id = {r["custom_id"]: r for r in sink.failures}
-    assert by_id["r07001"]["request"] is None  # not UTF-8: not JSON a reader can load back
     assert bytes(by_id["r08002"]["request"]) == inputs[8002]  # valid JSON, kept as it is
     assert bytes(by_id["r04001"]["request"]) == inputs[4001]
 
