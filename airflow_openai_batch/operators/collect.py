@@ -89,7 +89,7 @@ class _AnsweredIds(RecordSink):
 
     def write_failures(self, failures: FailureColumns) -> None:
         if self.noting:
-            self.ids.update(failures.columns["custom_id"])
+            self.ids.update(cid for cid in failures.columns["custom_id"] if cid is not None)
         self.sink.write_failures(failures)
 
     def close(self) -> None:
