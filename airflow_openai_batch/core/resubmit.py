@@ -180,27 +180,29 @@ class RetryLines(RecordSink):
         pass
 
     def write_failure(self, record: dict[str, Any], request_line: bytes) -> None:
-        code = str(record.get("error_code"))
-        if self.policy.retryable(record.get("status_code"), code):
+        if self._retries(record.get("status_code"), str(record.get("error_code"))):
             self._file.write(request_line)
             self._file.write(b"\n")
-            self.retried_by_code[code] += 1
-        else:
-            self.kept_by_code[code] += 1
 
     def write_failures(self, failures: FailureColumns) -> None:
         columns = failures.columns
-        retried = []
-        for code, status_code, line in zip(
-            map(str, columns["error_code"]), columns["status_code"], failures.request_lines, strict=True
-        ):
-            if self.policy.retryable(status_code, code):
-                retried.append(line)
-                self.retried_by_code[code] += 1
-            else:
-                self.kept_by_code[code] += 1
+        retried = [
+            line
+            for code, status_code, line in zip(
+                map(str, columns["error_code"]), columns["status_code"], failures.request_lines, strict=True
+            )
+            if self._retries(status_code, code)
+        ]
         if retried:
             self._file.write(b"\n".join([*retried, b""]))
+
+    def _retries(self, status_code: int | None, code: str) -> bool:
+        """Whether a failure is retried, counted under its code either way."""
+        if self.policy.retryable(status_code, code):
+            self.retried_by_code[code] += 1
+            return True
+        self.kept_by_code[code] += 1
+        return False
 
     def close(self) -> None:
         self._file.close()
