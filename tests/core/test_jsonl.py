@@ -8,7 +8,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from airflow_openai_batch.core.jsonl import iter_lines, iter_raw_blocks, unix_line_ends
+from airflow_openai_batch.core.jsonl import count_lines, iter_lines, iter_raw_blocks, unix_line_ends
 
 BOM = b"\xef\xbb\xbf"
 
@@ -98,3 +98,8 @@ def test_iter_lines_property(
     if bom and not expected:
         expected = [b""]  # the BOM alone is one (blank) line
     assert lines_of(data, chunk_size) == expected
+
+
+@given(st.binary(max_size=300) | st.lists(st.sampled_from([b"\n", b"{}", b"\r", b"x" * 40])).map(b"".join))
+def test_count_lines_counts_every_newline(data: bytes) -> None:
+    assert count_lines(data) == data.count(b"\n")
