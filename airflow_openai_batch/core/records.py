@@ -90,6 +90,7 @@ def endpoint_kind(endpoint: str | None) -> str:
 # (~10% of a collect's CPU).
 
 _NULL = Raw(b"null")
+_T = TypeVar("_T")
 
 
 class _Body(msgspec.Struct, gc=False):
@@ -120,8 +121,15 @@ class _ChatChoice(msgspec.Struct, gc=False):
     finish_reason: Any = None
 
 
+class _First(msgspec.Struct, Generic[_T], array_like=True, frozen=True, gc=False):
+    """A JSON array read for its first element only: decoding skips the others and makes no list (a list
+    per line is also a garbage collector allocation; a struct with ``gc=False`` is not)."""
+
+    item: _T | None = None
+
+
 class _ChatBody(_Body):
-    choices: list[_ChatChoice] = []
+    choices: _First[_ChatChoice] = _First()
 
 
 class _TextChoice(msgspec.Struct, gc=False):
@@ -129,7 +137,7 @@ class _TextChoice(msgspec.Struct, gc=False):
 
 
 class _CompletionsBody(_Body):
-    choices: list[_TextChoice] = []
+    choices: _First[_TextChoice] = _First()
 
 
 class _OutputItem(msgspec.Struct, gc=False):
@@ -171,10 +179,10 @@ def _chat_fields(body: _ChatBody, record: dict[str, Any]) -> bool:
 
     :return: whether the answer is a tool call.
     """
-    if not body.choices:
+    choice = body.choices.item
+    if choice is None:
         record["content"] = record["finish_reason"] = None
         return False
-    choice = body.choices[0]
     message = choice.message
     content = message.content if message is not None else None
     record["content"] = content if isinstance(content, str) or content is None else _parts_text(content, None)
@@ -185,7 +193,8 @@ def _chat_fields(body: _ChatBody, record: dict[str, Any]) -> bool:
 
 def _completions_fields(body: _CompletionsBody, record: dict[str, Any]) -> None:
     """``content``: the first choice's text."""
-    text = body.choices[0].text if body.choices else None
+    choice = body.choices.item
+    text = choice.text if choice is not None else None
     record["content"] = text if isinstance(text, str) else None
 
 
@@ -248,7 +257,8 @@ def _chat_answer(
     body: _ChatBody, content: str | None, finish: str | None, schema: AnswerSchema | None
 ) -> StructuredAnswer:
     """The first choice's answer: its content, or its function calls' arguments."""
-    message = body.choices[0].message if body.choices else None
+    choice = body.choices.item
+    message = choice.message if choice is not None else None
     calls = None
     if message is not None and message.tool_calls:
         calls = [
@@ -303,17 +313,15 @@ def _parsed_raw(answer: StructuredAnswer) -> Raw | None:
 # passes (comprehensions, ``map``) per column instead of Python calls per line. Structured answers are
 # still classified one by one, by the same function as on their own.
 
-_B = TypeVar("_B")
+
+class _ViewResponse(msgspec.Struct, Generic[_T], gc=False):
+    body: _T
 
 
-class _ViewResponse(msgspec.Struct, Generic[_B], gc=False):
-    body: _B
-
-
-class _ViewLine(msgspec.Struct, Generic[_B], gc=False):
+class _ViewLine(msgspec.Struct, Generic[_T], gc=False):
     """A result line read for its body's typed view only (the join's fields come from the other decode)."""
 
-    response: _ViewResponse[_B]
+    response: _ViewResponse[_T]
 
 
 _NO_MESSAGE = _Message()
@@ -338,7 +346,7 @@ _Columns = tuple[dict[str, list[Any]], bool]
 
 def _chat_columns(views: list[_ChatBody]) -> _Columns:
     """:func:`_chat_fields` of a block of views as columns."""
-    choices = [b.choices[0] if b.choices else _NO_CHOICE for b in views]
+    choices = [b.choices.item or _NO_CHOICE for b in views]
     messages = [c.message or _NO_MESSAGE for c in choices]
     columns = {
         "content": _text_column([m.content for m in messages], _content_or_parts),
@@ -360,7 +368,7 @@ def _responses_columns(views: list[_ResponsesBody]) -> _Columns:
 
 def _completions_columns(views: list[_CompletionsBody]) -> _Columns:
     """:func:`_completions_fields` of a block of views as columns."""
-    texts = [b.choices[0].text if b.choices else None for b in views]
+    texts = [b.choices.item.text if b.choices.item is not None else None for b in views]
     return {"content": _text_column(texts, _text_or_none)}, False
 
 

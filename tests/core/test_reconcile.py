@@ -504,6 +504,23 @@ def test_convenience_fields_for_every_endpoint(tmp_path: Path) -> None:
     cases = [
         ("/v1/chat/completions", chat_body("chat!"), {"content": "chat!"}),
         ("/v1/chat/completions", chat_body(None), {"content": None}),
+        # n=2: the first choice is the answer, whatever the others hold
+        (
+            "/v1/chat/completions",
+            {
+                "model": "gpt-4o-mini",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "first"},
+                        "finish_reason": "stop",
+                    },
+                    {"index": 1, "message": {"content": ["not", "read"]}, "finish_reason": 7},
+                ],
+            },
+            {"content": "first"},
+        ),
+        ("/v1/chat/completions", {"model": "gpt-4o-mini", "choices": []}, {"content": None}),
         ("/v1/responses", responses_body, {"content": "Hello, world"}),
         (
             "/v1/responses",
@@ -511,6 +528,7 @@ def test_convenience_fields_for_every_endpoint(tmp_path: Path) -> None:
             {"content": None, "tool_calls": [{"name": "f", "arguments": {"a": 1}}], "parsed": {"a": 1}},
         ),
         ("/v1/completions", completions_body, {"content": "done"}),
+        ("/v1/completions", {"choices": [{"text": "one"}, {"text": "two"}]}, {"content": "one"}),
         ("/v1/embeddings", _embedding_body([0.1, 0.2]), {"embedding": [0.1, 0.2]}),
         (
             "/v1/embeddings",
