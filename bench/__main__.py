@@ -390,6 +390,33 @@ def bench_collect(run: Runner, results: int) -> list[Row]:
             target="(info)",
         )
     )
+    # Ablation: Arrow's buffers from the C library's malloc instead of its default (mimalloc), as the README
+    # advises for hosts with transparent huge pages in ``madvise`` mode (this one): the Parquet writer's own
+    # buffers come from the process-wide default pool, which only the environment chooses.
+    pool = run.best_interleaved(
+        {
+            "collect-bare-system-pool": _case("collect_bare", folder=str(folder), work_dir=out),
+            "collect-parquet-system-pool": _case(
+                "collect_ours", folder=str(folder), work_dir=out, output_format="parquet"
+            ),
+        },
+        max(run.repeat, 5),
+        env={"ARROW_DEFAULT_MEMORY_POOL": "system"},
+    )
+    system_pool = pool["collect-parquet-system-pool"]
+    rows.append(
+        Row(
+            "  ablation -> parquet: ARROW_DEFAULT_MEMORY_POOL=system (the C library's malloc)",
+            "rows/s",
+            results / system_pool["seconds"],
+            COLLECT_BARE,
+            results / pool["collect-bare-system-pool"]["seconds"],
+            target="(info)",
+            note=f"kernel time {system_pool['system_seconds']:.2f} s against "
+            f"{idle['parquet']['system_seconds']:.2f} s with the default pool; "
+            f"peak RSS {system_pool['peak_rss_mb']:.0f} MB",
+        )
+    )
     shutil.rmtree(folder)
     return rows
 
