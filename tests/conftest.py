@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -43,6 +44,11 @@ for _var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_ORG_ID", "OPENAI_PROJE
 import pytest  # noqa: E402
 
 from airflow_openai_batch.emulator import EmulatorConfig, EmulatorServer  # noqa: E402
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The session's Airflow home (metadata DB, logs) goes with the session."""
+    shutil.rmtree(_AIRFLOW_HOME, ignore_errors=True)
 
 
 def free_port() -> int:
