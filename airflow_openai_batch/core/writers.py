@@ -249,10 +249,11 @@ class _JsonlFile(_PartialFile):
     def add_block(self, records: SuccessColumns | FailureColumns) -> None:
         # One msgspec call for the block: each record a Struct whose fields are the record's keys, in order.
         record_type = _record_struct(tuple(records.columns))
-        self._buffer += self._encode_lines(list(map(record_type, *records.columns.values())))
+        lines = self._encode_lines(list(map(record_type, *records.columns.values())))
         self.count += len(records)
-        if len(self._buffer) >= _WRITE_BYTES:
+        if self._buffer:
             self._flush()
+        self._file.write(lines)  # a block's lines are large enough to go out as they are, not copied first
 
     def add_line(self, line: bytes) -> None:
         """Append one line as it is (plus a newline)."""
