@@ -110,8 +110,21 @@ class _ToolCall(msgspec.Struct, gc=False):
     function: _Function | None = None  # None for a tool call that is not a function's (custom tools)
 
 
+class _Part(msgspec.Struct, gc=False):
+    """A content part: its type and its text, or refusal (annotations, logprobs and the rest skipped: read
+    as a dict, a part and its lists would be garbage-collected objects, several per answer)."""
+
+    type: Any = None
+    text: Any = None
+    refusal: Any = None
+
+
+#: Message content: a string, null, or a list of content parts (chat: some models; responses: always).
+_Content = str | list[_Part] | None
+
+
 class _Message(msgspec.Struct, gc=False):
-    content: Any = None  # a string, null, or (some models) a list of content parts
+    content: _Content = None
     refusal: Any = None
     tool_calls: list[_ToolCall] | None = None
 
@@ -142,7 +155,7 @@ class _CompletionsBody(_Body):
 
 class _OutputItem(msgspec.Struct, gc=False):
     type: Any = None
-    content: Any = None  # message items: a list of parts; reasoning items, tool calls...: no text
+    content: _Content = None  # message items: a list of parts; reasoning items, tool calls...: no text
     name: Any = None  # function_call items: the function and its arguments (JSON text)
     arguments: Any = None
 
@@ -162,15 +175,11 @@ class _EmbeddingsBody(_Body):
     data: list[_EmbeddingItem] = []
 
 
-def _parts_text(parts: Any, part_type: str | None) -> str | None:
+def _parts_text(parts: _Content, part_type: str | None) -> str | None:
     """The text of a list of content parts (only those of ``part_type``, unless ``None``)."""
     if not isinstance(parts, list):
         return None
-    texts = [
-        p["text"]
-        for p in parts
-        if isinstance(p, dict) and isinstance(p.get("text"), str) and part_type in (None, p.get("type"))
-    ]
+    texts = [p.text for p in parts if isinstance(p.text, str) and part_type in (None, p.type)]
     return "".join(texts) if texts else None
 
 
@@ -198,17 +207,31 @@ def _completions_fields(body: _CompletionsBody, record: dict[str, Any]) -> None:
     record["content"] = text if isinstance(text, str) else None
 
 
+def _output_text(body: _ResponsesBody) -> str | None:
+    """The ``output_text`` parts of every message item, joined."""
+    texts = [t for item in body.output if (t := _parts_text(item.content, "output_text")) is not None]
+    return "".join(texts) if texts else None
+
+
+def _calls_function(body: _ResponsesBody) -> bool:
+    return any(item.type == "function_call" for item in body.output)
+
+
+def _responses_finish(body: _ResponsesBody, calls: bool) -> str | None:
+    """The outcome in chat's ``finish_reason`` vocabulary."""
+    finish = responses_finish_reason(body.status, body.incomplete_details, calls)
+    return finish if type(finish) is str else None
+
+
 def _responses_fields(body: _ResponsesBody, record: dict[str, Any]) -> bool:
     """``content``: the ``output_text`` parts of every message item, joined; ``finish_reason`` in chat's
     vocabulary.
 
     :return: whether the answer is a function call.
     """
-    texts = [t for item in body.output if (t := _parts_text(item.content, "output_text")) is not None]
-    record["content"] = "".join(texts) if texts else None
-    calls = any(item.type == "function_call" for item in body.output)
-    finish = responses_finish_reason(body.status, body.incomplete_details, calls)
-    record["finish_reason"] = finish if type(finish) is str else None
+    record["content"] = _output_text(body)
+    calls = _calls_function(body)
+    record["finish_reason"] = _responses_finish(body, calls)
     return calls
 
 
@@ -280,11 +303,11 @@ def _responses_answer(
         if item.type == "function_call"
     ] or None
     refusals = [
-        p["refusal"]
+        p.refusal
         for item in body.output
         if item.type == "message" and isinstance(item.content, list)
         for p in item.content
-        if isinstance(p, dict) and p.get("type") == "refusal" and isinstance(p.get("refusal"), str)
+        if p.type == "refusal" and isinstance(p.refusal, str)
     ]
     refusal = "".join(refusals) if refusals else None
     return classify_answer(content, finish, calls, refusal, schema)
@@ -356,14 +379,14 @@ def _chat_columns(views: list[_ChatBody]) -> _Columns:
 
 
 def _responses_columns(views: list[_ResponsesBody]) -> _Columns:
-    """:func:`_responses_fields` of a block of views as columns (one call per view: its rules are many)."""
-    records: list[dict[str, Any]] = [{} for _ in views]
-    calls = any(list(map(_responses_fields, views, records)))
+    """:func:`_responses_fields` of a block of views as columns (one call per view and field: its rules
+    are many)."""
+    calls = list(map(_calls_function, views))
     columns = {
-        "content": [record["content"] for record in records],
-        "finish_reason": [record["finish_reason"] for record in records],
+        "content": list(map(_output_text, views)),
+        "finish_reason": list(map(_responses_finish, views, calls)),
     }
-    return columns, calls
+    return columns, any(calls)
 
 
 def _completions_columns(views: list[_CompletionsBody]) -> _Columns:

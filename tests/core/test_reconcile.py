@@ -522,6 +522,27 @@ def test_convenience_fields_for_every_endpoint(tmp_path: Path) -> None:
         ),
         ("/v1/chat/completions", {"model": "gpt-4o-mini", "choices": []}, {"content": None}),
         ("/v1/responses", responses_body, {"content": "Hello, world"}),
+        # output_text parts only (not a reasoning item's text); annotations and logprobs skipped
+        (
+            "/v1/responses",
+            {
+                "output": [
+                    {"type": "reasoning", "content": [{"type": "reasoning_text", "text": "thinking"}]},
+                    {
+                        "type": "message",
+                        "content": [
+                            {
+                                "type": "output_text",
+                                "text": "cited",
+                                "annotations": [{"type": "url_citation", "url": "https://example.com"}],
+                                "logprobs": [{"token": "cited", "logprob": -0.1, "top_logprobs": []}],
+                            }
+                        ],
+                    },
+                ]
+            },
+            {"content": "cited"},
+        ),
         (
             "/v1/responses",
             {"output": [{"type": "function_call", "name": "f", "arguments": '{"a": 1}'}]},
