@@ -390,6 +390,37 @@ def bench_collect(run: Runner, results: int) -> list[Row]:
             target="(info)",
         )
     )
+    # The Responses API's answers (more nesting per answer than chat's), against the parse of their own files.
+    responses_folder = run.tmp / "data" / f"responses-{results}"
+    gen.write_results(responses_folder, results, endpoint="responses")
+    responses = run.best_interleaved(
+        {
+            "collect-responses-bare": _case("collect_bare", folder=str(responses_folder), work_dir=out),
+            **{
+                f"collect-responses-{fmt}": _case(
+                    "collect_ours", folder=str(responses_folder), work_dir=out, output_format=fmt
+                )
+                for fmt in COLLECT_TARGETS
+            },
+        },
+        max(run.repeat, 5),
+    )
+    for fmt in COLLECT_TARGETS:
+        answers = responses[f"collect-responses-{fmt}"]
+        if answers["rows"] != results:
+            raise BenchError(f"collect responses {fmt}: {answers['rows']} rows, expected {results}")
+        rows.append(
+            Row(
+                f"Collect {results:,} Responses API answers -> {fmt}",
+                "rows/s",
+                results / answers["seconds"],
+                COLLECT_BARE,
+                results / responses["collect-responses-bare"]["seconds"],
+                target="(info)",
+                note=f"peak RSS {answers['peak_rss_mb']:.0f} MB",
+            )
+        )
+    shutil.rmtree(responses_folder)
     # Ablation: Arrow's buffers from the C library's malloc instead of its default (mimalloc), as the README
     # advises for hosts with transparent huge pages in ``madvise`` mode (this one): the Parquet writer's own
     # buffers come from the process-wide default pool, which only the environment chooses.

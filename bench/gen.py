@@ -29,6 +29,12 @@ _REQUEST_TAIL = (
     b'{"role":"user","content":"%s"}],"max_tokens":50}}\n'
 )
 _REQUEST = b'{"custom_id":"req-%09d' + _REQUEST_TAIL
+#: A Responses API request (``write_results(..., endpoint="responses")``).
+_RESPONSES_REQUEST = (
+    b'{"custom_id":"req-%09d","method":"POST","url":"/v1/responses","body":{"model":"'
+    + MODEL.encode()
+    + b'","instructions":"Label the support ticket.","input":"%s","max_output_tokens":50}}\n'
+)
 #: The same request with a random 32-hex-digit custom_id (a UUID), so ids do not come in order.
 _REQUEST_RANDOM_ID = b'{"custom_id":"%s' + _REQUEST_TAIL
 
@@ -42,6 +48,22 @@ _OUTPUT = (
     b'{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,'
     b'"rejected_prediction_tokens":0}},"service_tier":"default","system_fingerprint":"fp_b8bc95a0ac"}},'
     b'"error":null}\n'
+)
+
+#: A Responses API answer as the Batch API returns it: a message item whose one part carries (empty)
+#: annotations and logprobs, usage in the Responses API's names.
+_RESPONSES_OUTPUT = (
+    b'{"id":"batch_req_%032x","custom_id":"req-%09d","response":{"status_code":200,'
+    b'"request_id":"%032x","body":{"id":"resp_%029x","object":"response","created_at":1764000000,'
+    b'"status":"completed","error":null,"incomplete_details":null,"instructions":"Label the support '
+    b'ticket.","max_output_tokens":50,"model":"gpt-4o-mini-2024-07-18","output":[{"id":"msg_%029x",'
+    b'"type":"message","status":"completed","role":"assistant","content":[{"type":"output_text",'
+    b'"annotations":[],"logprobs":[],"text":"%s"}]}],"parallel_tool_calls":true,'
+    b'"previous_response_id":null,"reasoning":{"effort":null,"summary":null},"service_tier":"default",'
+    b'"store":true,"temperature":1.0,"text":{"format":{"type":"text"},"verbosity":"medium"},'
+    b'"tool_choice":"auto","tools":[],"top_p":1.0,"truncation":"disabled","usage":{"input_tokens":%d,'
+    b'"input_tokens_details":{"cached_tokens":0},"output_tokens":%d,"output_tokens_details":'
+    b'{"reasoning_tokens":0},"total_tokens":%d},"user":null,"metadata":{}}},"error":null}\n'
 )
 
 _ERROR_HTTP = (
@@ -61,10 +83,13 @@ def _text(rng: random.Random, low: int, high: int) -> bytes:
     return b" ".join(words)
 
 
-def write_requests(path: Path, lines: int, seed: int = 1, random_ids: bool = False) -> int:
-    """Write ``lines`` chat request lines (about 270 bytes each, unique custom_ids); return the bytes.
+def write_requests(
+    path: Path, lines: int, seed: int = 1, random_ids: bool = False, endpoint: str = "chat"
+) -> int:
+    """Write ``lines`` request lines (chat: about 270 bytes each; unique custom_ids); return the bytes.
 
     :param random_ids: UUID-like custom_ids in random order instead of ``req-000000001``...
+    :param endpoint: ``"chat"``, or ``"responses"`` for Responses API requests (ids in order).
     """
     rng = random.Random(seed)
     # A pool of texts reused round-robin: generating is not what is measured, and lines still differ.
@@ -74,7 +99,9 @@ def write_requests(path: Path, lines: int, seed: int = 1, random_ids: bool = Fal
         block: list[bytes] = []
         for i in range(lines):
             text = pool[(i * 7919) % 4096]
-            if random_ids:
+            if endpoint == "responses":
+                block.append(_RESPONSES_REQUEST % (i, text))
+            elif random_ids:
                 block.append(_REQUEST_RANDOM_ID % (b"%032x" % rng.getrandbits(128), text))
             else:
                 block.append(_REQUEST % (i, text))
@@ -89,15 +116,20 @@ def write_requests(path: Path, lines: int, seed: int = 1, random_ids: bool = Fal
     return written
 
 
-def write_results(folder: Path, requests: int, failure_rate: float = 0.05, seed: int = 2) -> dict[str, Path]:
+def write_results(
+    folder: Path, requests: int, failure_rate: float = 0.05, seed: int = 2, endpoint: str = "chat"
+) -> dict[str, Path]:
     """Write one batch's three files: ``input.jsonl``, ``output.jsonl`` and ``error.jsonl``.
 
     Result lines are shuffled (OpenAI does not keep the input order); ``failure_rate`` of the requests
     are in the error file (half HTTP 400, half non-HTTP errors).
+
+    :param endpoint: ``"chat"`` (chat completions) or ``"responses"`` (the Responses API).
     """
     folder.mkdir(parents=True, exist_ok=True)
     paths = {name: folder / f"{name}.jsonl" for name in ("input", "output", "error")}
-    write_requests(paths["input"], requests, seed=seed)
+    write_requests(paths["input"], requests, seed=seed, endpoint=endpoint)
+    answer = _RESPONSES_OUTPUT if endpoint == "responses" else _OUTPUT
     rng = random.Random(seed)
     replies = [_text(rng, 4, 30) for _ in range(2048)]
     order = list(range(requests))
@@ -112,10 +144,8 @@ def write_results(folder: Path, requests: int, failure_rate: float = 0.05, seed:
             else:
                 prompt = 20 + i % 50
                 completion = 5 + i % 40
-                out.write(
-                    _OUTPUT
-                    % (i, i, i * 31, i * 17, replies[i % 2048], prompt, completion, prompt + completion)
-                )
+                ids = (i, i, i * 31, i * 17) if answer is _OUTPUT else (i, i, i * 31, i * 17, i * 13)
+                out.write(answer % (*ids, replies[i % 2048], prompt, completion, prompt + completion))
     return paths
 
 
