@@ -378,9 +378,35 @@ def _chat_columns(views: list[_ChatBody]) -> _Columns:
     return columns, any(map(_tool_calls_of, messages))
 
 
+_type_of = operator.attrgetter("type")
+
+
+def _usual_responses_texts(views: list[_ResponsesBody]) -> list[str] | None:
+    """The answers' texts if every answer is the usual one: completed, its one output item a message
+    holding one ``output_text`` part (what :func:`_responses_fields` reads as that part's text and finish
+    reason ``stop``), checked a column at a time; else ``None``."""
+    outputs = [body.output for body in views]
+    if set(map(len, outputs)) != {1} or {body.status for body in views} != {"completed"}:
+        return None
+    items = [output[0] for output in outputs]
+    if set(map(_type_of, items)) != {"message"}:
+        return None
+    contents = [item.content for item in items]
+    if set(map(type, contents)) != {list} or set(map(len, contents)) != {1}:
+        return None
+    parts = [content[0] for content in contents]
+    texts = [part.text for part in parts]
+    if set(map(_type_of, parts)) != {"output_text"} or set(map(type, texts)) != {str}:
+        return None
+    return texts
+
+
 def _responses_columns(views: list[_ResponsesBody]) -> _Columns:
-    """:func:`_responses_fields` of a block of views as columns (one call per view and field: its rules
-    are many)."""
+    """:func:`_responses_fields` of a block of views as columns: a column at a time for a block of usual
+    answers, else one call per view and field (the rules are many)."""
+    texts = _usual_responses_texts(views)
+    if texts is not None:
+        return {"content": texts, "finish_reason": ["stop"] * len(views)}, False
     calls = list(map(_calls_function, views))
     columns = {
         "content": list(map(_output_text, views)),

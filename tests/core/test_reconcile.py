@@ -1082,6 +1082,79 @@ def test_a_block_of_structured_answers_gives_the_records_of_the_line_by_line_joi
         )
 
 
+def _plain_responses_bodies() -> list[dict]:
+    """Plain Responses API answers: the usual one first, then the shapes a block of them may also hold."""
+
+    def answer(*items: dict, status: str = "completed", reason: str | None = None) -> dict:
+        return {
+            "object": "response",
+            "model": "gpt-5-mini",
+            "status": status,
+            "incomplete_details": {"reason": reason} if reason else None,
+            "output": list(items),
+            "usage": {"input_tokens": 4, "output_tokens": 3, "total_tokens": 7},
+        }
+
+    def message(*parts: dict) -> dict:
+        return {"type": "message", "role": "assistant", "content": list(parts)}
+
+    def text(value: Any) -> dict:
+        return {"type": "output_text", "text": value, "annotations": [], "logprobs": []}
+
+    reasoning = {"type": "reasoning", "content": [{"type": "reasoning_text", "text": "hmm"}]}
+    return [
+        answer(message(text("the usual"))),
+        answer(reasoning, message(text("after thought"))),
+        answer(message(text("two "), text("parts"))),
+        answer(message(text("cut"))),
+        answer(message(text("cut")), status="incomplete", reason="max_output_tokens"),
+        answer(message({"type": "refusal", "refusal": "no"})),
+        answer(message(text(None))),
+        answer(message(text("queued")), status="in_progress"),
+        answer(),
+        answer(message()),
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+@pytest.mark.parametrize("shape", ["mixed", *range(len(_plain_responses_bodies()))])
+def test_a_block_of_plain_responses_answers_gives_the_records_of_the_line_by_line_join(
+    tmp_path: Path, fmt: str, shape: str | int
+) -> None:
+    """Blocks of one shape each (the usual one is read a column at a time, any other one by one), and
+    of every shape mixed."""
+    from airflow_openai_batch.core.writers import ResultWriter, read_records
+
+    shapes = _plain_responses_bodies()
+    bodies = shapes * 40 if shape == "mixed" else [shapes[int(shape)]] * 60
+    ids = [f"r{i}" for i in range(len(bodies))]
+    inputs = [request(cid, url="/v1/responses") for cid in ids]
+    output = [ok_line(cid, body) for cid, body in zip(ids, bodies, strict=True)]
+    expected, expected_summary = reconcile(tmp_path / "lines", inputs, output, None)
+    with ResultWriter(tmp_path / "out", fmt) as writer:
+        rec = Reconciler(writer, tmp_path / "work")
+        rec.add_batch(BatchResultFiles("batch_1", "completed", inputs, output, None, model="gpt-4o-mini"))
+    assert rec.summary().to_dict() == expected_summary.to_dict()
+    successes = list(read_records(tmp_path / "out" / f"successes.{fmt}"))
+    assert len(successes) == len(bodies)
+    for got, want in zip(successes, expected.successes, strict=True):
+        assert (got["custom_id"], got["content"], got["finish_reason"]) == (
+            want["custom_id"],
+            want["content"],
+            want["finish_reason"],
+        )
+    if shape == "mixed":
+        assert {r["content"] for r in successes} == {
+            "the usual",
+            "after thought",
+            "two parts",
+            "cut",
+            None,
+            "queued",
+        }
+        assert {r["finish_reason"] for r in successes} == {"stop", "length", "in_progress"}
+
+
 class RawMemorySink(MemorySink):
     """A MemorySink given raw JSON (as the result writer is); failures come as columns, each recorded as
     the default ``write_failures`` passes them on, one by one."""
