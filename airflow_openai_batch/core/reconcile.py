@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import operator
 import os
 import uuid
 from collections import Counter
@@ -333,8 +332,6 @@ class _RequestHead(msgspec.Struct, gc=False):
 
 
 _decode_request_heads = msgspec.json.Decoder(_RequestHead).decode_lines
-_custom_id_of = operator.attrgetter("custom_id")
-_body_of = operator.attrgetter("body")
 
 
 def _first_request(lines: list[bytes]) -> Any:
@@ -404,7 +401,7 @@ class _InputIndex:
                     self._start_schemas()
                 heads = self._heads(data, len(slab))
                 if heads is not None:
-                    ids = list(map(_custom_id_of, heads))
+                    ids = [head.custom_id for head in heads]
                     # Line i starts after the lines before it and their newlines (zip stops at the last id).
                     starts = itertools.accumulate(map((1).__add__, map(len, slab)), initial=self._end)
                     found = dict(zip(ids, starts, strict=False))
@@ -412,7 +409,7 @@ class _InputIndex:
                     if len(found) == len(slab) and "" not in found and offsets.keys().isdisjoint(found):
                         offsets.update(found)
                         if self._schemas is not None:
-                            self._note_block(ids, list(map(_body_of, heads)))
+                            self._note_block(ids, [head.body for head in heads])
                         out.write(data)
                         self._end += len(data)
                         self.requests += len(slab)
@@ -559,7 +556,6 @@ class _ResultLine(msgspec.Struct, gc=False):
 
 
 _RESULT_LINES = msgspec.json.Decoder(_ResultLine)
-_error_of = operator.attrgetter("error")
 _decode_result = _RESULT_LINES.decode
 
 
@@ -696,7 +692,7 @@ class _BatchJoin:
         :return: whether the block was joined.
         """
         responses = [result.response for result in results]
-        errors = list(map(_error_of, results))
+        errors = [result.error for result in results]
         if not all(responses) or errors.count(None) != len(errors):
             return False
         codes = [response.status_code for response in responses]

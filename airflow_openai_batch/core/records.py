@@ -348,8 +348,6 @@ class _ViewLine(msgspec.Struct, Generic[_T], gc=False):
 
 
 _NO_MESSAGE = _Message()
-_tool_calls_of = operator.attrgetter("tool_calls")
-_error_code_of = operator.attrgetter("error_code")
 _NO_CHOICE = _ChatChoice(message=_NO_MESSAGE)
 _TEXT_OR_NONE = frozenset({str, type(None)})
 
@@ -375,10 +373,7 @@ def _chat_columns(views: list[_ChatBody]) -> _Columns:
         "content": _text_column([m.content for m in messages], _content_or_parts),
         "finish_reason": _text_column([c.finish_reason for c in choices], _text_or_none),
     }
-    return columns, any(map(_tool_calls_of, messages))
-
-
-_type_of = operator.attrgetter("type")
+    return columns, any([m.tool_calls for m in messages])
 
 
 def _usual_responses_texts(views: list[_ResponsesBody]) -> list[str] | None:
@@ -389,14 +384,14 @@ def _usual_responses_texts(views: list[_ResponsesBody]) -> list[str] | None:
     if set(map(len, outputs)) != {1} or {body.status for body in views} != {"completed"}:
         return None
     items = [output[0] for output in outputs]
-    if set(map(_type_of, items)) != {"message"}:
+    if {item.type for item in items} != {"message"}:
         return None
     contents = [item.content for item in items]
     if set(map(type, contents)) != {list} or set(map(len, contents)) != {1}:
         return None
     parts = [content[0] for content in contents]
     texts = [part.text for part in parts]
-    if set(map(_type_of, parts)) != {"output_text"} or set(map(type, texts)) != {str}:
+    if {part.type for part in parts} != {"output_text"} or set(map(type, texts)) != {str}:
         return None
     return texts
 
@@ -883,7 +878,7 @@ class RecordBuilder:
             answers = list(
                 map(self._answer, views, fields["content"], fields["finish_reason"], repeat(schema))
             )
-            codes = list(map(_error_code_of, answers))
+            codes = [answer.error_code for answer in answers]
             if codes.count(None) != len(codes):
                 unusable = [
                     (custom_ids[i], status_codes[i], views[i], answers[i])
@@ -896,7 +891,7 @@ class RecordBuilder:
                     for column in (custom_ids, status_codes, bodies, views, answers)
                 )
                 fields = {name: list(compress(values, keep)) for name, values in fields.items()}
-            fields["tool_calls"] = list(map(_tool_calls_of, answers))
+            fields["tool_calls"] = [answer.tool_calls for answer in answers]
             fields["parsed"] = list(map(_parsed_raw, answers))
         usages = [view.usage for view in views]
         count = len(views)

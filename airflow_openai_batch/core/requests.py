@@ -216,12 +216,6 @@ class ValidLines:
     one_cap: bool = False
 
 
-_custom_id_of = operator.attrgetter("custom_id")
-_model_of = operator.attrgetter("body.model")
-_input_of = operator.attrgetter("body.input")
-_body_of = operator.attrgetter("body")
-
-
 class RequestRules:
     """The rules for one submission: its endpoint, ``model`` argument and per-batch limits.
 
@@ -372,11 +366,11 @@ class RequestRules:
         if sys.getrecursionlimit() > MAX_JSON_NESTING and any(map(_too_deep, lines)):
             return None
         models: str | list[str]
-        bodies = list(map(_body_of, requests))
+        bodies = [request.body for request in requests]
         alike = bool(bodies) and bodies.count(bodies[0]) == len(bodies)
         # The usual block: every body decodes alike (one model named on every line, one template's caps),
         # found in one C-level comparison a line (true == 1 there, but the API refuses such a cap anyway).
-        distinct = {bodies[0].model} if alike else set(map(_model_of, requests))
+        distinct = {bodies[0].model} if alike else {body.model for body in bodies}
         if len(distinct) == 1 and all(distinct):
             models = distinct.pop()  # the usual case: one model, named on every line
         elif self.fill_model is not None and not all(distinct):
@@ -385,7 +379,7 @@ class RequestRules:
             models = list(map(self.model_of, requests))
             if len(set(models)) == 1:
                 models = models[0]
-        inputs = list(map(count_inputs, map(_input_of, requests))) if self.counts_inputs else None
+        inputs = [count_inputs(body.input) for body in bodies] if self.counts_inputs else None
         caps, one_cap = ([self._cap_of(bodies[0])] * len(bodies), True) if alike else self._caps(bodies)
         own_formats = 0
         if self.schema is not None:
@@ -399,7 +393,7 @@ class RequestRules:
         tokens = None
         if self.prompt_tokens is not None:
             try:
-                bodies = list(map(_body_of, map(self._bodies.decode, lines)))
+                bodies = [request.body for request in map(self._bodies.decode, lines)]
             except _REFUSED:
                 return None
             tokens = self._count_prompts(models, bodies)
@@ -410,7 +404,7 @@ class RequestRules:
         return ValidLines(
             lines,
             data,
-            list(map(_custom_id_of, requests)),
+            [request.custom_id for request in requests],
             models,
             inputs,
             tokens,
