@@ -12,6 +12,7 @@ __all__ = [
     "count_lines",
     "iter_lines",
     "iter_raw_blocks",
+    "line_starts",
     "lines_from_raw_blocks",
     "unix_line_ends",
 ]
@@ -83,6 +84,22 @@ def count_lines(block: bytes) -> int:
         count += 1
         end = find(b"\n", end + 1)
     return count
+
+
+def line_starts(block: bytes, base: int = 0) -> list[int]:
+    """Where each line of a newline-terminated block starts, plus ``base``: found as :func:`count_lines`
+    finds its newlines (cheaper than splitting the block to measure its lines, for lines of a few hundred
+    bytes)."""
+    starts = []
+    append = starts.append
+    find = block.find
+    start = 0
+    end = find(b"\n")
+    while end >= 0:
+        append(base + start)
+        start = end + 1
+        end = find(b"\n", start)
+    return starts
 
 
 def unix_line_ends(block: bytes) -> bytes:

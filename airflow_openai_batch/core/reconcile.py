@@ -47,7 +47,7 @@ from typing import Any
 import msgspec
 import orjson
 
-from airflow_openai_batch.core.jsonl import LineIterator, count_lines
+from airflow_openai_batch.core.jsonl import LineIterator, count_lines, line_starts, unix_line_ends
 from airflow_openai_batch.core.media import MediaSink
 from airflow_openai_batch.core.records import (
     RecordBuilder,
@@ -386,36 +386,34 @@ class _InputIndex:
     def copy(self, lines: Iterable[bytes]) -> None:
         """Copy and index ``lines``.
 
-        A slab whose lines are all JSON objects with a new, non-empty string custom_id is indexed by one
+        A block whose lines are all JSON objects with a new, non-empty string custom_id is indexed by one
         typed decode (which skips the request bodies) and a few C-level calls; any other goes line by
         line (blank lines, broken lines, repeats, a custom_id that is not a string).
         """
         offsets = self.offsets
         with open(self.path, "wb") as out:
             for data in _blocks(lines):
-                slab = _lines_of(data)
-                if b"\r" in data:
-                    data = b"\n".join([*slab, b""])  # the copy's lines end without CR
+                data = unix_line_ends(data)  # the copy's lines end without CR
                 if self.first_request is None:
-                    self.first_request = _first_request(slab)
+                    self.first_request = _first_request(_lines_of(data))
                     self._start_schemas()
-                heads = self._heads(data, len(slab))
+                starts = line_starts(data, self._end)
+                count = len(starts)
+                heads = self._heads(data, count)
                 if heads is not None:
                     ids = [head.custom_id for head in heads]
-                    # Line i starts after the lines before it and their newlines (zip stops at the last id).
-                    starts = itertools.accumulate(map((1).__add__, map(len, slab)), initial=self._end)
-                    found = dict(zip(ids, starts, strict=False))
+                    found = dict(zip(ids, starts, strict=True))
                     # No id empty, none repeated (in the slab, or from an earlier one).
-                    if len(found) == len(slab) and "" not in found and offsets.keys().isdisjoint(found):
+                    if len(found) == count and "" not in found and offsets.keys().isdisjoint(found):
                         offsets.update(found)
                         if self._schemas is not None:
                             self._note_block(ids, [head.body for head in heads])
                         out.write(data)
                         self._end += len(data)
-                        self.requests += len(slab)
-                        self._line_no += len(slab)
+                        self.requests += count
+                        self._line_no += count
                         continue
-                self._add_lines(slab, out)
+                self._add_lines(_lines_of(data), out)
 
     def _heads(self, data: bytes, count: int) -> list[Any] | None:
         """The ``count`` lines of ``data`` read by :attr:`_decode_heads`; ``None`` unless every one fits."""

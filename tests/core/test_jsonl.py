@@ -8,7 +8,13 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from airflow_openai_batch.core.jsonl import count_lines, iter_lines, iter_raw_blocks, unix_line_ends
+from airflow_openai_batch.core.jsonl import (
+    count_lines,
+    iter_lines,
+    iter_raw_blocks,
+    line_starts,
+    unix_line_ends,
+)
 
 BOM = b"\xef\xbb\xbf"
 
@@ -103,3 +109,11 @@ def test_iter_lines_property(
 @given(st.binary(max_size=300) | st.lists(st.sampled_from([b"\n", b"{}", b"\r", b"x" * 40])).map(b"".join))
 def test_count_lines_counts_every_newline(data: bytes) -> None:
     assert count_lines(data) == data.count(b"\n")
+
+
+@given(st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b""))), st.integers(0, 10**9))
+def test_line_starts_are_where_each_line_begins(lines: list[bytes], base: int) -> None:
+    block = b"".join(line + b"\n" for line in lines)
+    starts = line_starts(block, base)
+    assert len(starts) == len(lines)
+    assert [block[start - base :].split(b"\n", 1)[0] for start in starts] == lines
