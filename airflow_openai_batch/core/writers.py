@@ -522,6 +522,10 @@ def _request_array(pa: Any, lines: list[bytes]) -> Any:
 
 def _arrow_array(pa: Any, values: list[Any], arrow_type: Any) -> Any:
     try:
+        first = values[0] if values else None
+        if type(first) in (str, int) and values[-1] == first and values.count(first) == len(values):
+            # One value in every row (batch_id, attempts, most status codes): converted once, not per row.
+            return pa.repeat(pa.scalar(first, arrow_type), len(values))
         return pa.array(values, type=arrow_type)
     except pa.ArrowInvalid:
         if arrow_type != pa.string():
