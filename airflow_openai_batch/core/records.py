@@ -593,11 +593,15 @@ _USAGE_COUNTED: dict[type[_Body], type[_Body]] = {
 }
 
 
-def _either(firsts: list[Any], seconds: list[Any]) -> list[Any]:
-    """Per row, the first value unless it is ``None``, else the second."""
+def _either(firsts: list[Any], seconds: Callable[[], list[Any]]) -> list[Any]:
+    """Per row, the first value unless it is ``None``, else the second (``seconds`` is read only then:
+    most usage objects name their counts one way)."""
+    if None not in firsts:
+        return firsts
+    others = seconds()
     if firsts.count(None) == len(firsts):
-        return seconds
-    return [a if a is not None else b for a, b in zip(firsts, seconds, strict=True)]
+        return others
+    return [a if a is not None else b for a, b in zip(firsts, others, strict=True)]
 
 
 @dataclass
@@ -653,20 +657,15 @@ def usage_columns_of(views: list[_Usage | None]) -> UsageColumns:
     """:func:`usage_columns` of usage objects already read by the typed view (``None``: not an object)."""
     if not all(views):
         return _fields_columns([None if view is None else _view_fields(view) for view in views])
-    # A pass per field read (a comprehension reads a struct's attribute faster than map(attrgetter)); the
-    # second name of a count only where the first is missing: most usage objects name them one way.
-    inputs = [v.input_tokens for v in views]
-    if None in inputs:
-        inputs = _either(inputs, [v.prompt_tokens for v in views])
-    outputs = [v.output_tokens for v in views]
-    if None in outputs:
-        outputs = _either(outputs, [v.completion_tokens for v in views])
-    cached = [v.input_tokens_details for v in views]
-    if None in cached:
-        cached = _either(cached, [v.prompt_tokens_details for v in views])
-    reasoning = [v.output_tokens_details for v in views]
-    if None in reasoning:
-        reasoning = _either(reasoning, [v.completion_tokens_details for v in views])
+    # A pass per field read (a comprehension reads a struct's attribute faster than map(attrgetter)).
+    inputs = _either([v.input_tokens for v in views], lambda: [v.prompt_tokens for v in views])
+    outputs = _either([v.output_tokens for v in views], lambda: [v.completion_tokens for v in views])
+    cached = _either(
+        [v.input_tokens_details for v in views], lambda: [v.prompt_tokens_details for v in views]
+    )
+    reasoning = _either(
+        [v.output_tokens_details for v in views], lambda: [v.completion_tokens_details for v in views]
+    )
     counts = (
         inputs,
         outputs,
