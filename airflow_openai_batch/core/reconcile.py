@@ -101,6 +101,9 @@ _USAGE_KEYS: tuple[str, ...] = (
 
 #: Failed requests' lines are read back from the input copy in spans of at most about this many bytes.
 _SPAN_BYTES = 1 << 20
+#: ... and a span ends where more than about this many bytes of lines not asked for come before the next
+#: one: a read of its own costs less than copying them.
+_SPAN_GAP_BYTES = 4 << 10
 #: Failed requests whose records are made and written at once.
 _FAILURES_AT_ONCE = 4096
 #: Input lines are copied and indexed in slabs of about this many bytes (and at most so many lines).
@@ -512,16 +515,27 @@ class _RequestFetcher:
                 return data  # the end of the copy (every line in it ends with a newline, though)
             size *= 4
 
-    def spans(self, offsets: Sequence[int], span_bytes: int = _SPAN_BYTES) -> Iterator[list[bytes]]:
+    def spans(
+        self, offsets: Sequence[int], span_bytes: int = _SPAN_BYTES, gap_bytes: int = _SPAN_GAP_BYTES
+    ) -> Iterator[list[bytes]]:
         """The lines at ``offsets`` (ascending), a span of the copy at a time: one read for each run of
-        them within ``span_bytes`` (many failures close together, as an expired batch leaves them, cost a
-        read per span instead of one per line). Yields each span's lines, in order.
+        them within ``span_bytes`` with no gap wider than ``gap_bytes`` (many failures close together, as
+        an expired batch leaves them, cost a read per span instead of one per line; failures far apart,
+        a read each instead of the lines between them). Yields each span's lines, in order.
         """
         count = len(offsets)
         start = 0
         while start < count:
             first = offsets[start]
             stop = bisect.bisect_left(offsets, first + span_bytes, start + 1, count)
+            # A first read is about two lines: lines asked for that would fill less than a quarter of
+            # the span are cut where a wide gap comes (start to start: a line, at most a first read's
+            # worth, plus the gap). A dense span, as an expired batch makes, is not looked into.
+            if (stop - start) * 2 * self._first_read < offsets[stop - 1] - first:
+                widest = self._first_read + gap_bytes
+                limit, stop = stop, start + 1
+                while stop < limit and offsets[stop] - offsets[stop - 1] <= widest:
+                    stop += 1
             data = os.pread(self._fd, offsets[stop - 1] - first + self._first_read, first)
             lines = []
             for offset in offsets[start:stop]:

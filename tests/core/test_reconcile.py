@@ -1213,9 +1213,10 @@ def test_requests_an_expired_batch_left_unanswered_each_get_their_failure_record
     sizes=st.lists(st.integers(1, 3000), min_size=1, max_size=60),
     picks=st.data(),
     span_bytes=st.sampled_from([64, 1000, 1 << 20]),
+    gap_bytes=st.sampled_from([0, 300, 4096]),
 )
 @settings(max_examples=60, deadline=None)
-def test_lines_read_back_by_spans_are_the_lines_at_their_offsets(sizes, picks, span_bytes) -> None:
+def test_lines_read_back_by_spans_are_the_lines_at_their_offsets(sizes, picks, span_bytes, gap_bytes) -> None:
     lines = [(b"%d:" % i).ljust(size, b"x") for i, size in enumerate(sizes)]
     offsets = list(itertools.accumulate((len(line) + 1 for line in lines[:-1]), initial=0))
     chosen = sorted(picks.draw(st.sets(st.integers(0, len(lines) - 1), min_size=1)))
@@ -1223,6 +1224,6 @@ def test_lines_read_back_by_spans_are_the_lines_at_their_offsets(sizes, picks, s
         copy.write(b"".join(line + b"\n" for line in lines))
         copy.flush()
         fetch = _RequestFetcher(copy.fileno(), line_bytes=100)
-        spans = list(fetch.spans([offsets[i] for i in chosen], span_bytes))
+        spans = list(fetch.spans([offsets[i] for i in chosen], span_bytes, gap_bytes))
     assert [line for span in spans for line in span] == [lines[i] for i in chosen]
     assert all(spans)
