@@ -47,7 +47,7 @@ from typing import Any
 import msgspec
 import orjson
 
-from airflow_openai_batch.core.jsonl import LineIterator, count_lines, line_starts, unix_line_ends
+from airflow_openai_batch.core.jsonl import LineIterator, line_starts, unix_line_ends
 from airflow_openai_batch.core.media import MediaSink
 from airflow_openai_batch.core.records import (
     RecordBuilder,
@@ -686,7 +686,7 @@ class _BatchJoin:
         """
         line_no = 0  # lines before the block (blank ones included, for 1-based line numbers)
         for block in _blocks(lines):
-            count = count_lines(block)
+            count = len(line_starts(block))  # faster than block.count (see line_starts)
             results = _decode_block(block, count)
             if results is not None:
                 if not self._take_block(block, results):
