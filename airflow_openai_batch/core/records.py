@@ -183,6 +183,11 @@ def _parts_text(parts: _Content, part_type: str | None) -> str | None:
     return "".join(texts) if texts else None
 
 
+def _content_or_parts(content: _Content) -> str | None:
+    """A message's content as text: a string as it is, parts' texts joined."""
+    return content if isinstance(content, str) or content is None else _parts_text(content, None)
+
+
 def _chat_fields(body: _ChatBody, record: dict[str, Any]) -> bool:
     """``content``: the first choice's message content (text parts joined); ``finish_reason``.
 
@@ -194,7 +199,7 @@ def _chat_fields(body: _ChatBody, record: dict[str, Any]) -> bool:
         return False
     message = choice.message
     content = message.content if message is not None else None
-    record["content"] = content if isinstance(content, str) or content is None else _parts_text(content, None)
+    record["content"] = _content_or_parts(content)
     finish = choice.finish_reason
     record["finish_reason"] = finish if type(finish) is str else None
     return message is not None and bool(message.tool_calls)
@@ -355,10 +360,6 @@ _TEXT_OR_NONE = frozenset({str, type(None)})
 def _text_column(values: list[Any], fix: Callable[[Any], Any]) -> list[Any]:
     """``values`` where each is a string or ``None``; any other value made one by ``fix``."""
     return values if _TEXT_OR_NONE.issuperset(map(type, values)) else list(map(fix, values))
-
-
-def _content_or_parts(content: Any) -> str | None:
-    return content if isinstance(content, str) or content is None else _parts_text(content, None)
 
 
 #: A kind's convenience fields of a block of views, as columns, and whether some answer is a tool call.
